@@ -1,0 +1,64 @@
+"""Background tasks on Celery for FastAPI services with an async SQLAlchemy database.
+
+Import everything from here (and optional pieces from ``.extras``)::
+
+    from app.core.background import simple_task, db_task, TaskContext
+"""
+
+from .celery_app import celery_app
+from .internals.base import AsyncTask, BackgroundTask, DatabaseTask, SyncTask
+from .internals.context import TaskContext
+from .internals.decorators import db_task, simple_task
+from .internals.exceptions import (
+    NonRetriableTaskError,
+    TaskArgumentError,
+    TaskConfigurationError,
+    TaskDefinitionError,
+    TaskDiscoveryError,
+    TaskError,
+    TaskNotFoundError,
+    TaskValidationError,
+    is_retriable,
+)
+from .internals.hooks import TaskHook, hooks
+from .internals.monitoring import StatsCounter, Timer
+from .internals.retry import RETRY_POLICIES, QueueName, RetryPolicy, RetryPolicyName
+from .internals.testing import LoggedRecord, TaskTestContext, mock_task_session
+
+__all__ = (
+    # decorators
+    "db_task",
+    "simple_task",
+    # the context a task receives
+    "TaskContext",
+    "StatsCounter",
+    "Timer",
+    # errors
+    "NonRetriableTaskError",
+    "TaskArgumentError",
+    "TaskConfigurationError",
+    "TaskDefinitionError",
+    "TaskDiscoveryError",
+    "TaskError",
+    "TaskNotFoundError",
+    "TaskValidationError",
+    "is_retriable",
+    # policies, queues and task classes
+    "RETRY_POLICIES",
+    "QueueName",
+    "RetryPolicy",
+    "RetryPolicyName",
+    "AsyncTask",
+    "BackgroundTask",
+    "DatabaseTask",
+    "SyncTask",
+    # extension points
+    "TaskHook",
+    "hooks",
+    # Celery
+    "celery_app",
+    # testing
+    "LoggedRecord",
+    "TaskTestContext",
+    "mock_task_session",
+)

@@ -1,0 +1,132 @@
+"""The Celery application: configuration from the settings, and worker signals.
+
+``celery -A app.core.background.celery_app worker`` and ``... flower`` use it
+as it is; every Celery option and command-line flag still applies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Queue
+
+from app.core.config import DATA_DIR, Settings, get_settings
+
+from .internals.discovery import find_task_modules
+from .internals.event_loop import worker_loop
+from .internals.file_broker import broker_folders
+from .internals.logging import configure_logging
+from .internals.retry import QUEUE_NAMES, RETRY_POLICIES
+from .internals.session import DatabaseConfig, database
+
+APP_PACKAGE_DIR = Path(__file__).resolve().parents[2]
+
+# Pools whose green threads would share one asyncio loop and one connection
+# pool across concurrently running tasks: db tasks are not safe there.
+UNSAFE_POOLS = ("gevent", "eventlet")
+
+
+def build_celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for the framework's guarantees (see README: delivery)."""
+    longest_wait = max(
+        max(p.longest_delay * settings.background_retry_delay_scale, p.time_limit)
+        for p in RETRY_POLICIES.values()
+    )
+    if settings.celery_broker_url.startswith(("redis://", "rediss://")) and (
+        settings.celery_visibility_timeout <= longest_wait
+    ):
+        raise ValueError(
+            f"CELERY_VISIBILITY_TIMEOUT={settings.celery_visibility_timeout}s must exceed the "
+            f"longest retry delay or time limit ({longest_wait:.0f}s), or Redis re-delivers "
+            "waiting and running tasks"
+        )
+    config: dict[str, Any] = {
+        "broker_url": settings.celery_broker_url,
+        "result_backend": settings.celery_result_backend,
+        # JSON only: a pickle message from the broker would be code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # At-least-once: acknowledge after the run, run again if the process
+        # dies, but count that against the task's retries so that a task that
+        # kills its worker every time does not loop forever.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_retry_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_connection_retry_on_startup": True,
+        "task_track_started": True,
+        "result_expires": settings.celery_result_expires,
+        "task_queues": [Queue(name, routing_key=name) for name in QUEUE_NAMES],
+        "task_default_queue": "default",
+        "task_default_exchange_type": "direct",
+        "task_create_missing_queues": False,
+        "worker_hijack_root_logger": False,
+        "background_retry_delay_scale": settings.background_retry_delay_scale,
+    }
+    if settings.is_embedded_broker:
+        config["broker_transport"] = "app.core.background.internals.file_broker:Transport"
+        config["broker_transport_options"] = {
+            **broker_folders(DATA_DIR / "broker"),
+            "polling_interval": settings.celery_filesystem_polling_interval,
+        }
+    else:
+        config["broker_transport_options"] = {
+            "visibility_timeout": settings.celery_visibility_timeout
+        }
+    if settings.celery_result_backend.startswith("db+sqlite"):
+        config["database_engine_options"] = {"connect_args": {"timeout": 30}}
+    return config
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    app = Celery(
+        "app",
+        loader="app.core.background.internals.discovery:TaskModuleLoader",
+        include=find_task_modules(APP_PACKAGE_DIR, "app"),
+    )
+    app.conf.update(build_celery_config(settings))
+    database.configure(
+        DatabaseConfig(
+            url=settings.database_url,
+            pool_size=settings.database_pool_size,
+            pool_pre_ping=settings.database_pool_pre_ping,
+        )
+    )
+    if settings.is_embedded_broker or settings.is_sqlite:
+        # SQLite and the file broker need their folder; the result backend opens
+        # its file before the broker creates anything.
+        DATA_DIR.mkdir(exist_ok=True)
+    return app
+
+
+settings = get_settings()
+celery_app = create_celery_app(settings)
+
+
+@signals.celeryd_init.connect
+def _refuse_unsafe_pools(conf: Any = None, options: Any = None, **_: Any) -> None:
+    pool = str((options or {}).get("pool_cls") or (conf or {}).get("worker_pool") or "")
+    if any(name in pool for name in UNSAFE_POOLS):
+        # Signal receivers' exceptions are logged and swallowed by Celery;
+        # SystemExit is not, and stops the worker before it consumes anything.
+        raise SystemExit(
+            f"the {pool!r} pool is not supported: async db tasks need a real thread or "
+            "process per task; use --pool=prefork (default), solo or threads"
+        )
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: Any = None, **_: Any) -> None:
+    configure_logging(settings.log_format, loglevel or settings.log_level)
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _close_process_resources(**_: Any) -> None:
+    """Dispose the engine and stop the loop of this process (prefork child or solo worker)."""
+    worker_loop.stop(database.dispose())

@@ -1,0 +1,1 @@
+"""Private machinery of the background framework; import from ``app.core.background``."""

@@ -1,0 +1,182 @@
+"""The Celery task classes behind ``@simple_task`` and ``@db_task``.
+
+``BackgroundTask`` is a ``celery.Task``: everything Celery offers (``delay``,
+``apply_async``, signatures, canvas, its options) works unchanged. What it
+adds happens in ``execute``, the body Celery runs on the worker: build a
+``TaskContext``, run the user's function (on the process's event loop when it
+is async, inside a transaction for db tasks), and turn a failure into a retry
+or a final failure according to the exception type and the retry policy.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, ClassVar, Generic, ParamSpec, TypeVar
+
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry
+from kombu.exceptions import EncodeError
+
+from .context import TaskContext
+from .event_loop import worker_loop
+from .exceptions import TaskArgumentError, TaskValidationError, is_retriable
+from .hooks import hooks
+from .monitoring import Timer
+from .retry import RetryPolicy
+from .session import database
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Celery's own control-flow exceptions pass through untouched.
+_CELERY_CONTROL = (Retry, Ignore, Reject)
+
+
+class BackgroundTask(Task[P, R], Generic[P, R]):
+    """Base of every framework task. Subclasses say how the body is run."""
+
+    # We check arguments ourselves (without the context parameter) and name the task.
+    typing = False
+    is_async: ClassVar[bool] = False
+
+    # Set by the decorators on each task class.
+    body: Callable[..., Any]
+    body_signature: inspect.Signature
+    policy: RetryPolicy
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``task(ctx, ...)`` runs the body with that context (tests); otherwise Celery's call."""
+        if args and isinstance(args[0], TaskContext):
+            return self.run_with_context(args[0], args[1:], kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def run_with_context(
+        self, ctx: TaskContext, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """Run the body with ``ctx``: its result, or a coroutine for async tasks."""
+        return self.body(ctx, *args, **kwargs)
+
+    # -- dispatch ---------------------------------------------------------
+
+    def check_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Raise ``TaskArgumentError`` if the body cannot be called with these arguments."""
+        try:
+            self.body_signature.bind(None, *args, **kwargs)
+        except TypeError as exc:
+            raise TaskArgumentError(f"{self.name}: {exc}") from None
+
+    def apply_async(  # type: ignore[override]
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        task_id: str | None = None,
+        *extra: Any,
+        **options: Any,
+    ) -> Any:
+        self.check_arguments(tuple(args or ()), kwargs or {})
+        try:
+            return super().apply_async(args, kwargs, task_id, *extra, **options)
+        except EncodeError as exc:
+            raise TaskArgumentError(
+                f"{self.name}: arguments must be JSON-serializable: {exc}"
+            ) from exc
+
+    # -- execution on the worker ------------------------------------------
+
+    def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """What the worker runs for each message of this task."""
+        ctx = self._context_for_request()
+        timer = Timer()
+        try:
+            self._check_received_arguments(args, kwargs)
+            hooks.before_run(ctx)
+            outcome = self.run_with_context(ctx, args, kwargs)
+            result = worker_loop.run(outcome) if self.is_async else outcome
+        except _CELERY_CONTROL:
+            raise
+        except Exception as exc:
+            raise self._after_failure(ctx, exc, timer.stop()) from None
+        hooks.on_success(ctx, result, timer.stop())
+        return result
+
+    def _context_for_request(self) -> TaskContext:
+        request = self.request
+        delivery = request.delivery_info or {}
+        publish = None if self.ignore_result else self._publish_progress
+        return TaskContext(
+            task_id=request.id or "",
+            task_name=self.name,
+            attempt=request.retries or 0,
+            queue=delivery.get("routing_key") or self.queue or "default",
+            publish_progress=publish,
+        )
+
+    def _publish_progress(self, metrics: Mapping[str, Any]) -> None:
+        self.update_state(state="PROGRESS", meta=dict(metrics))
+
+    def _check_received_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        try:
+            self.body_signature.bind(None, *args, **kwargs)
+        except TypeError as exc:
+            # A message that cannot be run as sent never will be: do not retry it.
+            raise TaskValidationError(f"{self.name}: {exc}") from None
+
+    def _after_failure(self, ctx: TaskContext, exc: Exception, duration: float) -> BaseException:
+        """The exception to raise: ``Retry`` for a retry, ``exc`` for a final failure."""
+        if not is_retriable(exc):
+            hooks.on_failure(ctx, exc, "non-retriable", duration)
+            return exc
+        retries = self.request.retries or 0
+        if self.max_retries is not None and retries >= self.max_retries:
+            hooks.on_failure(ctx, exc, "retries exhausted", duration)
+            return exc
+        delay = self.policy.delay_for(retries, self.app.conf.get("background_retry_delay_scale", 1.0))
+        # An error may say how long to wait at least (an open circuit breaker).
+        delay = max(delay, float(getattr(exc, "retry_after", 0) or 0))
+        hooks.on_retry(ctx, exc, delay, duration)
+        try:
+            return self.retry(exc=exc, countdown=delay)
+        except Retry as retry:
+            return retry
+
+
+class SyncTask(BackgroundTask[P, R]):
+    """A ``@simple_task`` on a plain function."""
+
+
+class AsyncTask(BackgroundTask[P, R]):
+    """A ``@simple_task`` on an ``async def``: runs on the process's event loop."""
+
+    is_async = True
+
+
+class DatabaseTask(BackgroundTask[P, R]):
+    """A ``@db_task``: one ``AsyncSession`` per run, committed on success, rolled back on error."""
+
+    is_async = True
+
+    def run_with_context(
+        self, ctx: TaskContext, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Coroutine[Any, Any, Any]:
+        return self._run_in_transaction(ctx, args, kwargs)
+
+    async def _run_in_transaction(
+        self, ctx: TaskContext, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Any:
+        # A test passes its own session (a mock, or one joined to an outer
+        # transaction); on a worker, the run opens and closes its own.
+        owns_session = not ctx.has_session
+        if owns_session:
+            ctx._session = database.session_factory()()
+        session = ctx.session
+        try:
+            result = await self.body(ctx, *args, **kwargs)
+            await session.commit()
+            return result
+        except BaseException:
+            await session.rollback()
+            raise
+        finally:
+            if owns_session:
+                await session.close()

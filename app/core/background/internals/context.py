@@ -1,0 +1,181 @@
+"""TaskContext: the one object a task body talks to.
+
+A facade over small pieces: a logger, validators, the db session, a batch
+helper and a stats counter. The worker builds one per run; tests build a
+``TaskTestContext`` (see ``testing.py``) and pass it in directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .batches import Crud, chunks, load_batch
+from .exceptions import (
+    TaskConfigurationError,
+    TaskNotFoundError,
+    TaskValidationError,
+)
+from .logging import SUCCESS, TaskLogger
+from .monitoring import StatsCounter
+
+# Keys that ``success_result`` owns. A caller's value for one of them is kept
+# under ``result_<key>`` instead of replacing the envelope's value.
+RESERVED_RESULT_KEYS = ("status", "task_id")
+
+ProgressPublisher = Callable[[Mapping[str, Any]], None]
+
+# Progress is published at most this often (seconds), except the final update.
+PROGRESS_INTERVAL = 0.5
+
+
+class TaskContext:
+    """Everything a task run needs: identity, logging, validation, session, batches."""
+
+    def __init__(
+        self,
+        task_id: str,
+        task_name: str,
+        attempt: int = 0,
+        queue: str = "default",
+        session: AsyncSession | None = None,
+        logger: TaskLogger | None = None,
+        publish_progress: ProgressPublisher | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.task_name = task_name
+        self.attempt = attempt
+        self.queue = queue
+        self._session = session
+        self.logger = logger or TaskLogger(
+            {"task_id": task_id, "task_name": task_name, "queue": queue, "attempt": attempt}
+        )
+        self._publish_progress = publish_progress
+        self._last_progress = 0.0
+        self._batch_stats: StatsCounter | None = None
+
+    # -- database ---------------------------------------------------------
+
+    @property
+    def session(self) -> AsyncSession:
+        """The run's ``AsyncSession`` (db tasks only)."""
+        if self._session is None:
+            raise TaskConfigurationError(
+                "ctx.session is only available in @db_task tasks", task_name=self.task_name
+            )
+        return self._session
+
+    @property
+    def has_session(self) -> bool:
+        return self._session is not None
+
+    # -- logging ----------------------------------------------------------
+
+    def log_debug(self, message: str, **fields: Any) -> None:
+        self.logger.log(logging.DEBUG, message, **fields)
+
+    def log_info(self, message: str, **fields: Any) -> None:
+        self.logger.log(logging.INFO, message, **fields)
+
+    def log_success(self, message: str, **fields: Any) -> None:
+        self.logger.log(SUCCESS, message, **fields)
+
+    def log_warning(self, message: str, **fields: Any) -> None:
+        self.logger.log(logging.WARNING, message, **fields)
+
+    def log_error(self, message: str, exc_info: bool = False, **fields: Any) -> None:
+        self.logger.log(logging.ERROR, message, exc_info=exc_info, **fields)
+
+    # -- validation and errors --------------------------------------------
+
+    def validate_uuid(self, value: Any, field_name: str) -> uuid.UUID:
+        """``value`` as a UUID, or ``TaskValidationError`` naming the field."""
+        if isinstance(value, uuid.UUID):
+            return value
+        try:
+            return uuid.UUID(str(value))
+        except (TypeError, ValueError, AttributeError):
+            raise TaskValidationError(
+                f"{field_name} is not a valid UUID", field=field_name, value=value
+            ) from None
+
+    def not_found_error(self, message: str, **fields: Any) -> TaskNotFoundError:
+        return TaskNotFoundError(message, **fields)
+
+    def validation_error(self, message: str, **fields: Any) -> TaskValidationError:
+        return TaskValidationError(message, **fields)
+
+    def config_error(self, message: str, **fields: Any) -> TaskConfigurationError:
+        return TaskConfigurationError(message, **fields)
+
+    # -- results ----------------------------------------------------------
+
+    def success_result(self, **fields: Any) -> dict[str, Any]:
+        """``{"status": "success", "task_id": ..., **fields}``.
+
+        ``status`` and ``task_id`` belong to the envelope; a field with one of
+        those names is kept as ``result_status`` / ``result_task_id``.
+        """
+        result: dict[str, Any] = {"status": "success", "task_id": self.task_id}
+        for key, value in fields.items():
+            result[f"result_{key}" if key in RESERVED_RESULT_KEYS else key] = value
+        return result
+
+    # -- batches ----------------------------------------------------------
+
+    def create_stats_counter(self) -> StatsCounter:
+        return StatsCounter()
+
+    async def iter_batches(
+        self,
+        items: Iterable[Any] | AsyncIterable[Any],
+        crud: Crud | None = None,
+        batch_size: int = 20,
+    ) -> AsyncIterator[list[Any]]:
+        """Lists of entities loaded through ``crud`` (or raw ids if ``crud`` is None).
+
+        Ids with no entity are skipped and counted in ``ctx.batch_stats`` under
+        ``missing``.
+        """
+        stats = self.batch_stats
+        async for ids in chunks(items, batch_size):
+            if crud is None:
+                yield ids
+            else:
+                yield await load_batch(self.session, crud, ids, stats)
+
+    @property
+    def batch_stats(self) -> StatsCounter:
+        """Counts kept by ``iter_batches`` (``missing``)."""
+        if self._batch_stats is None:
+            self._batch_stats = StatsCounter()
+        return self._batch_stats
+
+    async def commit_batch(self) -> None:
+        """Commit the current batch and release its objects from the session."""
+        session = self.session
+        await session.commit()
+        session.expunge_all()
+
+    def log_progress(self, **metrics: Any) -> None:
+        """Log progress and publish it as the task's ``PROGRESS`` state.
+
+        Pass ``done`` and ``total`` to get ``percent``. Publishing is throttled
+        to one update per ``PROGRESS_INTERVAL``; the final one always goes out.
+        """
+        done, total = metrics.get("done"), metrics.get("total")
+        if isinstance(done, int | float) and isinstance(total, int | float) and total > 0:
+            metrics["percent"] = round(100.0 * done / total, 1)
+        self.log_info("Progress", **metrics)
+        if self._publish_progress is None:
+            return
+        now = time.monotonic()
+        finished = done is not None and done == total
+        if finished or now - self._last_progress >= PROGRESS_INTERVAL:
+            self._last_progress = now
+            self._publish_progress(metrics)

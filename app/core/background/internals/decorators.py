@@ -1,0 +1,175 @@
+"""``@simple_task`` and ``@db_task``: declare a task, checked at import time."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+
+from celery import Celery, Task
+
+from .base import AsyncTask, BackgroundTask, DatabaseTask, SyncTask
+from .context import TaskContext
+from .exceptions import TaskDefinitionError
+from .retry import QueueName, RetryPolicyName, check_queue, get_retry_policy
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Options the framework sets from the retry policy and the decorator's own
+# arguments; passing them again would make two sources of truth.
+_OWNED_OPTIONS = frozenset(
+    {"name", "queue", "base", "bind", "max_retries", "default_retry_delay", "autoretry_for",
+     "retry_backoff", "retry_jitter", "retry_kwargs", "typing", "serializer"}
+)
+
+
+class _SimpleTaskDecorator(Protocol):
+    @overload
+    def __call__(
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]]
+    ) -> AsyncTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[Concatenate[TaskContext, P], R]) -> SyncTask[P, R]: ...
+
+
+class _DbTaskDecorator(Protocol):
+    def __call__(
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]]
+    ) -> DatabaseTask[P, R]: ...
+
+
+class TaskRegistry:
+    """Framework tasks by name, to refuse a second task with the same name."""
+
+    def __init__(self) -> None:
+        self._functions: dict[str, Callable[..., Any]] = {}
+
+    def claim(self, name: str, fn: Callable[..., Any]) -> bool:
+        """Record ``fn`` under ``name``; False if this very function was already there."""
+        existing = self._functions.get(name)
+        if existing is None:
+            self._functions[name] = fn
+            return True
+        if _where(existing) == _where(fn):
+            return False  # the same module imported again
+        raise TaskDefinitionError(
+            f"task name {name!r} is used twice: by {_where(existing)} and by {_where(fn)}"
+        )
+
+    def release(self, name: str) -> None:
+        self._functions.pop(name, None)
+
+    def clear(self) -> None:
+        self._functions.clear()
+
+    def names(self) -> list[str]:
+        return sorted(self._functions)
+
+
+def _where(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+registry = TaskRegistry()
+
+
+def _app() -> Celery:
+    # Imported here: the Celery app module imports this package's internals.
+    from ..celery_app import celery_app
+
+    return celery_app
+
+
+def _build_task(
+    fn: Callable[..., Any],
+    base: type[BackgroundTask[Any, Any]],
+    name: str,
+    retry_policy: str,
+    queue: str,
+    celery_options: dict[str, Any],
+) -> Any:
+    if not isinstance(name, str) or not name.strip():
+        raise TaskDefinitionError(f"{_where(fn)}: name is required (for example 'module.task')")
+    policy = get_retry_policy(retry_policy)
+    check_queue(queue)
+    for option in celery_options:
+        if option in _OWNED_OPTIONS:
+            raise TaskDefinitionError(
+                f"{name}: {option!r} is set by the framework (use retry_policy / queue instead)"
+            )
+        if not hasattr(Task, option):
+            raise TaskDefinitionError(f"{name}: {option!r} is not a Celery task option")
+    signature = inspect.signature(fn)
+    if not signature.parameters:
+        raise TaskDefinitionError(f"{name}: the task function must take a TaskContext first")
+
+    app = _app()
+    if not registry.claim(name, fn):
+        return app.tasks[name]
+    scale = float(app.conf.get("background_retry_delay_scale", 1.0))
+    options: dict[str, Any] = {
+        "time_limit": policy.time_limit,
+        "soft_time_limit": policy.soft_time_limit,
+        **celery_options,
+        "name": name,
+        "base": base,
+        "bind": True,
+        "queue": queue,
+        "max_retries": policy.max_retries,
+        # Used by Celery when it retries a task whose worker process died.
+        "default_retry_delay": policy.initial_delay * scale,
+        "body": staticmethod(fn),
+        "body_signature": signature,
+        "policy": policy,
+    }
+
+    def run(self: BackgroundTask[Any, Any], *args: Any, **kwargs: Any) -> Any:
+        return self.execute(args, kwargs)
+
+    run.__name__ = fn.__name__
+    run.__qualname__ = fn.__qualname__
+    run.__module__ = fn.__module__
+    run.__doc__ = fn.__doc__
+    try:
+        return app.task(lazy=False, **options)(run)
+    except BaseException:
+        registry.release(name)
+        raise
+
+
+def simple_task(
+    *,
+    name: str,
+    retry_policy: RetryPolicyName = "standard",
+    queue: QueueName = "default",
+    **celery_options: Any,
+) -> _SimpleTaskDecorator:
+    """A task without database access, on a plain function or an ``async def``.
+
+    Extra keyword arguments are Celery task options (``time_limit``,
+    ``rate_limit``, ``ignore_result``...) and behave as in Celery.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        base = AsyncTask if inspect.iscoroutinefunction(fn) else SyncTask
+        return _build_task(fn, base, name, retry_policy, queue, celery_options)
+
+    return decorate  # type: ignore[return-value]
+
+
+def db_task(
+    *,
+    name: str,
+    retry_policy: RetryPolicyName = "standard",
+    queue: QueueName = "default",
+    **celery_options: Any,
+) -> _DbTaskDecorator:
+    """A task with an ``AsyncSession`` at ``ctx.session``: commit on success, rollback on error."""
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        if not inspect.iscoroutinefunction(fn):
+            raise TaskDefinitionError(f"{name}: @db_task needs an 'async def' function")
+        return _build_task(fn, DatabaseTask, name, retry_policy, queue, celery_options)
+
+    return decorate  # type: ignore[return-value]

@@ -1,0 +1,106 @@
+"""The framework's exceptions, and the one rule that says which are retried.
+
+Retry behaviour lives in the exception *types*: everything under
+``NonRetriableTaskError`` fails at once, as does a database constraint
+violation; everything else is retried by the task's policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+
+class TaskError(Exception):
+    """A background task failed."""
+
+    def __init__(self, message: str | None = None, **fields: Any) -> None:
+        self.message = message or (self.__doc__ or "").strip()
+        self.fields = fields
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        if not self.fields:
+            return self.message
+        details = ", ".join(f"{key}={value!r}" for key, value in self.fields.items())
+        return f"{self.message} ({details})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Celery re-creates exceptions from (type, args); keep the fields in the message.
+        return (type(self), (str(self),))
+
+
+class NonRetriableTaskError(TaskError):
+    """A background task failed in a way that retrying cannot fix."""
+
+
+class TaskValidationError(NonRetriableTaskError):
+    """The task received invalid input."""
+
+
+class TaskNotFoundError(NonRetriableTaskError):
+    """A resource the task needs does not exist."""
+
+
+class TaskConfigurationError(NonRetriableTaskError):
+    """The task or its environment is misconfigured."""
+
+
+class TaskDefinitionError(ValueError):
+    """A task was declared wrongly (raised at import time, never at run time)."""
+
+
+class TaskArgumentError(TypeError):
+    """A task was called with arguments that cannot be sent (raised before sending)."""
+
+
+class TaskDiscoveryError(ImportError):
+    """A ``tasks.py`` module failed to import when the worker started."""
+
+
+# SQLSTATE classes and codes of transient PostgreSQL failures. asyncpg errors
+# reach us as a plain DBAPIError, so the type alone cannot tell a lost
+# connection (retry) from a bad query.
+_RETRIABLE_SQLSTATE_PREFIXES = ("08", "40001", "40P01", "53", "57P")
+_NON_RETRIABLE_SQLSTATE_PREFIXES = ("23",)
+
+NON_RETRIABLE_ERRORS: tuple[type[BaseException], ...] = (NonRetriableTaskError, IntegrityError)
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE code carried by a database error, if any (asyncpg or psycopg)."""
+    orig = getattr(exc, "orig", None)
+    for source in (orig, getattr(orig, "__cause__", None), exc):
+        if source is None:
+            continue
+        code = getattr(source, "sqlstate", None) or getattr(source, "pgcode", None)
+        if isinstance(code, str) and code:
+            return code
+    return None
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """Whether the retry policy applies to ``exc``.
+
+    Non-retriable: the ``NonRetriableTaskError`` family and constraint
+    violations (``IntegrityError``, SQLSTATE class 23). Retriable: everything
+    else, including ``OperationalError``, ``TimeoutError`` and unknown errors.
+    """
+    if isinstance(exc, NON_RETRIABLE_ERRORS):
+        return False
+    if isinstance(exc, DBAPIError):
+        code = sqlstate_of(exc)
+        if code is not None and code.startswith(_NON_RETRIABLE_SQLSTATE_PREFIXES):
+            return False
+    return True
+
+
+def is_transient_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a database failure that a later attempt may not meet."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    code = sqlstate_of(exc)
+    return code is not None and code.startswith(_RETRIABLE_SQLSTATE_PREFIXES)

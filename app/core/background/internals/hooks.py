@@ -1,0 +1,112 @@
+"""Hooks around a task run: where logging, metrics and other cross-cutting work attach.
+
+A hook subclasses ``TaskHook`` and overrides what it needs; every method is a
+no-op by default. A hook that raises is logged and ignored: it never fails
+the task it observes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .context import TaskContext
+from .logging import FRAMEWORK_LOGGER_NAME, SUCCESS
+
+_log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
+
+
+class TaskHook:
+    """Called by the worker around each task run."""
+
+    def before_run(self, ctx: TaskContext) -> None:
+        """The task is about to run."""
+
+    def on_success(self, ctx: TaskContext, result: Any, duration: float) -> None:
+        """The task returned ``result`` after ``duration`` seconds."""
+
+    def on_retry(self, ctx: TaskContext, exc: BaseException, delay: float, duration: float) -> None:
+        """The task failed with ``exc`` and will run again in ``delay`` seconds."""
+
+    def on_failure(self, ctx: TaskContext, exc: BaseException, reason: str, duration: float) -> None:
+        """The task failed for good (``reason``: non-retriable or retries exhausted)."""
+
+
+class LifecycleLogger(TaskHook):
+    """The framework's own log lines: start, success, retry, final failure."""
+
+    def before_run(self, ctx: TaskContext) -> None:
+        ctx.log_debug("Task started")
+
+    def on_success(self, ctx: TaskContext, result: Any, duration: float) -> None:
+        ctx.logger.bind(duration=round(duration, 6), outcome="success")
+        ctx.logger.log(SUCCESS, "Task succeeded")
+
+    def on_retry(self, ctx: TaskContext, exc: BaseException, delay: float, duration: float) -> None:
+        ctx.logger.bind(duration=round(duration, 6), outcome="retry")
+        ctx.log_warning(
+            "Task failed, will retry",
+            retry_in=round(delay, 3),
+            error_type=type(exc).__name__,
+            error=str(exc),
+        )
+
+    def on_failure(self, ctx: TaskContext, exc: BaseException, reason: str, duration: float) -> None:
+        ctx.logger.bind(duration=round(duration, 6), outcome="failure")
+        # The traceback is logged here, once; Celery's own failure line repeats it
+        # only at its own log level.
+        ctx.logger.log(
+            logging.ERROR,
+            "Task failed",
+            exc_info=True,
+            reason=reason,
+            error_type=type(exc).__name__,
+            error=str(exc),
+        )
+
+
+class HookRegistry:
+    """The hooks of this process, called in registration order."""
+
+    def __init__(self) -> None:
+        self._hooks: list[TaskHook] = []
+
+    def register(self, hook: TaskHook) -> TaskHook:
+        self._hooks.append(hook)
+        return hook
+
+    def unregister(self, hook: TaskHook) -> None:
+        self._hooks.remove(hook)
+
+    def clear(self) -> None:
+        self._hooks.clear()
+
+    def __iter__(self) -> Any:
+        return iter(tuple(self._hooks))
+
+    def before_run(self, ctx: TaskContext) -> None:
+        for hook in self._hooks:
+            _guarded(hook.before_run, ctx)
+
+    def on_success(self, ctx: TaskContext, result: Any, duration: float) -> None:
+        for hook in self._hooks:
+            _guarded(hook.on_success, ctx, result, duration)
+
+    def on_retry(self, ctx: TaskContext, exc: BaseException, delay: float, duration: float) -> None:
+        for hook in self._hooks:
+            _guarded(hook.on_retry, ctx, exc, delay, duration)
+
+    def on_failure(self, ctx: TaskContext, exc: BaseException, reason: str, duration: float) -> None:
+        for hook in self._hooks:
+            _guarded(hook.on_failure, ctx, exc, reason, duration)
+
+
+def _guarded(method: Any, *args: Any) -> None:
+    try:
+        method(*args)
+    except Exception:
+        _log.exception("Task hook %r failed; the task is not affected", method)
+
+
+hooks = HookRegistry()
+hooks.register(LifecycleLogger())

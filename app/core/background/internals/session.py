@@ -1,0 +1,110 @@
+"""Async database sessions for db tasks: one engine per worker process.
+
+The engine is created lazily, in the process that uses it (a prefork child,
+after the fork), on the process's event loop, and disposed when the process
+shuts down. Using it before it is configured is a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from .exceptions import TaskConfigurationError
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    """What the framework needs to know to open a task's session."""
+
+    url: str
+    pool_size: int = 5
+    pool_pre_ping: bool = False
+    engine_options: dict[str, Any] = field(default_factory=dict)
+
+
+def create_engine(config: DatabaseConfig) -> AsyncEngine:
+    """An async engine with settings that suit both the API and the workers."""
+    options: dict[str, Any] = {"pool_pre_ping": config.pool_pre_ping}
+    if config.url.startswith("sqlite"):
+        # Workers and the API write to one file: wait for locks instead of failing.
+        options["connect_args"] = {"timeout": 30}
+    else:
+        options["pool_size"] = config.pool_size
+    options.update(config.engine_options)
+    engine = create_async_engine(config.url, **options)
+    if config.url.startswith("sqlite"):
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the API read while a worker writes.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+class DatabaseRuntime:
+    """The per-process engine and session factory used by ``@db_task``."""
+
+    def __init__(self) -> None:
+        self._config: DatabaseConfig | None = None
+        self._engine: AsyncEngine | None = None
+        self._sessions: async_sessionmaker[AsyncSession] | None = None
+        self._pid: int | None = None
+
+    def configure(self, config: DatabaseConfig) -> None:
+        """Say which database to use; nothing connects until a task needs it."""
+        self._config = config
+        self._engine = self._sessions = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None or self._pid != os.getpid():
+            self._open()
+        assert self._engine is not None
+        return self._engine
+
+    def _open(self) -> None:
+        if self._config is None:
+            raise TaskConfigurationError(
+                "the background database is not configured: import "
+                "app.core.background.celery_app (it configures it from the settings) "
+                "or call configure_database() first"
+            )
+        self._engine = create_engine(self._config)
+        self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
+        self._pid = os.getpid()
+
+    def session_factory(self) -> Callable[[], AsyncSession]:
+        self.engine  # noqa: B018 - opens the engine in this process if needed
+        assert self._sessions is not None
+        return self._sessions
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with self.session_factory()() as session:
+            yield session
+
+    async def dispose(self) -> None:
+        """Close every pooled connection of this process's engine."""
+        engine, self._engine, self._sessions = self._engine, None, None
+        if engine is not None and self._pid == os.getpid():
+            await engine.dispose()
+
+    def forget(self) -> None:
+        """Drop an engine inherited through fork without touching its sockets."""
+        self._engine = self._sessions = None
+        self._pid = None
+
+
+database = DatabaseRuntime()
+os.register_at_fork(after_in_child=database.forget)

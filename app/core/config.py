@@ -1,0 +1,80 @@
+"""Application settings: the one place that reads the environment.
+
+Everything else takes these values as arguments. The defaults are the embedded
+set-up (SQLite and a file-based broker under ``./.data``) so that a fresh clone
+runs with no server; production refuses that set-up.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DATA_DIR = Path(".data")
+
+Environment = Literal["development", "test", "production"]
+LogFormat = Literal["console", "json"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    environment: Environment = "development"
+
+    database_url: str = f"sqlite+aiosqlite:///./{DATA_DIR}/app.db"
+    database_pool_size: int = Field(default=5, ge=1)
+    database_pool_pre_ping: bool = False
+    # Create tables at start-up. On by default for the embedded SQLite database;
+    # use migrations for a shared server.
+    database_create_tables: bool | None = None
+
+    celery_broker_url: str = "filesystem://"
+    celery_result_backend: str = f"db+sqlite:///{DATA_DIR}/results.db"
+    # Polling interval of the embedded file broker, in seconds.
+    celery_filesystem_polling_interval: float = Field(default=0.05, gt=0)
+    # Redis re-delivers an unacknowledged message after this many seconds. It
+    # must exceed every retry delay and task time limit, or a waiting retry or
+    # a long task would be delivered twice.
+    celery_visibility_timeout: int = Field(default=3600, gt=0)
+    celery_result_expires: int = Field(default=86_400, gt=0)
+
+    background_retry_delay_scale: float = Field(default=1.0, ge=0)
+
+    log_format: LogFormat = "console"
+    log_level: str = "INFO"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.celery_broker_url.startswith("filesystem://")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def should_create_tables(self) -> bool:
+        if self.database_create_tables is not None:
+            return self.database_create_tables
+        return self.is_sqlite
+
+    @model_validator(mode="after")
+    def _refuse_embedded_in_production(self) -> Settings:
+        if self.environment == "production":
+            if self.is_embedded_broker:
+                raise ValueError(
+                    "the embedded filesystem:// broker is for development only: it has no "
+                    "crash safety and no remote control; set CELERY_BROKER_URL to Redis "
+                    "or RabbitMQ in production"
+                )
+            if self.is_sqlite:
+                raise ValueError("SQLite is for development only; set DATABASE_URL in production")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
