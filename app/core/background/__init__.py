@@ -22,6 +22,7 @@ from .internals.exceptions import (
 )
 from .internals.hooks import TaskHook, hooks
 from .internals.monitoring import StatsCounter, Timer
+from .internals.session import DatabaseConfig, create_engine as create_database_engine
 from .internals.retry import RETRY_POLICIES, QueueName, RetryPolicy, RetryPolicyName
 from .internals.testing import LoggedRecord, TaskTestContext, mock_task_session
 
@@ -55,8 +56,10 @@ __all__ = (
     # extension points
     "TaskHook",
     "hooks",
-    # Celery
+    # Celery and the database
     "celery_app",
+    "DatabaseConfig",
+    "create_database_engine",
     # testing
     "LoggedRecord",
     "TaskTestContext",

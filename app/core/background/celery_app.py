@@ -14,6 +14,7 @@ from kombu import Queue
 
 from app.core.config import DATA_DIR, Settings, get_settings
 
+from .internals.base import route_to_declared_queue
 from .internals.discovery import find_task_modules
 from .internals.event_loop import worker_loop
 from .internals.file_broker import broker_folders
@@ -63,6 +64,7 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": settings.celery_result_expires,
         "task_queues": [Queue(name, routing_key=name) for name in QUEUE_NAMES],
         "task_default_queue": "default",
+        "task_routes": (route_to_declared_queue,),
         "task_default_exchange_type": "direct",
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,

@@ -29,6 +29,14 @@ from .session import database
 P = ParamSpec("P")
 R = TypeVar("R")
 
+def route_to_declared_queue(
+    name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any
+) -> dict[str, str] | None:
+    """Celery router: send a framework task to the queue its decorator names."""
+    queue = getattr(task, "background_queue", None)
+    return {"queue": queue} if queue else None
+
+
 # Celery's own control-flow exceptions pass through untouched.
 _CELERY_CONTROL = (Retry, Ignore, Reject)
 
@@ -44,6 +52,7 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
     body: Callable[..., Any]
     body_signature: inspect.Signature
     policy: RetryPolicy
+    background_queue: str = "default"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``task(ctx, ...)`` runs the body with that context (tests); otherwise Celery's call."""
@@ -108,7 +117,7 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
             task_id=request.id or "",
             task_name=self.name,
             attempt=request.retries or 0,
-            queue=delivery.get("routing_key") or self.queue or "default",
+            queue=delivery.get("routing_key") or self.background_queue,
             publish_progress=publish,
         )
 

@@ -115,7 +115,9 @@ def _build_task(
         "name": name,
         "base": base,
         "bind": True,
-        "queue": queue,
+        # Routed by ``route_to_declared_queue`` (Celery 5.7 deprecates the
+        # ``queue`` task attribute in favour of routes).
+        "background_queue": queue,
         "max_retries": policy.max_retries,
         # Used by Celery when it retries a task whose worker process died.
         "default_retry_delay": policy.initial_delay * scale,

@@ -18,17 +18,9 @@ class TaskError(Exception):
     def __init__(self, message: str | None = None, **fields: Any) -> None:
         self.message = message or (self.__doc__ or "").strip()
         self.fields = fields
-        super().__init__(self.message)
-
-    def __str__(self) -> str:
-        if not self.fields:
-            return self.message
-        details = ", ".join(f"{key}={value!r}" for key, value in self.fields.items())
-        return f"{self.message} ({details})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Celery re-creates exceptions from (type, args); keep the fields in the message.
-        return (type(self), (str(self),))
+        # Celery stores ``args`` in the result backend: keep the fields readable there.
+        details = ", ".join(f"{key}={value!r}" for key, value in fields.items())
+        super().__init__(f"{self.message} ({details})" if details else self.message)
 
 
 class NonRetriableTaskError(TaskError):

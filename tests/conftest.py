@@ -1,0 +1,86 @@
+"""Test set-up: real services, isolated per run, configured before the app is imported."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.services import Services, unavailable
+
+_services = Services()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The app reads its settings when first imported: point it at this run's
+    # own Redis database and PostgreSQL database before any test module loads.
+    _services.acquire()
+    os.environ.update(
+        ENVIRONMENT="test",
+        LOG_FORMAT="json",
+        BACKGROUND_RETRY_DELAY_SCALE="0.01",
+        CELERY_BROKER_URL=_services.redis_url if _services.redis_db else "redis://127.0.0.1:1/0",
+        CELERY_RESULT_BACKEND=_services.redis_url if _services.redis_db else "redis://127.0.0.1:1/0",
+        DATABASE_URL=_services.postgres_url if _services.postgres_db else "sqlite+aiosqlite://",
+        DATABASE_CREATE_TABLES="false",
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _services.release()
+
+
+@pytest.fixture(scope="session")
+def services() -> Services:
+    return _services
+
+
+@pytest.fixture(scope="session")
+def redis_service(services: Services) -> Services:
+    if services.redis_db is None:
+        unavailable(services.redis_error or "Redis is not available")
+    return services
+
+
+@pytest.fixture(scope="session")
+def postgres_service(services: Services) -> Services:
+    if services.postgres_db is None:
+        unavailable(services.postgres_error or "PostgreSQL is not available")
+    return services
+
+
+@pytest.fixture(scope="session")
+def stack(redis_service: Services, postgres_service: Services) -> Iterator[Services]:
+    """Redis and PostgreSQL, with the application's and the tests' tables created."""
+    from app.core.database import Base
+    from tests.support import models  # noqa: F401 - registers the test tables
+
+    async def create() -> None:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        import app.models  # noqa: F401
+
+        engine = create_async_engine(postgres_service.postgres_url)
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        await engine.dispose()
+
+    asyncio.run(create())
+    yield postgres_service
+
+
+@pytest.fixture(scope="session")
+def worker(stack: Services) -> Iterator[Any]:
+    """A prefork worker (concurrency 2) on this run's Redis and PostgreSQL."""
+    from app.core.background.internals.worker_process import WorkerProcess
+
+    with WorkerProcess({}, include=["tests.support.tasks"]) as process:
+        yield process
+
+
+@pytest.fixture
+def redis_client(redis_service: Services) -> Any:
+    return redis_service.redis()
