@@ -55,12 +55,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _worker_answers(timeout: float = 3.0) -> str:
+async def _worker_answers(wait_seconds: float = 3.0) -> str:
     import anyio
 
     def round_trip() -> str:
         try:
-            ping.apply_async().get(timeout=timeout)
+            ping.apply_async().get(timeout=wait_seconds)
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             return f"error: {type(exc).__name__}"
         return "ok"

@@ -23,7 +23,9 @@ def pytest_configure(config: pytest.Config) -> None:
         LOG_FORMAT="json",
         BACKGROUND_RETRY_DELAY_SCALE="0.01",
         CELERY_BROKER_URL=_services.redis_url if _services.redis_db else "redis://127.0.0.1:1/0",
-        CELERY_RESULT_BACKEND=_services.redis_url if _services.redis_db else "redis://127.0.0.1:1/0",
+        CELERY_RESULT_BACKEND=_services.redis_url
+        if _services.redis_db
+        else "redis://127.0.0.1:1/0",
         DATABASE_URL=_services.postgres_url if _services.postgres_db else "sqlite+aiosqlite://",
         DATABASE_CREATE_TABLES="false",
     )
@@ -53,7 +55,7 @@ def postgres_service(services: Services) -> Services:
 
 
 @pytest.fixture(scope="session")
-def stack(redis_service: Services, postgres_service: Services) -> Iterator[Services]:
+def stack(redis_service: Services, postgres_service: Services) -> Services:
     """Redis and PostgreSQL, with the application's and the tests' tables created."""
     from app.core.database import Base
     from tests.support import models  # noqa: F401 - registers the test tables
@@ -69,7 +71,7 @@ def stack(redis_service: Services, postgres_service: Services) -> Iterator[Servi
         await engine.dispose()
 
     asyncio.run(create())
-    yield postgres_service
+    return postgres_service
 
 
 @pytest.fixture(scope="session")

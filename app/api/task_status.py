@@ -24,7 +24,7 @@ class TaskStatus(BaseModel):
 
 
 def describe(result: AsyncResult[Any]) -> TaskStatus:
-    state = result.state
+    state = str(result.state)
     status = TaskStatus(task_id=result.id, state=state.lower())
     if state == "SUCCESS":
         status.result = result.result

@@ -22,7 +22,9 @@ class EntityCrud:
 
     async def get_many(self, session: AsyncSession, ids: Sequence[Any]) -> Sequence[Entity]:
         """One query for a whole batch (used by ``ctx.iter_batches``)."""
-        result = await session.scalars(select(Entity).where(Entity.id.in_([_as_uuid(i) for i in ids])))
+        result = await session.scalars(
+            select(Entity).where(Entity.id.in_([_as_uuid(i) for i in ids]))
+        )
         return result.all()
 
     async def create(self, session: AsyncSession, name: str) -> Entity:

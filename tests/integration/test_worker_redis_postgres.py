@@ -30,7 +30,7 @@ def executions(stack: Services, name: str) -> int:
 
 
 def wait_failure(result: AsyncResult[Any]) -> BaseException:
-    with pytest.raises(Exception) as raised:
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - callers check the type
         result.get(timeout=RESULT_TIMEOUT)
     return raised.value
 
@@ -38,7 +38,11 @@ def wait_failure(result: AsyncResult[Any]) -> BaseException:
 def test_db_task_commits_on_success_seen_from_another_connection(stack: Services) -> None:
     k = key()
     result = tasks.record.delay(key=k)
-    assert result.get(timeout=RESULT_TIMEOUT) == {"status": "success", "task_id": result.id, "key": k}
+    assert result.get(timeout=RESULT_TIMEOUT) == {
+        "status": "success",
+        "task_id": result.id,
+        "key": k,
+    }
     assert fetchval(stack, "SELECT count(*) FROM test_records WHERE key = $1", k) == 1
 
 
@@ -54,7 +58,9 @@ def test_db_task_rolls_back_a_written_row_on_error(stack: Services) -> None:
     ("task", "error_type"),
     [(tasks.fail_validation, TaskValidationError), (tasks.fail_not_found, TaskNotFoundError)],
 )
-def test_non_retriable_error_runs_exactly_once(stack: Services, task: Any, error_type: type) -> None:
+def test_non_retriable_error_runs_exactly_once(
+    stack: Services, task: Any, error_type: type
+) -> None:
     k = key()
     result = task.delay(key=k)
     error = wait_failure(result)

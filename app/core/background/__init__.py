@@ -22,8 +22,9 @@ from .internals.exceptions import (
 )
 from .internals.hooks import TaskHook, hooks
 from .internals.monitoring import StatsCounter, Timer
-from .internals.session import DatabaseConfig, create_engine as create_database_engine
 from .internals.retry import RETRY_POLICIES, QueueName, RetryPolicy, RetryPolicyName
+from .internals.session import DatabaseConfig
+from .internals.session import create_engine as create_database_engine
 from .internals.testing import LoggedRecord, TaskTestContext, mock_task_session
 
 __all__ = (

@@ -29,6 +29,7 @@ from .session import database
 P = ParamSpec("P")
 R = TypeVar("R")
 
+
 def route_to_declared_queue(
     name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any
 ) -> dict[str, str] | None:
@@ -75,7 +76,7 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
         except TypeError as exc:
             raise TaskArgumentError(f"{self.name}: {exc}") from None
 
-    def apply_async(  # type: ignore[override]
+    def apply_async(
         self,
         args: tuple[Any, ...] | list[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
@@ -85,7 +86,7 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
     ) -> Any:
         self.check_arguments(tuple(args or ()), kwargs or {})
         try:
-            return super().apply_async(args, kwargs, task_id, *extra, **options)
+            return super().apply_async(tuple(args or ()), kwargs, task_id, *extra, **options)
         except EncodeError as exc:
             raise TaskArgumentError(
                 f"{self.name}: arguments must be JSON-serializable: {exc}"
@@ -104,7 +105,7 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
             result = worker_loop.run(outcome) if self.is_async else outcome
         except _CELERY_CONTROL:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure is classified, then re-raised
             raise self._after_failure(ctx, exc, timer.stop()) from None
         hooks.on_success(ctx, result, timer.stop())
         return result
@@ -140,7 +141,9 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
         if self.max_retries is not None and retries >= self.max_retries:
             hooks.on_failure(ctx, exc, "retries exhausted", duration)
             return exc
-        delay = self.policy.delay_for(retries, self.app.conf.get("background_retry_delay_scale", 1.0))
+        delay = self.policy.delay_for(
+            retries, self.app.conf.get("background_retry_delay_scale", 1.0)
+        )
         # An error may say how long to wait at least (an open circuit breaker).
         delay = max(delay, float(getattr(exc, "retry_after", 0) or 0))
         hooks.on_retry(ctx, exc, delay, duration)

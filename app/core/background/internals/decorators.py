@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Coroutine
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
 from celery import Celery, Task
 
@@ -19,14 +19,26 @@ R = TypeVar("R")
 # Options the framework sets from the retry policy and the decorator's own
 # arguments; passing them again would make two sources of truth.
 _OWNED_OPTIONS = frozenset(
-    {"name", "queue", "base", "bind", "max_retries", "default_retry_delay", "autoretry_for",
-     "retry_backoff", "retry_jitter", "retry_kwargs", "typing", "serializer"}
+    {
+        "name",
+        "queue",
+        "base",
+        "bind",
+        "max_retries",
+        "default_retry_delay",
+        "autoretry_for",
+        "retry_backoff",
+        "retry_jitter",
+        "retry_kwargs",
+        "typing",
+        "serializer",
+    }
 )
 
 
 class _SimpleTaskDecorator(Protocol):
     @overload
-    def __call__(
+    def __call__(  # type: ignore[overload-overlap]  # async first: a coroutine is also an R
         self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]]
     ) -> AsyncTask[P, R]: ...
     @overload
@@ -134,7 +146,8 @@ def _build_task(
     run.__module__ = fn.__module__
     run.__doc__ = fn.__doc__
     try:
-        return app.task(lazy=False, **options)(run)
+        # celery-types has no overload for arbitrary task options.
+        return cast(Any, app).task(lazy=False, **options)(run)
     except BaseException:
         registry.release(name)
         raise
@@ -157,7 +170,7 @@ def simple_task(
         base = AsyncTask if inspect.iscoroutinefunction(fn) else SyncTask
         return _build_task(fn, base, name, retry_policy, queue, celery_options)
 
-    return decorate  # type: ignore[return-value]
+    return decorate
 
 
 def db_task(
@@ -174,4 +187,4 @@ def db_task(
             raise TaskDefinitionError(f"{name}: @db_task needs an 'async def' function")
         return _build_task(fn, DatabaseTask, name, retry_policy, queue, celery_options)
 
-    return decorate  # type: ignore[return-value]
+    return decorate

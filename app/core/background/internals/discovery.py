@@ -19,7 +19,9 @@ from .exceptions import TaskDiscoveryError
 _SKIPPED_DIRS = frozenset({"__pycache__", "node_modules"})
 
 
-def find_task_modules(package_dir: Path, package_name: str, module_name: str = "tasks") -> list[str]:
+def find_task_modules(
+    package_dir: Path, package_name: str, module_name: str = "tasks"
+) -> list[str]:
     """Dotted names of every ``<module_name>.py`` in packages under ``package_dir``.
 
     A folder is a package when it has an ``__init__.py``; the walk does not

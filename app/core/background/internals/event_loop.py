@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import threading
 from collections.abc import Coroutine
@@ -110,12 +111,12 @@ class WorkerEventLoop:
                 final.close()
             return
         loop, thread = self._loop, self._thread
-        assert loop is not None and thread is not None
+        assert loop is not None
+        assert thread is not None
         if final is not None:
-            try:
+            # Shutdown is best effort: a failing dispose must not block the exit.
+            with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(final, loop).result(timeout=10)
-            except (concurrent.futures.TimeoutError, Exception):  # noqa: BLE001 - shutdown is best effort
-                pass
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         if not thread.is_alive():

@@ -23,7 +23,7 @@ from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
 
 
-def broker_folders(root: Path) -> dict[str, str]:
+def broker_folders(root: Path) -> dict[str, str | bool]:
     """Transport options that keep every folder of the broker under ``root``."""
     queue = root / "queue"
     return {
@@ -35,7 +35,7 @@ def broker_folders(root: Path) -> dict[str, str]:
     }
 
 
-class Channel(filesystem.Channel):  # type: ignore[misc]
+class Channel(filesystem.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for option in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
@@ -43,7 +43,8 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
             if folder:
                 Path(folder).mkdir(parents=True, exist_ok=True)
 
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+    # kombu names this parameter "message" in its base class and "payload" here.
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         # A leading dot keeps the file out of the consumer's pattern until renamed.
@@ -52,7 +53,7 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
             file.write(str_to_bytes(dumps(payload)))
         os.replace(temporary, final)
 
-    def _get(self, queue: str) -> Any:
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
         # The base class moves a taken file to the system temp folder, which may be
         # another file system (copy then delete: two consumers could both get it).
         # A rename within our folder is atomic: exactly one consumer wins it.
@@ -78,5 +79,5 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
         return str(self.transport_options.get("processed_folder", "processed"))
 
 
-class Transport(filesystem.Transport):  # type: ignore[misc]
+class Transport(filesystem.Transport):
     Channel = Channel

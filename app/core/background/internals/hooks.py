@@ -28,7 +28,9 @@ class TaskHook:
     def on_retry(self, ctx: TaskContext, exc: BaseException, delay: float, duration: float) -> None:
         """The task failed with ``exc`` and will run again in ``delay`` seconds."""
 
-    def on_failure(self, ctx: TaskContext, exc: BaseException, reason: str, duration: float) -> None:
+    def on_failure(
+        self, ctx: TaskContext, exc: BaseException, reason: str, duration: float
+    ) -> None:
         """The task failed for good (``reason``: non-retriable or retries exhausted)."""
 
 
@@ -51,7 +53,9 @@ class LifecycleLogger(TaskHook):
             error=str(exc),
         )
 
-    def on_failure(self, ctx: TaskContext, exc: BaseException, reason: str, duration: float) -> None:
+    def on_failure(
+        self, ctx: TaskContext, exc: BaseException, reason: str, duration: float
+    ) -> None:
         ctx.logger.bind(duration=round(duration, 6), outcome="failure")
         # The traceback is logged here, once; Celery's own failure line repeats it
         # only at its own log level.
@@ -96,7 +100,9 @@ class HookRegistry:
         for hook in self._hooks:
             _guarded(hook.on_retry, ctx, exc, delay, duration)
 
-    def on_failure(self, ctx: TaskContext, exc: BaseException, reason: str, duration: float) -> None:
+    def on_failure(
+        self, ctx: TaskContext, exc: BaseException, reason: str, duration: float
+    ) -> None:
         for hook in self._hooks:
             _guarded(hook.on_failure, ctx, exc, reason, duration)
 
@@ -104,7 +110,7 @@ class HookRegistry:
 def _guarded(method: Any, *args: Any) -> None:
     try:
         method(*args)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a hook must never fail the task
         _log.exception("Task hook %r failed; the task is not affected", method)
 
 

@@ -32,7 +32,9 @@ class RetryPolicy:
     time_limit: float
     backoff: float = 2.0
 
-    def delay_for(self, retries: int, scale: float = 1.0, rng: random.Random | None = None) -> float:
+    def delay_for(
+        self, retries: int, scale: float = 1.0, rng: random.Random | None = None
+    ) -> float:
         """Seconds to wait before the retry that follows ``retries`` earlier retries."""
         nominal = min(self.initial_delay * self.backoff**retries, self.max_delay) * scale
         jitter = (rng or random).random()
@@ -70,4 +72,4 @@ def check_queue(name: str) -> QueueName:
     if name not in QUEUE_NAMES:
         valid = ", ".join(QUEUE_NAMES)
         raise TaskDefinitionError(f"unknown queue {name!r}; valid: {valid}")
-    return name  # type: ignore[return-value]
+    return name

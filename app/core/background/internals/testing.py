@@ -140,9 +140,26 @@ class MockTaskSession(MagicMock):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, spec=AsyncSession, **kwargs)
-        for name in ("execute", "get", "flush", "commit", "rollback", "refresh", "scalar",
-                     "scalars", "delete", "close", "merge", "stream", "stream_scalars",
-                     "get_one", "run_sync", "connection", "invalidate", "reset"):
+        for name in (
+            "execute",
+            "get",
+            "flush",
+            "commit",
+            "rollback",
+            "refresh",
+            "scalar",
+            "scalars",
+            "delete",
+            "close",
+            "merge",
+            "stream",
+            "stream_scalars",
+            "get_one",
+            "run_sync",
+            "connection",
+            "invalidate",
+            "reset",
+        ):
             setattr(self, name, AsyncMock(name=f"session.{name}"))
         self.added: list[Any] = []
         self.add.side_effect = self.added.append
