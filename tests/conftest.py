@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,11 @@ import pytest
 from tests.support.services import Services, unavailable
 
 _services = Services()
+
+# Every tests/support/tasks*.py module: the tests' own tasks, loaded by test workers.
+TEST_TASK_MODULES = sorted(
+    f"tests.support.{path.stem}" for path in (Path(__file__).parent / "support").glob("tasks*.py")
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -79,7 +85,7 @@ def worker(stack: Services) -> Iterator[Any]:
     """A prefork worker (concurrency 2) on this run's Redis and PostgreSQL."""
     from app.core.background.internals.worker_process import WorkerProcess
 
-    with WorkerProcess({}, include=["tests.support.tasks"]) as process:
+    with WorkerProcess({}, include=TEST_TASK_MODULES) as process:
         yield process
 
 
