@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 
 from app.core.database import SessionDep
 from app.entities.crud import entity_crud
-from app.entities.tasks import process_entity
+from app.entities.tasks import bulk_mark_processed, process_entity
 
 router = APIRouter(prefix="/entities", tags=["entities"])
 
@@ -32,6 +32,17 @@ async def create_entity(body: EntityIn, session: SessionDep) -> EntityOut:
     entity = await entity_crud.create(session, body.name)
     await session.commit()
     return EntityOut.model_validate(entity, from_attributes=True)
+
+
+@router.post("/bulk-process", response_model=Dispatched, status_code=202)
+def bulk_process(batch_size: int = Query(500, ge=1, le=10_000)) -> Dispatched:
+    """Mark every entity not processed yet, in the background.
+
+    Follow it with ``GET /tasks/{task_id}`` (``progress``) or
+    ``python -m app.core.background watch TASK_ID``.
+    """
+    result = bulk_mark_processed.delay(batch_size=batch_size)
+    return Dispatched(task_id=result.id)
 
 
 @router.get("/{entity_id}", response_model=EntityOut)

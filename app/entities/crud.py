@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.entities.models import Entity
+from app.entities.models import PROCESSED, Entity
 
 
 def _as_uuid(value: Any) -> uuid.UUID:
@@ -26,6 +26,30 @@ class EntityCrud:
             select(Entity).where(Entity.id.in_([_as_uuid(i) for i in ids]))
         )
         return result.all()
+
+    async def count_not_processed(self, session: AsyncSession) -> int:
+        query = select(func.count()).select_from(Entity).where(Entity.status != PROCESSED)
+        return int(await session.scalar(query) or 0)
+
+    async def iter_ids_not_processed(
+        self, session: AsyncSession, page_size: int = 500
+    ) -> AsyncIterator[uuid.UUID]:
+        """Ids of entities not processed yet, in id order, one page per query.
+
+        Keyset pages (``id > last``) rather than one server-side cursor: a
+        cursor would not survive the task committing between batches.
+        """
+        last: uuid.UUID | None = None
+        while True:
+            query = select(Entity.id).where(Entity.status != PROCESSED)
+            if last is not None:
+                query = query.where(Entity.id > last)
+            page = (await session.scalars(query.order_by(Entity.id).limit(page_size))).all()
+            for entity_id in page:
+                yield entity_id
+            if len(page) < page_size:
+                return
+            last = page[-1]
 
     async def create(self, session: AsyncSession, name: str) -> Entity:
         entity = Entity(name=name)

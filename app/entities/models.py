@@ -8,6 +8,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.database import Base
 
+# The status a processed entity has: also the marker that makes re-running a
+# bulk job skip it.
+PROCESSED = "processed"
+
 
 class Entity(Base):
     """Something the example tasks process."""

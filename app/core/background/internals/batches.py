@@ -1,9 +1,10 @@
 """Batch iteration for bulk db tasks.
 
-A CRUD object needs ``get(session, id)``; if it also has
-``get_many(session, ids) -> Sequence[entity]`` the batch is loaded with one
-query. Entities are matched back to ids through their ``id`` attribute, so ids
-with no entity are counted as ``missing`` instead of vanishing.
+A CRUD object needs ``get(session, id) -> entity | None`` (the specification's
+interface): each id is then loaded with its own query. If it also has
+``get_many(session, ids) -> Sequence[entity]``, a whole batch is loaded with
+one query. Entities are matched back to ids through their ``id`` attribute,
+so ids with no entity are counted as ``missing`` instead of vanishing.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .exceptions import TaskValidationError
+from .exceptions import TaskConfigurationError, TaskValidationError
 from .monitoring import StatsCounter
 
 ItemT = TypeVar("ItemT")
+
+# The counter name under which ids without an entity are counted.
+MISSING = "missing"
 
 
 @runtime_checkable
@@ -33,12 +37,30 @@ class BulkCrud(Crud, Protocol):
     async def get_many(self, session: AsyncSession, ids: Sequence[Any]) -> Sequence[Any]: ...
 
 
+def check_batch_args(items: object, crud: object, batch_size: object) -> None:
+    """Refuse arguments that cannot work, before the first batch is read."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TaskValidationError(
+            "batch_size must be an integer of at least 1", batch_size=batch_size
+        )
+    if isinstance(items, str | bytes):
+        # A single id passed where a collection was expected: iterating it
+        # would yield characters.
+        raise TaskValidationError("items must be an iterable of ids, not a string", items=items)
+    if not isinstance(items, Iterable | AsyncIterable):
+        raise TaskValidationError(
+            "items must be an iterable or async iterable of ids", items_type=type(items).__name__
+        )
+    if crud is not None and not isinstance(crud, Crud):
+        raise TaskConfigurationError(
+            "crud must have an async get(session, id) method", crud_type=type(crud).__name__
+        )
+
+
 async def chunks(
     items: Iterable[ItemT] | AsyncIterable[ItemT], batch_size: int
 ) -> AsyncIterator[list[ItemT]]:
     """Lists of up to ``batch_size`` items from a sync or async iterable."""
-    if batch_size < 1:
-        raise TaskValidationError("batch_size must be at least 1", batch_size=batch_size)
     batch: list[ItemT] = []
     if isinstance(items, AsyncIterable):
         async for item in items:
@@ -57,11 +79,11 @@ async def chunks(
 
 
 async def load_batch(
-    session: AsyncSession, crud: Crud, ids: Sequence[Any], stats: StatsCounter
+    session: AsyncSession, crud: Crud, ids: Sequence[Any], stats: StatsCounter, bulk: bool
 ) -> list[Any]:
     """The entities for ``ids``, in id order, counting the ones that do not exist."""
-    if isinstance(crud, BulkCrud):
-        found = await crud.get_many(session, ids)
+    if bulk:
+        found = await crud.get_many(session, ids)  # type: ignore[attr-defined]
         by_id = {_key(getattr(entity, "id", None)): entity for entity in found}
         entities = [by_id[key] for key in map(_key, ids) if key in by_id]
     else:
@@ -72,7 +94,7 @@ async def load_batch(
                 entities.append(entity)
     missing = len(ids) - len(entities)
     if missing:
-        stats.increment("missing", missing)
+        stats.increment(MISSING, missing)
     return entities
 
 

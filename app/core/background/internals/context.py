@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .batches import Crud, chunks, load_batch
+from .batches import MISSING, BulkCrud, Crud, check_batch_args, chunks, load_batch
 from .exceptions import (
     TaskConfigurationError,
     TaskNotFoundError,
@@ -56,7 +56,9 @@ class TaskContext:
             {"task_id": task_id, "task_name": task_name, "queue": queue, "attempt": attempt}
         )
         self._publish_progress = publish_progress
-        self._last_progress = 0.0
+        self._last_progress: float | None = None
+        # Seconds between two published progress updates (a test may raise it).
+        self.progress_interval = PROGRESS_INTERVAL
         self._batch_stats: StatsCounter | None = None
 
     # -- database ---------------------------------------------------------
@@ -73,6 +75,13 @@ class TaskContext:
     @property
     def has_session(self) -> bool:
         return self._session is not None
+
+    def run_directly(self, task: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """Run ``task``'s body with this context, outside a worker (``task(ctx, ...)``).
+
+        ``TaskTestContext`` overrides it to fill its defaults from the task.
+        """
+        return task.run_with_context(self, args, kwargs)
 
     # -- logging ----------------------------------------------------------
 
@@ -129,35 +138,59 @@ class TaskContext:
     # -- batches ----------------------------------------------------------
 
     def create_stats_counter(self) -> StatsCounter:
-        return StatsCounter()
+        """A new counter, which also becomes ``ctx.batch_stats``.
 
-    async def iter_batches(
+        ``iter_batches`` counts ids with no entity in it under ``missing``, so
+        ``success_result(**stats.to_dict())`` reports them with no extra code.
+        """
+        self._batch_stats = StatsCounter()
+        return self._batch_stats
+
+    @property
+    def batch_stats(self) -> StatsCounter:
+        """The counter ``iter_batches`` reports ``missing`` to (the last one created)."""
+        if self._batch_stats is None:
+            self._batch_stats = StatsCounter()
+        return self._batch_stats
+
+    def iter_batches(
         self,
         items: Iterable[Any] | AsyncIterable[Any],
         crud: Crud | None = None,
         batch_size: int = 20,
     ) -> AsyncIterator[list[Any]]:
-        """Lists of entities loaded through ``crud`` (or raw ids if ``crud`` is None).
+        """Lists of up to ``batch_size`` entities loaded through ``crud``.
 
-        Ids with no entity are skipped and counted in ``ctx.batch_stats`` under
-        ``missing``.
+        ``items`` is any iterable or async iterable of ids, read lazily. With a
+        CRUD object that has ``get_many(session, ids)``, each batch is one
+        query; with only ``get(session, id)``, one query per id. Ids with no
+        entity are skipped and counted under ``missing`` in ``ctx.batch_stats``
+        (the counter from ``create_stats_counter``). ``crud=None`` yields the
+        id batches themselves. Bad arguments raise ``TaskValidationError`` here,
+        at the call, not at the first batch.
         """
-        stats = self.batch_stats
-        async for ids in chunks(items, batch_size):
-            if crud is None:
-                yield ids
-            else:
-                yield await load_batch(self.session, crud, ids, stats)
+        check_batch_args(items, crud, batch_size)
+        if crud is None:
+            return chunks(items, batch_size)
+        return self._load_batches(items, crud, batch_size)
 
-    @property
-    def batch_stats(self) -> StatsCounter:
-        """Counts kept by ``iter_batches`` (``missing``)."""
-        if self._batch_stats is None:
-            self._batch_stats = StatsCounter()
-        return self._batch_stats
+    async def _load_batches(
+        self, items: Iterable[Any] | AsyncIterable[Any], crud: Crud, batch_size: int
+    ) -> AsyncIterator[list[Any]]:
+        session, stats, bulk = self.session, self.batch_stats, isinstance(crud, BulkCrud)
+        stats.increment(MISSING, 0)  # present in the result even when nothing is missing
+        async for ids in chunks(items, batch_size):
+            yield await load_batch(session, crud, ids, stats, bulk)
 
     async def commit_batch(self) -> None:
-        """Commit the current batch and release its objects from the session."""
+        """Commit the current batch and release its objects from the session.
+
+        After the commit the session forgets every object it loaded
+        (``expunge_all``), so its identity map, and the worker's memory, stay
+        flat however many rows the task goes through. Objects the task still
+        holds stay readable (sessions do not expire on commit) but are
+        detached: changing them no longer writes to the database.
+        """
         session = self.session
         await session.commit()
         session.expunge_all()
@@ -165,17 +198,29 @@ class TaskContext:
     def log_progress(self, **metrics: Any) -> None:
         """Log progress and publish it as the task's ``PROGRESS`` state.
 
-        Pass ``done`` and ``total`` to get ``percent``. Publishing is throttled
-        to one update per ``PROGRESS_INTERVAL``; the final one always goes out.
+        Pass ``done`` and ``total`` to get ``percent``. A tight loop may call
+        this as often as it likes: the first update, then at most one per
+        ``progress_interval`` seconds, and the final one (``done >= total``)
+        are logged at INFO and published; the others are logged at DEBUG only.
+        Publishing is best effort: a result backend error is logged, it does
+        not fail the task.
         """
         done, total = metrics.get("done"), metrics.get("total")
-        if isinstance(done, int | float) and isinstance(total, int | float) and total > 0:
-            metrics["percent"] = round(100.0 * done / total, 1)
+        final = False
+        if isinstance(done, int | float) and isinstance(total, int | float):
+            final = done >= total
+            if total > 0:
+                metrics["percent"] = round(min(100.0, 100.0 * done / total), 1)
+        now = time.monotonic()
+        last = self._last_progress
+        if not (final or last is None or now - last >= self.progress_interval):
+            self.log_debug("Progress", **metrics)
+            return
+        self._last_progress = now
         self.log_info("Progress", **metrics)
         if self._publish_progress is None:
             return
-        now = time.monotonic()
-        finished = done is not None and done == total
-        if finished or now - self._last_progress >= PROGRESS_INTERVAL:
-            self._last_progress = now
+        try:
             self._publish_progress(metrics)
+        except Exception as exc:  # noqa: BLE001 - progress must not fail the work it reports
+            self.log_warning("Progress not published", error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,63 @@
+"""Command-line tools: ``python -m app.core.background <command>``.
+
+Commands:
+  watch TASK_ID   live progress of a task until it ends, then its result or error
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _watch(args: argparse.Namespace) -> int:
+    # Imported here: building the Celery app reads the settings.
+    from celery.result import AsyncResult
+
+    from .celery_app import celery_app
+    from .internals.watch import watch
+
+    def fetch() -> AsyncResult[object]:
+        return AsyncResult(args.task_id, app=celery_app)
+
+    live = args.live if args.live is not None else sys.stdout.isatty()
+    try:
+        return watch(fetch, sys.stdout, interval=args.interval, timeout=args.timeout, live=live)
+    except KeyboardInterrupt:
+        print()
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.core.background", description="Background task tools."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    watch = commands.add_parser(
+        "watch",
+        help="show a task's progress until it ends",
+        description="Show a live progress bar for a task until it ends, then print its "
+        "result (exit 0) or its error (exit 1). Exit 2 if --timeout passes first.",
+    )
+    watch.add_argument("task_id", metavar="TASK_ID")
+    watch.add_argument("--interval", type=float, default=0.5, help="seconds between polls")
+    watch.add_argument("--timeout", type=float, default=None, help="give up after this long")
+    watch.add_argument(
+        "--live",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="redraw one line in place (default: when stdout is a terminal)",
+    )
+    watch.set_defaults(handler=_watch)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
