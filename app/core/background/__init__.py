@@ -25,7 +25,8 @@ from .internals.monitoring import StatsCounter, Timer
 from .internals.retry import RETRY_POLICIES, QueueName, RetryPolicy, RetryPolicyName
 from .internals.session import DatabaseConfig
 from .internals.session import create_engine as create_database_engine
-from .internals.testing import LoggedRecord, TaskTestContext, mock_task_session
+from .internals.testing import LoggedRecord, MockTaskSession, TaskTestContext, mock_task_session
+from .internals.testing_db import create_test_engine, task_db_session
 
 __all__ = (
     # decorators
@@ -63,6 +64,9 @@ __all__ = (
     "create_database_engine",
     # testing
     "LoggedRecord",
+    "MockTaskSession",
     "TaskTestContext",
+    "create_test_engine",
     "mock_task_session",
+    "task_db_session",
 )

@@ -58,7 +58,7 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``task(ctx, ...)`` runs the body with that context (tests); otherwise Celery's call."""
         if args and isinstance(args[0], TaskContext):
-            return self.run_with_context(args[0], args[1:], kwargs)
+            return args[0].run_directly(self, args[1:], kwargs)
         return super().__call__(*args, **kwargs)
 
     def run_with_context(

@@ -57,6 +57,13 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+_NOT_CONFIGURED = (
+    "the background database is not configured: import "
+    "app.core.background.celery_app (it configures it from the settings) "
+    "or call configure_database() first"
+)
+
+
 class DatabaseRuntime:
     """The per-process engine and session factory used by ``@db_task``."""
 
@@ -72,6 +79,13 @@ class DatabaseRuntime:
         self._engine = self._sessions = None
 
     @property
+    def configured_url(self) -> str:
+        """The URL given to ``configure`` (the test helpers open their own engine on it)."""
+        if self._config is None:
+            raise TaskConfigurationError(_NOT_CONFIGURED)
+        return self._config.url
+
+    @property
     def engine(self) -> AsyncEngine:
         if self._engine is None or self._pid != os.getpid():
             self._open()
@@ -80,11 +94,7 @@ class DatabaseRuntime:
 
     def _open(self) -> None:
         if self._config is None:
-            raise TaskConfigurationError(
-                "the background database is not configured: import "
-                "app.core.background.celery_app (it configures it from the settings) "
-                "or call configure_database() first"
-            )
+            raise TaskConfigurationError(_NOT_CONFIGURED)
         self._engine = create_engine(self._config)
         self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
         self._pid = os.getpid()
