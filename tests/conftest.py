@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.services import Services, unavailable
+from tests.support.services import (
+    Services,
+    claim_extra_redis_db,
+    release_extra_redis_db,
+    unavailable,
+)
 
 _services = Services()
 
@@ -87,6 +93,34 @@ def worker(stack: Services) -> Iterator[Any]:
 
     with WorkerProcess({}, include=TEST_TASK_MODULES) as process:
         yield process
+
+
+@dataclass
+class PrivateBroker:
+    """A Redis database of its own, for workers that must not share the session worker's."""
+
+    url: str
+    app: Any  # a Celery app configured like the real one, sending to this database
+    env: dict[str, str]
+
+
+@pytest.fixture
+def private_broker(stack: Services) -> Iterator[PrivateBroker]:
+    from celery import Celery
+
+    from app.core.background.celery_app import build_celery_config
+    from app.core.config import Settings
+
+    db, token = claim_extra_redis_db()
+    url = stack.redis_url_for(db)
+    settings = Settings(celery_broker_url=url, celery_result_backend=url)
+    app = Celery("private", set_as_current=False)
+    app.conf.update(build_celery_config(settings))
+    try:
+        yield PrivateBroker(url, app, {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url})
+    finally:
+        app.close()
+        release_extra_redis_db(db, token)
 
 
 @pytest.fixture

@@ -135,3 +135,21 @@ def rabbitmq_available() -> str | None:
     except Exception as exc:  # noqa: BLE001 - reported as a skip reason
         return f"RabbitMQ at {RABBITMQ_URL} is not reachable ({exc})"
     return None
+
+
+def claim_extra_redis_db() -> tuple[int, str]:
+    """Another free Redis database for a test that needs a broker of its own: (db, token)."""
+    admin = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0, socket_timeout=3)
+    token = uuid.uuid4().hex
+    for db in range(1, 14):
+        if admin.set(f"bgtest:claim:{db}", token, nx=True, ex=_CLAIM_TTL):
+            redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
+            return db, token
+    raise RuntimeError("every Redis test database (1-13) is claimed")
+
+
+def release_extra_redis_db(db: int, token: str) -> None:
+    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
+    admin = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0)
+    if admin.get(f"bgtest:claim:{db}") == token.encode():
+        admin.delete(f"bgtest:claim:{db}")

@@ -6,6 +6,7 @@ as it is; every Celery option and command-line flag still applies.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,23 @@ from kombu import Queue
 from app.core.config import DATA_DIR, Settings, get_settings
 
 from .internals.base import route_to_declared_queue
+from .internals.dedup import connect_worker_signals as connect_dedup_signals
+from .internals.dedup import deduplicator, store_from_settings
 from .internals.discovery import find_task_modules
 from .internals.event_loop import worker_loop
 from .internals.file_broker import broker_folders
+from .internals.hooks import hooks
 from .internals.logging import configure_logging
+from .internals.metrics import (
+    MetricsHook,
+    enable_multiprocess,
+    mark_process_dead,
+    remove_multiprocess_dir,
+    start_metrics_server,
+)
 from .internals.retry import QUEUE_NAMES, RETRY_POLICIES
 from .internals.session import DatabaseConfig, database
+from .internals.status import on_before_publish
 
 APP_PACKAGE_DIR = Path(__file__).resolve().parents[2]
 
@@ -61,6 +73,8 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
         "task_track_started": True,
+        # Stores the attempt (retries) with every state, for the task status API.
+        "result_extended": True,
         "result_expires": settings.celery_result_expires,
         "task_queues": [Queue(name, routing_key=name) for name in QUEUE_NAMES],
         "task_default_queue": "default",
@@ -99,6 +113,9 @@ def create_celery_app(settings: Settings) -> Celery:
             pool_pre_ping=settings.database_pool_pre_ping,
         )
     )
+    deduplicator.configure(
+        store_from_settings(settings), queue_margin=settings.background_dedup_queue_margin
+    )
     if settings.is_embedded_broker or settings.is_sqlite:
         # SQLite and the file broker need their folder; the result backend opens
         # its file before the broker creates anything.
@@ -108,11 +125,14 @@ def create_celery_app(settings: Settings) -> Celery:
 
 settings = get_settings()
 celery_app = create_celery_app(settings)
+connect_dedup_signals()
 
 
 @signals.celeryd_init.connect
 def _refuse_unsafe_pools(conf: Any = None, options: Any = None, **_: Any) -> None:
-    pool = str((options or {}).get("pool_cls") or (conf or {}).get("worker_pool") or "")
+    options = options or {}
+    chosen = options.get("pool") or options.get("pool_cls") or (conf or {}).get("worker_pool")
+    pool = getattr(chosen, "__module__", "") if isinstance(chosen, type) else str(chosen or "")
     if any(name in pool for name in UNSAFE_POOLS):
         # Signal receivers' exceptions are logged and swallowed by Celery;
         # SystemExit is not, and stops the worker before it consumes anything.
@@ -122,9 +142,52 @@ def _refuse_unsafe_pools(conf: Any = None, options: Any = None, **_: Any) -> Non
         )
 
 
+@signals.before_task_publish.connect
+def _record_sent(headers: Any = None, routing_key: Any = None, **_: Any) -> None:
+    """Record ``SENT`` so that the status API can tell a queued task from an unknown id."""
+    on_before_publish(celery_app, headers, routing_key)
+
+
 @signals.setup_logging.connect
 def _setup_logging(loglevel: Any = None, **_: Any) -> None:
-    configure_logging(settings.log_format, loglevel or settings.log_level)
+    configure_logging(
+        settings.log_format,
+        loglevel or settings.log_level,
+        log_task_arguments=settings.background_log_task_arguments,
+    )
+
+
+hooks.register(MetricsHook())
+# The worker's metrics endpoint: (server, folder it created) while it runs.
+_metrics_export: dict[str, Any] = {}
+
+
+@signals.worker_init.connect
+def _start_metrics_endpoint(**_: Any) -> None:
+    """Serve the pool's summed metrics from the main process, before the pool forks."""
+    if not settings.background_metrics_port:
+        return
+    folder = enable_multiprocess(settings.prometheus_multiproc_dir, wipe=True)
+    if not settings.prometheus_multiproc_dir:
+        _metrics_export["temporary_dir"] = folder
+    _metrics_export["server"] = start_metrics_server(
+        settings.background_metrics_port, settings.background_metrics_host
+    )
+
+
+@signals.worker_process_shutdown.connect
+def _forget_child_gauges(pid: int | None = None, **_: Any) -> None:
+    mark_process_dead(pid or os.getpid())
+
+
+@signals.worker_shutdown.connect
+def _stop_metrics_endpoint(**_: Any) -> None:
+    server = _metrics_export.pop("server", None)
+    if server is not None:
+        server.shutdown()
+    folder = _metrics_export.pop("temporary_dir", None)
+    if folder is not None:
+        remove_multiprocess_dir(folder)
 
 
 @signals.worker_process_shutdown.connect

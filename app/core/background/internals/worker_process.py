@@ -80,14 +80,15 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise WorkerStartError(
-                    f"worker exited with {self.process.returncode}:\n{self.log()[-4000:]}"
-                )
+                code, output = self.process.returncode, self.log()[-4000:]
+                self.stop()
+                raise WorkerStartError(f"worker exited with {code}:\n{output}")
             if " ready." in self.log():
                 return self
             time.sleep(0.1)
+        output = self.log()[-4000:]
         self.stop()
-        raise WorkerStartError(f"worker not ready after {timeout}s:\n{self.log()[-4000:]}")
+        raise WorkerStartError(f"worker not ready after {timeout}s:\n{output}")
 
     def wait_exit(self, timeout: float = 60.0) -> int:
         """Wait for a worker expected to exit by itself; its exit code."""

@@ -1,0 +1,97 @@
+"""Worker start-up and pools: discovery errors, refused pools, -Q, solo and threads."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from app.core.background.internals.worker_process import WorkerProcess, WorkerStartError
+from tests.conftest import TEST_TASK_MODULES, PrivateBroker
+from tests.support.db import fetchval
+from tests.support.services import Services
+
+TIMEOUT = 60
+
+
+def test_a_broken_tasks_module_stops_the_worker_naming_the_file(stack: Services) -> None:
+    worker = WorkerProcess({}, include=["tests.support.broken.tasks"])
+    with pytest.raises(WorkerStartError) as raised:
+        worker.start()
+    message = str(raised.value)
+    assert "cannot import task module 'tests.support.broken.tasks'" in message
+    assert "tests/support/broken/tasks.py" in message
+    assert "this module is broken on purpose" in message
+
+
+def test_gevent_pool_is_refused_with_a_clear_message(stack: Services) -> None:
+    worker = WorkerProcess({}, pool="gevent")
+    with pytest.raises(WorkerStartError) as raised:
+        worker.start()
+    assert "gevent' pool is not supported" in str(raised.value)
+
+
+@pytest.mark.parametrize("pool", ["gevent", "eventlet", "celery.concurrency.gevent:TaskPool"])
+def test_green_pools_are_refused_before_the_worker_starts(pool: str) -> None:
+    from app.core.background.celery_app import _refuse_unsafe_pools
+
+    with pytest.raises(SystemExit, match="pool is not supported"):
+        _refuse_unsafe_pools(conf={}, options={"pool_cls": pool})
+    _refuse_unsafe_pools(conf={}, options={"pool_cls": "prefork"})
+
+
+def test_worker_restricted_to_one_queue_consumes_only_that_queue(
+    private_broker: PrivateBroker,
+) -> None:
+    app = private_broker.app
+    with WorkerProcess(
+        private_broker.env, queues=["high_priority"], include=TEST_TASK_MODULES
+    ) as worker:
+        # Routed by the framework's router, as a producer would send them.
+        later = app.send_task("tests.later", queue="low_priority")
+        default = app.send_task("tests.where_am_i", queue="default")
+        urgent = app.send_task("tests.urgent", queue="high_priority")
+        assert urgent.get(timeout=TIMEOUT) == "high_priority"
+        assert "tests.where_am_i" not in worker.log()
+        assert later.state == default.state == "PENDING"
+    broker = app.connection_for_write().default_channel.client
+    assert broker.llen("default") == 1
+    assert broker.llen("low_priority") == 1
+
+
+def test_worker_without_queues_consumes_all_three(private_broker: PrivateBroker) -> None:
+    app = private_broker.app
+    with WorkerProcess(private_broker.env, include=TEST_TASK_MODULES):
+        for name, queue in [
+            ("tests.urgent", "high_priority"),
+            ("tests.where_am_i", "default"),
+            ("tests.later", "low_priority"),
+        ]:
+            assert app.send_task(name, queue=queue).get(timeout=TIMEOUT) == queue
+
+
+@pytest.mark.parametrize(("pool", "concurrency"), [("solo", 1), ("threads", 4)])
+def test_db_tasks_on_solo_and_threads_pools_with_asyncpg(
+    private_broker: PrivateBroker, stack: Services, pool: str, concurrency: int
+) -> None:
+    app = private_broker.app
+    prefix = f"{pool}-{uuid.uuid4().hex}"
+    with WorkerProcess(
+        private_broker.env, pool=pool, concurrency=concurrency, include=TEST_TASK_MODULES
+    ) as worker:
+        results = [
+            app.send_task("tests.record", kwargs={"key": f"{prefix}-{i}"}) for i in range(300)
+        ]
+        for result in results:
+            result.get(timeout=TIMEOUT)
+        pids = fetchval(
+            stack,
+            "SELECT array_agg(DISTINCT worker_pid) FROM test_records WHERE key LIKE $1",
+            f"{prefix}-%",
+        )
+        assert pids == [worker.pid]  # solo and threads run tasks in the worker process
+        log = worker.log()
+    count = fetchval(stack, "SELECT count(*) FROM test_records WHERE key LIKE $1", f"{prefix}-%")
+    assert count == 300
+    for trap in ("attached to a different loop", "another operation is in progress", "ERROR"):
+        assert trap not in log
