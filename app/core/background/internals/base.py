@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Coroutine, Mapping
+from functools import partial
 from typing import Any, ClassVar, Generic, ParamSpec, TypeVar
 
 from celery import Task
@@ -113,7 +114,9 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
     def _context_for_request(self) -> TaskContext:
         request = self.request
         delivery = request.delivery_info or {}
-        publish = None if self.ignore_result else self._publish_progress
+        # Bound to this run's id: an async body runs on the event loop's thread,
+        # where Celery's thread-local ``self.request`` has no id.
+        publish = None if self.ignore_result else partial(self._publish_progress, request.id or "")
         return TaskContext(
             task_id=request.id or "",
             task_name=self.name,
@@ -122,8 +125,8 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
             publish_progress=publish,
         )
 
-    def _publish_progress(self, metrics: Mapping[str, Any]) -> None:
-        self.update_state(state="PROGRESS", meta=dict(metrics))
+    def _publish_progress(self, task_id: str, metrics: Mapping[str, Any]) -> None:
+        self.update_state(task_id=task_id, state="PROGRESS", meta=dict(metrics))
 
     def _check_received_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         try:
