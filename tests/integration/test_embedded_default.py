@@ -11,7 +11,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,10 +27,10 @@ SERVICE_VARIABLES = (
 
 
 @pytest.fixture
-def embedded_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+def embedded_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
     env.update(ENVIRONMENT="development", PYTHONPATH=str(ROOT), BACKGROUND_RETRY_DELAY_SCALE="0")
-    yield env
+    return env
 
 
 def test_worker_and_producer_on_the_embedded_default(

@@ -61,10 +61,9 @@ async def test_deadlock_is_a_plain_dbapi_error_and_retriable(engine: AsyncEngine
         )
     update = text("UPDATE test_records SET attempt = attempt + 1 WHERE key = :k")
     async with engine.connect() as first, engine.connect() as second:
-        await first.execute(text("SET deadlock_timeout = '50ms'"))
-        await second.execute(text("SET deadlock_timeout = '10s'"))
-        await first.begin()
-        await second.begin()
+        # The first connection detects the deadlock, so its statement is the one that fails.
+        await first.execute(text("SET LOCAL deadlock_timeout = '50ms'"))
+        await second.execute(text("SET LOCAL deadlock_timeout = '10s'"))
         await first.execute(update, {"k": a})
         await second.execute(update, {"k": b})
 
