@@ -7,7 +7,10 @@ shown failing, with the recorded log in its message.
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 import uuid
+from importlib.metadata import entry_points
 
 import pytest
 from sqlalchemy import select
@@ -26,6 +29,7 @@ from tests.support.tasks_testing import (
     my_db_task,
     peek_session,
     shout,
+    write_in_batches,
     write_then_fail,
 )
 
@@ -69,10 +73,7 @@ async def test_db_task_returns_a_coroutine() -> None:
 def test_calling_without_a_context_keeps_celerys_behaviour() -> None:
     # Celery's ``task(...)`` runs the task in this process, through the
     # worker-side path: a context of its own, none of the test's recording.
-    ctx = TaskTestContext()
     assert shout("hello") == {"status": "success", "task_id": "", "text": "HELLO"}
-    assert ctx.records == []
-    assert ctx.results == []
 
 
 def test_errors_propagate_to_the_test() -> None:
@@ -98,6 +99,14 @@ def test_defaults_and_task_identity() -> None:
     # Name and queue default to the task's own once it runs.
     assert ctx.task_name == "tests.testing.shout"
     assert ctx.recorder.fields["task_name"] == "tests.testing.shout"
+
+
+async def test_queue_defaults_to_the_tasks_own() -> None:
+    ctx = TaskTestContext()
+    await write_in_batches(ctx, prefix="p", count=2)
+    assert ctx.queue == "low_priority"
+    # Two commits inside the task (commit, then commit_batch), then the task's own.
+    assert ctx.session.transactions == ["commit", "commit", "commit"]  # type: ignore[attr-defined]
 
 
 def test_given_identity_is_kept() -> None:
@@ -315,3 +324,21 @@ async def test_mock_session_finds_given_entities_by_id() -> None:
     assert await session.get(Thing, thing.id) is thing
     assert await session.get(Thing, str(thing.id)) is thing
     assert await session.get(Thing, uuid.uuid4()) is None
+
+
+# -- the pytest plugin ---------------------------------------------------------------
+
+
+def test_plugin_is_registered_and_imports_nothing_costly() -> None:
+    (plugin,) = [e for e in entry_points(group="pytest11") if e.name == "background_tasks"]
+    assert plugin.value == "app.core.background_pytest"
+    # Loaded before any conftest: it must not read the settings, build the
+    # Celery app or touch SQLAlchemy until a fixture is used.
+    code = (
+        "import sys, app.core.background_pytest; "
+        "print(sorted(m for m in sys.modules if m.startswith(('app.', 'celery', 'sqlalchemy'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "['app.core', 'app.core.background_pytest']"
