@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.core.background import (
     LoggedRecord,
     TaskConfigurationError,
+    TaskContext,
     TaskTestContext,
     TaskValidationError,
     mock_task_session,
@@ -74,6 +75,11 @@ def test_calling_without_a_context_keeps_celerys_behaviour() -> None:
     # Celery's ``task(...)`` runs the task in this process, through the
     # worker-side path: a context of its own, none of the test's recording.
     assert shout("hello") == {"status": "success", "task_id": "", "text": "HELLO"}
+
+
+def test_a_plain_task_context_runs_the_body_too() -> None:
+    ctx = TaskContext(task_id="plain", task_name="plain.ctx")
+    assert shout(ctx, "a") == {"status": "success", "task_id": "plain", "text": "A"}
 
 
 def test_errors_propagate_to_the_test() -> None:
