@@ -9,12 +9,17 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase
 
-from app.core.background import DatabaseConfig, create_database_engine
+from app.core.background import DatabaseConfig, TaskSession, create_database_engine, outbox_table
 from app.core.config import Settings
 
 
 class Base(DeclarativeBase):
     """Base class of the application's models."""
+
+
+# The framework's outbox table, on the app's metadata: created with the app's
+# tables (and seen by Alembic's autogenerate).
+outbox_table.to_metadata(Base.metadata)
 
 
 def engine_from_settings(settings: Settings) -> AsyncEngine:
@@ -42,3 +47,13 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+async def get_task_session(request: Request) -> AsyncIterator[TaskSession]:
+    """A session whose ``commit()`` then sends the tasks registered with ``delay_on_commit``."""
+    sessions: async_sessionmaker[TaskSession] = request.app.state.task_sessions
+    async with sessions() as session:
+        yield session
+
+
+TaskSessionDep = Annotated[TaskSession, Depends(get_task_session)]

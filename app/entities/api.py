@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import uuid
+from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 
-from app.core.database import SessionDep
+from app.core.database import SessionDep, TaskSessionDep
 from app.entities.crud import entity_crud
 from app.entities.tasks import bulk_mark_processed, process_entity
 
@@ -27,11 +28,29 @@ class Dispatched(BaseModel):
     task_id: str
 
 
-@router.post("", response_model=EntityOut, status_code=201)
-async def create_entity(body: EntityIn, session: SessionDep) -> EntityOut:
+class EntityCreated(EntityOut):
+    task_id: str
+
+
+@router.post("", response_model=EntityCreated, status_code=201)
+async def create_entity(
+    body: EntityIn,
+    session: TaskSessionDep,
+    delivery: Literal["after_commit", "outbox"] = "after_commit",
+) -> EntityCreated:
+    """Create an entity and process it once the row is committed (never if it is not).
+
+    ``after_commit``: sent by ``session.commit()`` (in a thread, the loop stays free).
+    ``outbox``: written in this transaction, sent by the relay even if this process dies.
+    """
     entity = await entity_crud.create(session, body.name)
+    if delivery == "outbox":
+        task = process_entity.delay_via_outbox(session, entity_id=str(entity.id))
+    else:
+        task = process_entity.delay_on_commit(session, entity_id=str(entity.id))
     await session.commit()
-    return EntityOut.model_validate(entity, from_attributes=True)
+    out = EntityOut.model_validate(entity, from_attributes=True)
+    return EntityCreated(**out.model_dump(), task_id=task.id)
 
 
 @router.post("/bulk-process", response_model=Dispatched, status_code=202)

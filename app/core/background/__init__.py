@@ -6,9 +6,11 @@ Import everything from here (and optional pieces from ``.extras``)::
 """
 
 from .celery_app import celery_app
+from .internals.after_commit import TaskSession, enqueue_after_commit, pending_dispatches
 from .internals.base import AsyncTask, BackgroundTask, DatabaseTask, SyncTask
 from .internals.context import TaskContext
 from .internals.decorators import db_task, simple_task
+from .internals.dispatch import DispatchOptions, TaskOptions
 from .internals.exceptions import (
     NonRetriableTaskError,
     TaskArgumentError,
@@ -22,9 +24,17 @@ from .internals.exceptions import (
 )
 from .internals.hooks import TaskHook, hooks
 from .internals.monitoring import StatsCounter, Timer
+from .internals.outbox import (
+    OutboxMessage,
+    enqueue_via_outbox,
+    outbox_table,
+    relay_outbox,
+    run_relay,
+)
 from .internals.retry import RETRY_POLICIES, QueueName, RetryPolicy, RetryPolicyName
 from .internals.session import DatabaseConfig
 from .internals.session import create_engine as create_database_engine
+from .internals.status import TaskState, TaskStatus, get_task_status, record_revoked
 from .internals.testing import LoggedRecord, MockTaskSession, TaskTestContext, mock_task_session
 from .internals.testing_db import create_test_engine, task_db_session
 
@@ -62,6 +72,22 @@ __all__ = (
     "celery_app",
     "DatabaseConfig",
     "create_database_engine",
+    # dispatch from a web request: after commit, through the outbox, typed options
+    "DispatchOptions",
+    "TaskOptions",
+    "TaskSession",
+    "enqueue_after_commit",
+    "enqueue_via_outbox",
+    "pending_dispatches",
+    "OutboxMessage",
+    "outbox_table",
+    "relay_outbox",
+    "run_relay",
+    # task status
+    "TaskState",
+    "TaskStatus",
+    "get_task_status",
+    "record_revoked",
     # testing
     "LoggedRecord",
     "MockTaskSession",

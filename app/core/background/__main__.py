@@ -2,6 +2,7 @@
 
 Commands:
   watch TASK_ID   live progress of a task until it ends, then its result or error
+  relay           send the transactional outbox's pending tasks (--once: drain and exit)
 """
 
 from __future__ import annotations
@@ -29,6 +30,28 @@ def _watch(args: argparse.Namespace) -> int:
         return 130
 
 
+def _relay(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .celery_app import celery_app, settings
+    from .internals.outbox import serve_relay
+
+    try:
+        sent = asyncio.run(
+            serve_relay(
+                settings.database_url,
+                celery_app,
+                interval=args.interval,
+                batch_size=args.batch_size,
+                once=args.once,
+            )
+        )
+    except KeyboardInterrupt:
+        return 130
+    print(f"relayed {sent} task(s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m app.core.background", description="Background task tools."
@@ -50,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="redraw one line in place (default: when stdout is a terminal)",
     )
     watch.set_defaults(handler=_watch)
+    relay = commands.add_parser(
+        "relay",
+        help="send the outbox's pending tasks",
+        description="Send the tasks written with delay_via_outbox, in order, and mark them "
+        "sent. Several relays may run at once on PostgreSQL (rows are locked SKIP LOCKED).",
+    )
+    relay.add_argument("--once", action="store_true", help="send what is pending, then exit")
+    relay.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    relay.add_argument("--batch-size", type=int, default=100, help="rows per transaction")
+    relay.set_defaults(handler=_relay)
     return parser
 
 

@@ -13,17 +13,23 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
-from typing import Any, ClassVar, Generic, ParamSpec, TypeVar
+from typing import Any, ClassVar, Generic, ParamSpec, TypeVar, Unpack
 
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
+from celery.result import AsyncResult
 from kombu.exceptions import EncodeError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
+from .after_commit import enqueue_after_commit
 from .context import TaskContext
+from .dispatch import DispatchOptions, TaskOptions
 from .event_loop import worker_loop
 from .exceptions import TaskArgumentError, TaskValidationError, is_retriable
 from .hooks import hooks
 from .monitoring import Timer
+from .outbox import enqueue_via_outbox
 from .retry import RetryPolicy
 from .session import database
 
@@ -92,6 +98,25 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
             raise TaskArgumentError(
                 f"{self.name}: arguments must be JSON-serializable: {exc}"
             ) from exc
+
+    def delay_on_commit(
+        self, session: AsyncSession | Session, /, *args: P.args, **kwargs: P.kwargs
+    ) -> AsyncResult[R]:
+        """Send when ``session``'s transaction commits; never if it rolls back.
+
+        Arguments are checked now; the result's id is the id the task will have.
+        """
+        return self.AsyncResult(enqueue_after_commit(session, self, args, kwargs))
+
+    def delay_via_outbox(
+        self, session: AsyncSession | Session, /, *args: P.args, **kwargs: P.kwargs
+    ) -> AsyncResult[R]:
+        """Write the task to the outbox in ``session``'s transaction; the relay sends it."""
+        return self.AsyncResult(enqueue_via_outbox(session, self, args, kwargs))
+
+    def options(self, **options: Unpack[DispatchOptions]) -> TaskOptions[P, R]:
+        """Celery options, then a typed dispatch: ``task.options(countdown=5).delay(x=1)``."""
+        return TaskOptions(self, options)
 
     # -- execution on the worker ------------------------------------------
 

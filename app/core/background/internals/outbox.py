@@ -1,0 +1,188 @@
+"""Transactional outbox: the task is a row written in the caller's transaction.
+
+``task.delay_via_outbox(session, ...)`` adds an ``OutboxMessage`` to the
+session; it is committed (or rolled back) with the caller's own rows, so a
+committed change can never lose its task, even if the process dies right
+after the commit. A relay (``python -m app.core.background relay``) then sends
+pending rows, each with the task id chosen when the row was written, and marks
+them sent.
+
+Delivery is at least once: a relay that dies between the send and its own
+commit sends the row again, with the same task id.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio.to_thread
+from celery import Celery
+from kombu.utils.json import dumps, loads
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from .after_commit import check_dispatch
+
+if TYPE_CHECKING:
+    from .base import BackgroundTask
+
+logger = logging.getLogger("app.core.background.outbox")
+
+
+class OutboxBase(DeclarativeBase):
+    """The framework's own tables (copy them onto your metadata: see ``outbox_table``)."""
+
+
+class OutboxMessage(OutboxBase):
+    """One task waiting to be sent by the relay."""
+
+    __tablename__ = "background_outbox"
+    __table_args__ = (Index("ix_background_outbox_unsent", "sent_at", "id"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    task_id: Mapped[str] = mapped_column(String(64), unique=True)
+    task_name: Mapped[str] = mapped_column(String(200))
+    # JSON (kombu's encoder, as the broker message would carry it): [args, kwargs, options].
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=lambda: datetime.now(UTC)
+    )
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+outbox_table = cast(Table, OutboxMessage.__table__)
+
+
+def enqueue_via_outbox(
+    session: AsyncSession | Session,
+    task: BackgroundTask[Any, Any],
+    args: tuple[Any, ...] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> str:
+    """Add ``task`` to the outbox in ``session``'s transaction; the task id."""
+    kwargs = dict(kwargs or {})
+    check_dispatch(task, args, kwargs)
+    task_id = str(options.pop("task_id", None) or uuid.uuid4())
+    # The relay may not import the task's module: keep the queue it routes to.
+    options.setdefault("queue", task.background_queue)
+    try:
+        payload = dumps([list(args), kwargs, options])
+    except TypeError as exc:
+        raise ValueError(f"{task.name}: options must be JSON-serializable: {exc}") from exc
+    session.add(OutboxMessage(task_id=task_id, task_name=task.name, payload=payload))
+    return task_id
+
+
+SessionFactory = Callable[[], AsyncSession]
+
+
+async def relay_outbox(sessions: SessionFactory, app: Celery, batch_size: int = 100) -> int:
+    """Send up to ``batch_size`` pending rows in order and mark them sent; how many were sent.
+
+    Rows are locked with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL), so several
+    relays can run at once; SQLite has no row locks and serialises writers.
+    A row whose send fails keeps its place (attempts and last error recorded)
+    and stops the batch, so that later rows do not overtake it.
+    """
+    table = outbox_table
+    async with sessions() as session, session.begin():
+        rows = (
+            await session.execute(
+                select(table.c.id, table.c.task_id, table.c.task_name, table.c.payload)
+                .where(table.c.sent_at.is_(None))
+                .order_by(table.c.id)
+                .limit(batch_size)
+                .with_for_update(skip_locked=True)
+            )
+        ).all()
+        if not rows:
+            return 0
+        sent, failure = await anyio.to_thread.run_sync(_publish, app, rows)
+        if sent:
+            await session.execute(
+                update(table).where(table.c.id.in_(sent)).values(sent_at=datetime.now(UTC))
+            )
+        if failure is not None:
+            row_id, error = failure
+            await session.execute(
+                update(table)
+                .where(table.c.id == row_id)
+                .values(attempts=table.c.attempts + 1, last_error=error)
+            )
+    return len(sent)
+
+
+def _publish(app: Celery, rows: Sequence[Any]) -> tuple[list[int], tuple[int, str] | None]:
+    sent: list[int] = []
+    for row in rows:
+        args, kwargs, options = loads(row.payload)
+        try:
+            app.send_task(row.task_name, args, kwargs, task_id=row.task_id, **options)
+        except Exception as exc:  # noqa: BLE001 - kept in the row and retried by the next pass
+            logger.warning("Outbox send failed", extra={"task_id": row.task_id, "error": repr(exc)})
+            return sent, (row.id, f"{type(exc).__name__}: {exc}")
+        sent.append(row.id)
+    return sent, None
+
+
+async def run_relay(
+    sessions: SessionFactory,
+    app: Celery,
+    *,
+    interval: float = 1.0,
+    batch_size: int = 100,
+    once: bool = False,
+) -> int:
+    """Relay until cancelled (or one drain with ``once``); the number of rows sent."""
+    total = 0
+    while True:
+        sent = await relay_outbox(sessions, app, batch_size)
+        total += sent
+        if sent:
+            logger.info("Outbox relayed", extra={"sent": sent})
+        if sent == batch_size:
+            continue
+        if once:
+            return total
+        await anyio.sleep(interval)
+
+
+async def serve_relay(
+    database_url: str,
+    app: Celery,
+    *,
+    interval: float = 1.0,
+    batch_size: int = 100,
+    once: bool = False,
+) -> int:
+    """``run_relay`` on an engine of its own, disposed at the end (the CLI's entry point)."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from .session import DatabaseConfig, create_engine
+
+    engine = create_engine(DatabaseConfig(url=database_url, pool_size=2))
+    try:
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
+        return await run_relay(sessions, app, interval=interval, batch_size=batch_size, once=once)
+    finally:
+        await engine.dispose()
