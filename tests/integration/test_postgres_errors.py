@@ -67,11 +67,11 @@ async def test_deadlock_is_a_plain_dbapi_error_and_retriable(engine: AsyncEngine
         await first.execute(update, {"k": a})
         await second.execute(update, {"k": b})
 
-        async def second_side() -> None:
-            await asyncio.sleep(0.2)
-            await second.execute(update, {"k": a})
-
-        blocker = asyncio.create_task(second_side())
+        # The second connection waits first; PostgreSQL checks for a deadlock
+        # once, deadlock_timeout after a wait starts, so the first connection,
+        # which starts waiting later with the shorter timeout, finds it.
+        blocker = asyncio.create_task(second.execute(update, {"k": a}))
+        await asyncio.sleep(0.2)
         with pytest.raises(DBAPIError) as raised:
             await first.execute(update, {"k": b})
         await first.rollback()

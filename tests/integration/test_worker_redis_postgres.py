@@ -115,11 +115,18 @@ def test_terminated_postgres_backend_is_retried(stack: Services) -> None:
     assert fetchval(stack, "SELECT attempt FROM test_records WHERE key = $1", k) == 1
 
 
-def test_real_deadlock_is_retried(stack: Services) -> None:
+def test_real_deadlock_is_retried(stack: Services, worker: Any) -> None:
     k = key()
     result = tasks.deadlock.delay(key=k, dsn=stack.postgres_dsn)
     assert result.get(timeout=RESULT_TIMEOUT)["attempt"] == 1
     assert executions(stack, k) == 2
+    retries = [
+        line
+        for line in worker.log().splitlines()
+        if result.id in line and "will retry" in line and "deadlock detected" in line
+    ]
+    assert len(retries) == 1, "the first attempt must fail on the deadlock itself"
+    assert '"error_type": "DBAPIError"' in retries[0]
 
 
 def test_each_queue_routes_to_itself() -> None:

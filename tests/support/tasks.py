@@ -113,7 +113,6 @@ async def _deadlock_with_other_connection(ctx: TaskContext, key: str, dsn: str) 
             b,
         )
         session = ctx.session
-        # Our side detects the deadlock first, so it is our transaction that fails.
         await session.execute(text("SET LOCAL deadlock_timeout = '50ms'"))
         await session.execute(text("UPDATE test_records SET attempt = 1 WHERE key = :k"), {"k": a})
         transaction = other.transaction()
@@ -121,11 +120,13 @@ async def _deadlock_with_other_connection(ctx: TaskContext, key: str, dsn: str) 
         await other.execute("SET LOCAL deadlock_timeout = '10s'")
         await other.execute("UPDATE test_records SET attempt = 2 WHERE key = $1", b)
 
-        async def other_side() -> None:
-            await asyncio.sleep(0.2)
-            await other.execute("UPDATE test_records SET attempt = 2 WHERE key = $1", a)
-
-        blocker = asyncio.ensure_future(other_side())
+        # The other connection starts waiting first; PostgreSQL checks once,
+        # deadlock_timeout after a wait starts, so our session (shorter timeout,
+        # later wait) is the one that detects the deadlock and fails.
+        blocker = asyncio.ensure_future(
+            other.execute("UPDATE test_records SET attempt = 2 WHERE key = $1", a)
+        )
+        await asyncio.sleep(0.2)
         try:
             await session.execute(
                 text("UPDATE test_records SET attempt = 1 WHERE key = :k"), {"k": b}
