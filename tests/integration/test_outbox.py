@@ -1,0 +1,141 @@
+"""The transactional outbox: a committed task survives the death of the process that wrote it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from app.core.background import celery_app, relay_outbox
+from app.core.config import get_settings
+from app.core.database import engine_from_settings
+from tests.support import tasks_fastapi
+from tests.support.db import fetchval
+from tests.support.models import Record
+from tests.support.services import Services
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+WAIT = 60.0
+
+# Writes a row and its task through the outbox, commits, and dies before any relay runs.
+COMMIT_THEN_DIE = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+
+    from app.core.config import get_settings
+    from app.core.database import engine_from_settings
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+    from tests.support import tasks_fastapi
+    from tests.support.models import Record
+
+    async def main(key):
+        engine = engine_from_settings(get_settings())
+        async with async_sessionmaker(engine)() as session:
+            session.add(Record(key=key))
+            result = tasks_fastapi.note_row.delay_via_outbox(session, key=key)
+            await session.commit()
+        print(result.id, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+def test_outbox_delivers_after_the_writer_is_killed(stack: Services) -> None:
+    key = uuid.uuid4().hex
+    writer = subprocess.run(
+        [sys.executable, "-c", COMMIT_THEN_DIE, key],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert writer.returncode == -signal.SIGKILL, writer.stderr
+    task_id = writer.stdout.strip()
+    unsent = "SELECT count(*) FROM background_outbox WHERE task_id = $1 AND sent_at IS NULL"
+    assert fetchval(stack, unsent, task_id) == 1
+    assert celery_app.AsyncResult(task_id).state == "PENDING"  # nothing was sent
+
+    relay = subprocess.run(
+        [sys.executable, "-m", "app.core.background", "relay", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ},
+    )
+    assert relay.returncode == 0, relay.stderr
+    assert "relayed" in relay.stdout
+
+    result = celery_app.AsyncResult(task_id).get(timeout=WAIT)
+    assert result == {"status": "success", "task_id": task_id, "key": key, "row_found": True}
+    assert fetchval(stack, unsent, task_id) == 0
+
+
+def run_in_session(work: Any) -> Any:
+    async def main() -> Any:
+        engine = engine_from_settings(get_settings())
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
+        try:
+            return await work(sessions)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+def test_rolled_back_outbox_row_is_never_sent(stack: Services) -> None:
+    key = uuid.uuid4().hex
+
+    async def work(sessions: Any) -> tuple[str, int]:
+        async with sessions() as session:
+            session.add(Record(key=key))
+            task_id = tasks_fastapi.note_row.delay_via_outbox(session, key=key).id
+            await session.rollback()
+        await relay_outbox(sessions, celery_app)
+        return task_id, 0
+
+    task_id, _ = run_in_session(work)
+    assert (
+        fetchval(stack, "SELECT count(*) FROM background_outbox WHERE task_id = $1", task_id) == 0
+    )
+
+
+def test_relay_sends_in_order_with_chosen_options(stack: Services) -> None:
+    keys = [uuid.uuid4().hex for _ in range(3)]
+
+    async def work(sessions: Any) -> tuple[list[str], int]:
+        async with sessions() as session:
+            ids = []
+            for k in keys:
+                session.add(Record(key=k))
+                ids.append(
+                    tasks_fastapi.note_row.options(priority=3).delay_via_outbox(session, key=k).id
+                )
+            await session.commit()
+        sent = 0
+        while batch := await relay_outbox(sessions, celery_app, batch_size=2):
+            sent += batch
+        return ids, sent
+
+    ids, sent = run_in_session(work)
+    assert sent >= 3
+    for task_id, k in zip(ids, keys, strict=True):
+        assert celery_app.AsyncResult(task_id).get(timeout=WAIT)["key"] == k
+    sent_ids = fetchval(
+        stack,
+        "SELECT array_agg(task_id ORDER BY id) FROM background_outbox "
+        "WHERE task_id = ANY($1) AND sent_at IS NOT NULL",
+        ids,
+    )
+    assert list(sent_ids) == ids

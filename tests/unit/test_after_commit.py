@@ -1,0 +1,97 @@
+"""Dispatch after commit: which dispatches a session's events keep, in which order.
+
+The sending itself is replaced by a recorder here; the integration tests send
+for real (tests/integration/test_fastapi_integration.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from app.core.background import TaskArgumentError, TaskSession, pending_dispatches
+from app.core.background.internals import after_commit
+from tests.support.tasks_fastapi import note_row
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    keys: list[str] = []
+
+    def record(dispatch: after_commit.Dispatch) -> None:
+        keys.append(dispatch.kwargs["key"])
+
+    monkeypatch.setattr(after_commit.Dispatch, "send", record)
+    return keys
+
+
+@pytest.fixture
+async def sessions() -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_async_engine("sqlite+aiosqlite://")
+    yield async_sessionmaker(engine)
+    await engine.dispose()
+
+
+async def test_commit_sends_every_dispatch_in_order(sessions: Any, sent: list[str]) -> None:
+    async with sessions() as session:
+        ids = [note_row.delay_on_commit(session, key=k).id for k in "abc"]
+        assert [d.task_id for d in pending_dispatches(session)] == ids
+        assert sent == []
+        await session.commit()
+        assert sent == ["a", "b", "c"]
+        assert pending_dispatches(session) == []
+        await session.commit()  # nothing is sent twice
+    assert sent == ["a", "b", "c"]
+
+
+async def test_rollback_and_close_discard(sessions: Any, sent: list[str]) -> None:
+    async with sessions() as session:
+        note_row.delay_on_commit(session, key="rolled back")
+        await session.execute(text("SELECT 1"))
+        await session.rollback()
+        note_row.delay_on_commit(session, key="closed")
+    async with sessions() as session:
+        note_row.delay_on_commit(session, key="next session")
+        await session.commit()
+    assert sent == ["next session"]
+
+
+async def test_savepoint_rollback_discards_only_its_own(sessions: Any, sent: list[str]) -> None:
+    async with sessions() as session:
+        await session.execute(text("SELECT 1"))
+        note_row.delay_on_commit(session, key="outer")
+        savepoint = await session.begin_nested()
+        note_row.delay_on_commit(session, key="inner")
+        await savepoint.rollback()
+        async with session.begin_nested():
+            note_row.delay_on_commit(session, key="released")
+        await session.commit()
+    assert sent == ["outer", "released"]
+
+
+async def test_task_session_sends_from_commit_and_from_begin_block(sent: list[str]) -> None:
+    engine = create_async_engine("sqlite+aiosqlite://")
+    sessions = async_sessionmaker(engine, class_=TaskSession)
+    async with sessions() as session:
+        note_row.delay_on_commit(session, key="commit")
+        await session.commit()
+        assert sent == ["commit"]  # sent (in a thread) before commit() returned
+    async with sessions() as session:
+        async with session.begin():
+            note_row.delay_on_commit(session, key="begin")
+        assert sent == ["commit"]  # the transaction committed: sent when the session closes
+    assert sent == ["commit", "begin"]
+    await engine.dispose()
+
+
+async def test_bad_arguments_fail_at_registration(sessions: Any, sent: list[str]) -> None:
+    async with sessions() as session:
+        with pytest.raises(TaskArgumentError, match=r"^fastapi\.note_row: .*'wrong'"):
+            note_row.delay_on_commit(session, key="k", wrong=1)  # type: ignore[call-arg]
+        with pytest.raises(TaskArgumentError, match=r"^fastapi\.note_row: .*JSON"):
+            note_row.delay_on_commit(session, key=object())  # type: ignore[arg-type]
+        assert pending_dispatches(session) == []
