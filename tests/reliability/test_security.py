@@ -1,0 +1,155 @@
+"""Security checks on a full run: worker and API, JSON and console logs.
+
+- No log line contains the database or the broker password. The broker is a
+  private Redis with ``requirepass``; the database URL carries a password that
+  the local PostgreSQL (trust authentication) ignores. The run includes a
+  broker outage, so connection errors, which print URLs, are logged too.
+- Task arguments are not logged unless ``BACKGROUND_LOG_TASK_ARGUMENTS=true``.
+- (The pickle payload that must be refused is in test_poison_messages.py.)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.reliability.support import (
+    PrivateRedis,
+    TaskRun,
+    free_port,
+    reliability_worker,
+    wait_until,
+)
+from tests.support.services import Services, unavailable
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+
+DB_PASSWORD = f"DbPw{uuid.uuid4().hex[:12]}"
+BROKER_PASSWORD = f"BrokerPw{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def guarded_redis() -> Iterator[PrivateRedis]:
+    try:
+        server = PrivateRedis(password=BROKER_PASSWORD).start()
+    except (FileNotFoundError, RuntimeError) as exc:
+        unavailable(f"cannot start a private redis-server ({exc})")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def database_url_with_password(stack: Services) -> str:
+    return stack.postgres_url.replace("postgres@", f"postgres:{DB_PASSWORD}@", 1)
+
+
+class Api:
+    """``uvicorn app.main:app`` in a child process, its output in a file."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.log_file = tempfile.NamedTemporaryFile(prefix="api-", suffix=".log", delete=False)  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(self.port)],
+            env=env,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.base}/health", timeout=2).status_code < 600
+        except httpx.HTTPError:
+            return False
+
+    def log(self) -> str:
+        return Path(self.log_file.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self.log_file.close()
+        Path(self.log_file.name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_no_password_and_no_arguments_in_any_log_line(
+    completions_db: Services, guarded_redis: PrivateRedis, log_format: str
+) -> None:
+    import os
+
+    secret_argument = f"ArgSecret{uuid.uuid4().hex[:12]}"
+    db_url = database_url_with_password(completions_db)
+    env = {
+        "CELERY_BROKER_URL": guarded_redis.url(),
+        "CELERY_RESULT_BACKEND": guarded_redis.url(),
+        "DATABASE_URL": db_url,
+        "LOG_FORMAT": log_format,
+        "BACKGROUND_LOG_TASK_ARGUMENTS": "false",
+    }
+    api = Api({**os.environ, **env})
+    try:
+        with reliability_worker(
+            guarded_redis.url(), db_url, extra_env={"LOG_FORMAT": log_format}
+        ) as worker:
+            assert wait_until(api.ready, 30), api.log()
+            response = httpx.post(
+                f"{api.base}/notifications",
+                json={"user_id": str(uuid.uuid4()), "message": secret_argument},
+                timeout=10,
+            )
+            assert response.status_code == 202, response.text
+            task_id = response.json()["task_id"]
+            run = TaskRun(f"security {log_format}", guarded_redis.url(),
+                          completions_db.postgres_dsn, 3, 0)  # fmt: skip
+            run.send()
+            assert run.wait_all(60), worker.log()[-3000:]
+            assert wait_until(lambda: f"{task_id}] succeeded" in worker.log(), 30)
+            # A broker outage: the worker and the API log connection errors with URLs.
+            guarded_redis.restart(down_for=3.0)
+            httpx.post(
+                f"{api.base}/notifications",
+                json={"user_id": str(uuid.uuid4()), "message": secret_argument},
+                timeout=30,
+            )
+            assert wait_until(lambda: "Cannot connect" in worker.log(), 15), worker.log()[-2000:]
+            logs = {"worker": worker.log(), "api": api.log()}
+    finally:
+        api.stop()
+    for source, text in logs.items():
+        for line in text.splitlines():
+            assert DB_PASSWORD not in line, f"{source} logged the database password: {line}"
+            assert BROKER_PASSWORD not in line, f"{source} logged the broker password: {line}"
+            assert secret_argument not in line, f"{source} logged a task argument: {line}"
+    assert "127.0.0.1" in logs["worker"]  # the URLs are there, masked
+
+
+def test_task_arguments_are_logged_when_opted_in(
+    completions_db: Services, guarded_redis: PrivateRedis
+) -> None:
+    """The counterpart: with the opt-in, the same check would see the argument."""
+    run = TaskRun("security opt-in", guarded_redis.url(), completions_db.postgres_dsn, 1, 0)
+    with reliability_worker(
+        guarded_redis.url(),
+        completions_db.postgres_url,
+        extra_env={"BACKGROUND_LOG_TASK_ARGUMENTS": "true"},
+    ) as worker:
+        run.send()
+        assert run.wait_all(60)
+        assert wait_until(lambda: run.keys[0] in worker.log(), 10), worker.log()[-3000:]
