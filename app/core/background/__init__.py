@@ -8,6 +8,7 @@ Import everything from here (and optional pieces from ``.extras``)::
 from .celery_app import celery_app
 from .internals.after_commit import TaskSession, enqueue_after_commit, pending_dispatches
 from .internals.base import AsyncTask, BackgroundTask, DatabaseTask, SyncTask
+from .internals.bulk import dispatch_many
 from .internals.context import TaskContext
 from .internals.decorators import db_task, simple_task
 from .internals.dispatch import DispatchOptions, TaskOptions
@@ -72,6 +73,8 @@ __all__ = (
     "celery_app",
     "DatabaseConfig",
     "create_database_engine",
+    # bulk dispatch: many calls of one task in one go (task.delay_many)
+    "dispatch_many",
     # dispatch from a web request: after commit, through the outbox, typed options
     "DispatchOptions",
     "TaskOptions",

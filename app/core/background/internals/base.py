@@ -11,7 +11,7 @@ or a final failure according to the exception type and the retry policy.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from functools import partial
 from typing import Any, ClassVar, Generic, ParamSpec, TypeVar, Unpack
 
@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from .after_commit import enqueue_after_commit
+from .bulk import DEFAULT_BATCH_SIZE, dispatch_many
 from .context import TaskContext
 from .dispatch import DispatchOptions, TaskOptions
 from .event_loop import worker_loop
@@ -98,6 +99,21 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
             raise TaskArgumentError(
                 f"{self.name}: arguments must be JSON-serializable: {exc}"
             ) from exc
+
+    def delay_many(
+        self,
+        calls: Iterable[Mapping[str, Any]],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        **options: Any,
+    ) -> list[AsyncResult[R]]:
+        """Send one message per keyword-argument mapping in ``calls``, in one go.
+
+        Every call is checked first (a bad one sends none); then all go through
+        one producer connection and, on Redis, one pipeline per ``batch_size``.
+        ``options`` apply to every message. See ``internals/bulk.py``.
+        """
+        return dispatch_many(self, calls, batch_size=batch_size, **options)
 
     def delay_on_commit(
         self, session: AsyncSession | Session, /, *args: P.args, **kwargs: P.kwargs
