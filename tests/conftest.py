@@ -105,7 +105,7 @@ class PrivateBroker:
 
 
 @pytest.fixture
-def private_broker(stack: Services) -> Iterator[PrivateBroker]:
+def private_broker(stack: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBroker]:
     from celery import Celery
 
     from app.core.background.celery_app import build_celery_config
@@ -113,6 +113,9 @@ def private_broker(stack: Services) -> Iterator[PrivateBroker]:
 
     db, token = claim_extra_redis_db()
     url = stack.redis_url_for(db)
+    # Celery prefers these variables to any configuration: point them here too.
+    monkeypatch.setenv("CELERY_BROKER_URL", url)
+    monkeypatch.setenv("CELERY_RESULT_BACKEND", url)
     settings = Settings(celery_broker_url=url, celery_result_backend=url)
     app = Celery("private", set_as_current=False)
     app.conf.update(build_celery_config(settings))

@@ -52,8 +52,9 @@ def test_worker_restricted_to_one_queue_consumes_only_that_queue(
         default = app.send_task("tests.where_am_i", queue="default")
         urgent = app.send_task("tests.urgent", queue="high_priority")
         assert urgent.get(timeout=TIMEOUT) == "high_priority"
-        assert "tests.where_am_i" not in worker.log()
-        assert later.state == default.state == "PENDING"
+        assert f"tests.where_am_i[{default.id}]" not in worker.log()
+        assert not later.ready()
+        assert not default.ready()
     broker = app.connection_for_write().default_channel.client
     assert broker.llen("default") == 1
     assert broker.llen("low_priority") == 1
