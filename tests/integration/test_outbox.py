@@ -139,3 +139,39 @@ def test_relay_sends_in_order_with_chosen_options(stack: Services) -> None:
         ids,
     )
     assert list(sent_ids) == ids
+
+
+class FailingBroker:
+    """Stands in for the Celery app in the relay: the second send fails."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def send_task(self, name: str, args: Any, kwargs: Any, task_id: str, **options: Any) -> None:
+        if len(self.sent) == 1:
+            raise ConnectionError("broker down")
+        self.sent.append(task_id)
+
+
+def test_failed_send_keeps_the_row_and_stops_the_batch(stack: Services) -> None:
+    keys = [uuid.uuid4().hex for _ in range(3)]
+    broker = FailingBroker()
+
+    async def work(sessions: Any) -> list[str]:
+        # Earlier tests' rows are all sent: only these three are pending.
+        while await relay_outbox(sessions, celery_app):
+            pass
+        async with sessions() as session:
+            ids = [tasks_fastapi.note_row.delay_via_outbox(session, key=k).id for k in keys]
+            await session.commit()
+        assert await relay_outbox(sessions, broker) == 1  # type: ignore[arg-type]
+        return ids
+
+    ids = run_in_session(work)
+    assert broker.sent == ids[:1]
+    row = "SELECT {} FROM background_outbox WHERE task_id = $1"
+    assert fetchval(stack, row.format("sent_at IS NOT NULL"), ids[0]) is True
+    assert fetchval(stack, row.format("attempts"), ids[1]) == 1
+    assert fetchval(stack, row.format("last_error"), ids[1]) == "ConnectionError: broker down"
+    assert fetchval(stack, row.format("sent_at IS NULL AND attempts = 0"), ids[2]) is True
+    run_in_session(lambda sessions: relay_outbox(sessions, celery_app))  # deliver the rest

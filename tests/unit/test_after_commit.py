@@ -95,3 +95,22 @@ async def test_bad_arguments_fail_at_registration(sessions: Any, sent: list[str]
         with pytest.raises(TaskArgumentError, match=r"^fastapi\.note_row: .*JSON"):
             note_row.delay_on_commit(session, key=object())  # type: ignore[arg-type]
         assert pending_dispatches(session) == []
+
+
+async def test_failed_send_is_logged_and_the_rest_still_go_out(
+    sessions: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    sent: list[str] = []
+
+    def send(dispatch: after_commit.Dispatch) -> None:
+        if dispatch.kwargs["key"] == "boom":
+            raise ConnectionError("broker down")
+        sent.append(dispatch.kwargs["key"])
+
+    monkeypatch.setattr(after_commit.Dispatch, "send", send)
+    async with sessions() as session:
+        for k in ("a", "boom", "c"):
+            note_row.delay_on_commit(session, key=k)
+        await session.commit()  # committed: the failure is reported, not raised
+    assert sent == ["a", "c"]
+    assert [r.message for r in caplog.records] == ["Dispatch after commit failed"]
