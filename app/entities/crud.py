@@ -6,7 +6,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ARRAY, Uuid, any_, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.entities.models import PROCESSED, Entity
@@ -21,11 +21,18 @@ class EntityCrud:
         return await session.get(Entity, _as_uuid(id))
 
     async def get_many(self, session: AsyncSession, ids: Sequence[Any]) -> Sequence[Entity]:
-        """One query for a whole batch (used by ``ctx.iter_batches``)."""
-        result = await session.scalars(
-            select(Entity).where(Entity.id.in_([_as_uuid(i) for i in ids]))
-        )
-        return result.all()
+        """One query for a whole batch (used by ``ctx.iter_batches``).
+
+        On PostgreSQL ``id = ANY(:ids)`` sends the ids as one array parameter;
+        ``IN`` binds one parameter per id and is about twice as slow for
+        batches of 500. SQLite has no arrays: ``IN`` there.
+        """
+        uuids = [_as_uuid(i) for i in ids]
+        if session.get_bind().dialect.name == "postgresql":
+            condition = Entity.id == any_(bindparam("ids", uuids, type_=ARRAY(Uuid)))
+        else:
+            condition = Entity.id.in_(uuids)
+        return (await session.scalars(select(Entity).where(condition))).all()
 
     async def count_not_processed(self, session: AsyncSession) -> int:
         query = select(func.count()).select_from(Entity).where(Entity.status != PROCESSED)

@@ -84,8 +84,13 @@ async def load_batch(
     """The entities for ``ids``, in id order, counting the ones that do not exist."""
     if bulk:
         found = await crud.get_many(session, ids)  # type: ignore[attr-defined]
-        by_id = {_key(getattr(entity, "id", None)): entity for entity in found}
-        entities = [by_id[key] for key in map(_key, ids) if key in by_id]
+        by_id = {getattr(entity, "id", None): entity for entity in found}
+        entities = [by_id[i] for i in ids if i in by_id]
+        if len(entities) < len(ids) and len(by_id.keys() & set(ids)) < len(by_id):
+            # Entities were found that no id matched: ids of another type than
+            # the model's (strings from a JSON message, UUIDs on the model).
+            by_key = {_key(key): entity for key, entity in by_id.items()}
+            entities = [by_key[key] for key in map(_key, ids) if key in by_key]
     else:
         entities = []
         for entity_id in ids:
