@@ -5,12 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from app.api.health import router as health_router
 from app.api.task_status import router as task_status_router
-from app.core.background import TaskSession, celery_app
+from app.core.background import (
+    TaskSession,
+    celery_app,
+    configure_logging,
+    enable_multiprocess_metrics,
+    render_metrics,
+)
 from app.core.config import Settings, get_settings
 from app.core.database import create_tables, engine_from_settings
 from app.entities.api import router as entities_router
@@ -19,6 +25,15 @@ from app.notifications.api import router as notifications_router
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # The worker's log format for the API too (uvicorn's loggers included).
+    configure_logging(
+        settings.log_format,
+        settings.log_level,
+        log_task_arguments=settings.background_log_task_arguments,
+    )
+    if settings.prometheus_multiproc_dir:
+        # uvicorn --workers N: every worker writes there, each /metrics sums them.
+        enable_multiprocess_metrics(settings.prometheus_multiproc_dir, wipe=False)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,6 +55,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(notifications_router)
     app.include_router(task_status_router)
     app.include_router(health_router)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus metrics of this process: tasks dispatched by the API, by task and queue."""
+        body, content_type = render_metrics()
+        return Response(body, media_type=content_type)
 
     return app
 

@@ -46,6 +46,16 @@ class Settings(BaseSettings):
 
     log_format: LogFormat = "console"
     log_level: str = "INFO"
+    # Log task arguments and results (Celery's "received"/"succeeded" lines).
+    # Off by default: they may hold personal data or secrets.
+    background_log_task_arguments: bool = False
+
+    # Port of the worker's Prometheus /metrics endpoint; 0 or unset: none.
+    background_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    background_metrics_host: str = "0.0.0.0"
+    # prometheus-client's multiprocess folder. The worker uses (and empties) it,
+    # or a temporary folder when unset; the API uses it when set (uvicorn --workers).
+    prometheus_multiproc_dir: str | None = None
 
     @property
     def is_embedded_broker(self) -> bool:

@@ -24,7 +24,10 @@ from .internals.exceptions import (
     is_retriable,
 )
 from .internals.hooks import TaskHook, hooks
-from .internals.monitoring import StatsCounter, Timer
+from .internals.logging import configure_logging, log_deduplicated, mask_url_passwords
+from .internals.metrics import enable_multiprocess as enable_multiprocess_metrics
+from .internals.metrics import render_metrics
+from .internals.monitoring import StatsCounter, TaskMetrics, Timer, task_metrics
 from .internals.outbox import (
     OutboxMessage,
     enqueue_via_outbox,
@@ -69,6 +72,14 @@ __all__ = (
     # extension points
     "TaskHook",
     "hooks",
+    # logs and metrics
+    "configure_logging",
+    "enable_multiprocess_metrics",
+    "log_deduplicated",
+    "mask_url_passwords",
+    "render_metrics",
+    "TaskMetrics",
+    "task_metrics",
     # Celery and the database
     "celery_app",
     "DatabaseConfig",

@@ -29,7 +29,7 @@ from .dispatch import DispatchOptions, TaskOptions
 from .event_loop import worker_loop
 from .exceptions import TaskArgumentError, TaskValidationError, is_retriable
 from .hooks import hooks
-from .monitoring import Timer
+from .monitoring import Timer, record_dispatch
 from .outbox import enqueue_via_outbox
 from .retry import RetryPolicy
 from .session import database
@@ -94,11 +94,14 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
     ) -> Any:
         self.check_arguments(tuple(args or ()), kwargs or {})
         try:
-            return super().apply_async(tuple(args or ()), kwargs, task_id, *extra, **options)
+            sent = super().apply_async(tuple(args or ()), kwargs, task_id, *extra, **options)
         except EncodeError as exc:
             raise TaskArgumentError(
                 f"{self.name}: arguments must be JSON-serializable: {exc}"
             ) from exc
+        queue = options.get("queue") or self.background_queue
+        record_dispatch(self.name, str(getattr(queue, "name", queue)))
+        return sent
 
     def delay_many(
         self,

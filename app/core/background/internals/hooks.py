@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from .context import TaskContext
-from .logging import FRAMEWORK_LOGGER_NAME, SUCCESS
+from .logging import FRAMEWORK_LOGGER_NAME, SUCCESS, mark_traceback_logged
 
 _log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
 
@@ -57,8 +57,9 @@ class LifecycleLogger(TaskHook):
         self, ctx: TaskContext, exc: BaseException, reason: str, duration: float
     ) -> None:
         ctx.logger.bind(duration=round(duration, 6), outcome="failure")
-        # The traceback is logged here, once; Celery's own failure line repeats it
-        # only at its own log level.
+        # The traceback is logged here, once: Celery's own "raised unexpected"
+        # line drops it (see CeleryTaskRecordFilter).
+        mark_traceback_logged(exc)
         ctx.logger.log(
             logging.ERROR,
             "Task failed",

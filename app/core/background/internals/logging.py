@@ -9,6 +9,7 @@ the record as ``record.fields`` and become keys of the output.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -66,13 +67,64 @@ def _merge_record_fields(
     return event_dict
 
 
-def _mask_secrets(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    for key, value in event_dict.items():
-        if isinstance(value, str) and "://" in value:
-            event_dict[key] = mask_url_passwords(value)
-    return event_dict
+class _MaskingFormatter(structlog.stdlib.ProcessorFormatter):
+    """Masks URL passwords in the rendered line: message, fields and traceback alike."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_url_passwords(super().format(record))
+
+
+# -- Celery's own task lines ----------------------------------------------------
+
+# Marks an exception whose traceback the framework has logged (LifecycleLogger).
+LOGGED_MARK = "_background_traceback_logged"
+
+# Celery's per-task lines: "received" (worker.strategy), "succeeded", "raised
+# unexpected", "retry" (app.trace). Their %-args are a dict with the task's id
+# and name, and its arguments and result.
+_CELERY_TASK_LOGGERS = frozenset({"celery.app.trace", "celery.worker.strategy"})
+_HIDDEN = "<hidden: BACKGROUND_LOG_TASK_ARGUMENTS=false>"
+_SECRET_KEYS = ("args", "kwargs", "return_value", "traceback")
+
+
+def mark_traceback_logged(exc: BaseException) -> None:
+    """Say that ``exc``'s traceback is logged, so Celery's failure line omits it."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, LOGGED_MARK, True)
+
+
+class CeleryTaskRecordFilter(logging.Filter):
+    """Gives Celery's task lines the task fields, hides arguments, drops repeated tracebacks."""
+
+    def __init__(self, log_task_arguments: bool = False) -> None:
+        super().__init__()
+        self.log_task_arguments = log_task_arguments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name not in _CELERY_TASK_LOGGERS or not isinstance(record.args, Mapping):
+            return True
+        context = dict(record.args)
+        fields: dict[str, Any] = {"task_id": context.get("id"), "task_name": context.get("name")}
+        if "runtime" in context:
+            fields["duration"] = context["runtime"]
+        if self.log_task_arguments:
+            fields.update(
+                (key, context[key]) for key in ("args", "kwargs", "return_value") if key in context
+            )
+        else:
+            for key in _SECRET_KEYS:
+                if key in context:
+                    context[key] = _HIDDEN
+            # The message is formatted from these args ("succeeded in 0.1s: <result>").
+            record.args = context
+            if hasattr(record, "data"):
+                record.data = context
+        record.fields = {**fields, **(getattr(record, "fields", None) or {})}
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and getattr(exc, LOGGED_MARK, False):
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def build_formatter(log_format: Literal["console", "json"]) -> logging.Formatter:
@@ -83,7 +135,7 @@ def build_formatter(log_format: Literal["console", "json"]) -> logging.Formatter
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         tail = []
-    return structlog.stdlib.ProcessorFormatter(
+    return _MaskingFormatter(
         foreign_pre_chain=[
             structlog.stdlib.add_log_level,
             structlog.stdlib.add_logger_name,
@@ -93,16 +145,82 @@ def build_formatter(log_format: Literal["console", "json"]) -> logging.Formatter
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             *tail,
-            _mask_secrets,
             renderer,
         ],
     )
 
 
-def configure_logging(log_format: Literal["console", "json"], level: int | str = "INFO") -> None:
-    """Send every stdlib record (ours, Celery's, the libraries') through one formatter."""
-    handler = logging.StreamHandler()
+# Loggers that come with handlers of their own (uvicorn's): made to use ours.
+_PROPAGATE_TO_ROOT = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+class _FrameworkHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler ``configure_logging`` installs (and replaces when called again).
+
+    Writes to ``sys.stderr`` as it was when created (the worker later replaces
+    ``sys.stderr`` with a proxy that logs), unless that stream was closed since
+    (a test runner's capture): then to the current ``sys.stderr``.
+    """
+
+    @property
+    def stream(self) -> Any:
+        stream = self._stream
+        return sys.stderr if getattr(stream, "closed", False) else stream
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        self._stream = value
+
+
+def configure_logging(
+    log_format: Literal["console", "json"],
+    level: int | str = "INFO",
+    *,
+    log_task_arguments: bool = False,
+) -> None:
+    """Send every stdlib record (ours, Celery's, uvicorn's, the libraries') through one formatter.
+
+    Called by the worker (Celery's ``setup_logging`` signal) and the API (``create_app``).
+    Handlers others installed on the root logger (pytest's capture) are kept.
+    """
+    handler = _FrameworkHandler()
     handler.setFormatter(build_formatter(log_format))
+    handler.addFilter(CeleryTaskRecordFilter(log_task_arguments))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _FrameworkHandler)]
+    root.addHandler(handler)
     root.setLevel(level)
+    for name in _PROPAGATE_TO_ROOT:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+def log_deduplicated(
+    task_name: str,
+    task_id: str | None = None,
+    queue: str | None = None,
+    *,
+    where: str = "dispatch",
+    **fields: Any,
+) -> None:
+    """The framework's line (and metric) for a task skipped as a duplicate.
+
+    ``where``: ``dispatch`` (not sent) or ``worker`` (received, not run).
+    """
+    from .monitoring import task_metrics
+
+    task_metrics().deduplicated.labels(task_name, queue or "").inc()
+    logging.getLogger(FRAMEWORK_LOGGER_NAME).info(
+        "Task deduplicated",
+        extra={
+            "fields": {
+                "task_id": task_id,
+                "task_name": task_name,
+                "queue": queue,
+                "outcome": "deduplicated",
+                "where": where,
+                **fields,
+            }
+        },
+    )

@@ -1,0 +1,306 @@
+"""Logs, metrics and Flower against a real prefork worker (concurrency 2) on Redis.
+
+The worker gets broker, result and database URLs with passwords (a private
+Redis server that requires one; PostgreSQL's trust authentication ignores it),
+JSON logs, a metrics port and task events (``-E``). The private Redis server
+also means that no other worker takes this module's tasks: every count is ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from app.core.background.internals.worker_process import CELERY_APP, WorkerProcess
+from tests.support.services import Services, unavailable
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+
+REDIS_PASSWORD = "redis-secret-pw"
+DB_PASSWORD = "db-secret-pw"
+ARG_SECRET = "argument-secret-value"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return bytes(response.read())
+
+
+def wait_for(condition: Any, what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except (OSError, urllib.error.URLError, ValueError, KeyError):
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def metric(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+CLIENT_SCRIPT = f"""
+import json
+from tests.support.tasks_observability import fail, flaky, ok, rendezvous
+
+sent = {{
+    "ok0": ok.delay(0, secret={ARG_SECRET!r}),
+    "ok1": ok.delay(1, secret={ARG_SECRET!r}),
+    "ok2": ok.delay(2, secret={ARG_SECRET!r}),
+    "fail": fail.delay(secret={ARG_SECRET!r}),
+    "flaky": flaky.delay("k"),
+    "meet0": rendezvous.delay("m", 2),
+    "meet1": rendezvous.delay("m", 2),
+}}
+results = {{}}
+for key, result in sent.items():
+    try:
+        results[key] = result.get(timeout=20)
+    except Exception as exc:
+        results[key] = {{"error_type": type(exc).__name__}}
+print(json.dumps({{"ids": {{k: r.id for k, r in sent.items()}}, "results": results}}))
+"""
+
+
+@contextmanager
+def private_redis(password: str) -> Iterator[str]:
+    """A Redis server of this module's own, with a password: nothing else consumes from it."""
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server is not installed")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--requirepass", password],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port, password=password)
+        wait_for(client.ping, "the private Redis server", timeout=15)
+        yield f"redis://:{password}@127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@dataclass
+class Run:
+    worker: WorkerProcess
+    metrics_url: str
+    flower_url: str | None
+    flower_error: str | None
+    results: dict[str, Any] = field(default_factory=dict)
+    task_ids: dict[str, str] = field(default_factory=dict)
+
+    def log_records(self) -> list[dict[str, Any]]:
+        records = []
+        for line in self.worker.log().splitlines():
+            if line.startswith("{"):
+                records.append(json.loads(line))
+        return records
+
+
+@pytest.fixture(scope="module")
+def run(stack: Services) -> Iterator[Run]:
+    with private_redis(REDIS_PASSWORD) as redis_url:
+        yield from _run(stack, redis_url)
+
+
+def _run(stack: Services, redis_url: str) -> Iterator[Run]:
+    database_url = stack.postgres_url.replace("postgres@", f"postgres:{DB_PASSWORD}@", 1)
+    assert DB_PASSWORD in database_url
+    metrics_port = free_port()
+    env = {
+        "CELERY_BROKER_URL": redis_url,
+        "CELERY_RESULT_BACKEND": redis_url,
+        "DATABASE_URL": database_url,
+        "LOG_FORMAT": "json",
+        "BACKGROUND_METRICS_PORT": str(metrics_port),
+        "BACKGROUND_METRICS_HOST": "127.0.0.1",
+    }
+    worker = WorkerProcess(
+        env, include=["tests.support.tasks_observability"], extra_args=["-E"]
+    ).start()
+    flower, flower_url, flower_error = None, None, None
+    try:
+        flower_port = free_port()
+        flower = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower",
+             f"--port={flower_port}", "--address=127.0.0.1"],
+            env={**os.environ, **env, "FLOWER_UNAUTHENTICATED_API": "true"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        flower_url = f"http://127.0.0.1:{flower_port}"
+        try:
+            wait_for(lambda: http_get(f"{flower_url}/healthcheck") == b"OK", "Flower")
+            # Flower shows tasks from events it receives: wait until it sees the worker.
+            wait_for(lambda: json.loads(http_get(f"{flower_url}/api/workers?refresh=1")), "worker")
+        except AssertionError as exc:
+            flower_error = str(exc)
+
+        # Tasks are sent by a separate process configured like an application on
+        # the private Redis (this process's app points at the session's broker).
+        client = subprocess.run(
+            [sys.executable, "-c", CLIENT_SCRIPT],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert client.returncode == 0, f"{client.stderr[-3000:]}\n{worker.log()[-3000:]}"
+        report = json.loads(client.stdout.strip().splitlines()[-1])
+        current = Run(worker, f"http://127.0.0.1:{metrics_port}/metrics", flower_url, flower_error)
+        current.task_ids = report["ids"]
+        current.results = report["results"]
+        yield current
+    finally:
+        if flower is not None:
+            flower.terminate()
+            flower.wait(10)
+        worker.stop()
+
+
+def test_tasks_ran(run: Run) -> None:
+    assert run.results["ok1"]["n"] == 1
+    assert run.results["flaky"] == "ok"
+    assert run.results["fail"] == {"error_type": "TaskValidationError"}
+    # The two rendezvous runs were in the pool at the same time: one per child.
+    assert run.results["meet0"] != run.results["meet1"]
+
+
+def test_every_task_record_carries_the_task_fields(run: Run) -> None:
+    records = [r for r in run.log_records() if r.get("logger") == "app.tasks"]
+    assert records
+    for record in records:
+        assert {"task_id", "task_name", "queue", "attempt", "timestamp", "level"} <= record.keys()
+    last_lines = ("Task succeeded", "Task failed", "Task failed, will retry")
+    ends = [r for r in records if r["event"] in last_lines]
+    for record in ends:
+        assert isinstance(record["duration"], float)
+        assert record["outcome"] in ("success", "failure", "retry")
+    working = next(r for r in records if r["event"] == "Working" and r["n"] == 1)
+    assert working["task_id"] == run.task_ids["ok1"]
+    assert working["queue"] == "default"
+    assert working["attempt"] == 0
+
+
+def test_framework_logs_retry_with_delay_and_reason(run: Run) -> None:
+    flaky = [r for r in run.log_records() if r.get("task_id") == run.task_ids["flaky"]]
+    retry = next(r for r in flaky if r["event"] == "Task failed, will retry")
+    assert retry["retry_in"] > 0
+    assert retry["error_type"] == "ConnectionError"
+    assert retry["attempt"] == 0
+    success = next(r for r in flaky if r["event"] == "Task succeeded")
+    assert success["attempt"] == 1
+
+
+def test_final_failure_traceback_is_logged_once(run: Run) -> None:
+    failed = [r for r in run.log_records() if r.get("task_id") == run.task_ids["fail"]]
+    with_traceback = [r for r in failed if "exception" in r]
+    assert len(with_traceback) == 1
+    assert with_traceback[0]["event"] == "Task failed"
+    assert with_traceback[0]["reason"] == "non-retriable"
+    assert "Traceback" in with_traceback[0]["exception"]
+    # Celery's own failure line is still there, without the traceback.
+    assert any("raised unexpected" in r["event"] for r in failed)
+
+
+def test_no_password_and_no_argument_in_the_worker_output(run: Run) -> None:
+    output = run.worker.log()
+    assert "Connected to redis://:***@" in output
+    assert ":**@" in output  # Celery's banner masks the transport and results URLs
+    for secret in (REDIS_PASSWORD, DB_PASSWORD, ARG_SECRET):
+        assert secret not in output
+
+
+def test_metrics_endpoint_counts_the_pools_tasks(run: Run) -> None:
+    samples = parse_metrics(http_get(run.metrics_url).decode())
+
+    def count(name: str, task: str) -> float:
+        return metric(samples, name, task=task, queue="default")
+
+    assert count("background_tasks_started_total", "obs.ok") == 3
+    assert count("background_tasks_succeeded_total", "obs.ok") == 3
+    assert count("background_tasks_started_total", "obs.rendezvous") == 2
+    assert count("background_tasks_succeeded_total", "obs.rendezvous") == 2
+    assert count("background_tasks_failed_total", "obs.fail") == 1
+    assert count("background_tasks_started_total", "obs.flaky") == 2
+    assert count("background_tasks_retried_total", "obs.flaky") == 1
+    assert count("background_tasks_succeeded_total", "obs.flaky") == 1
+    assert count("background_tasks_in_flight", "obs.ok") == 0
+    assert metric(
+        samples, "background_task_duration_seconds_count",
+        task="obs.ok", queue="default", outcome="success",
+    ) == 3  # fmt: skip
+
+
+def test_flower_lists_the_worker_and_a_finished_task(run: Run) -> None:
+    if run.flower_error:
+        pytest.fail(f"Flower did not start or see the worker: {run.flower_error}")
+    workers = json.loads(http_get(f"{run.flower_url}/api/workers?refresh=1"))
+    assert any(name.startswith(run.worker.name.split("@")[0]) for name in workers)
+    task_id = run.task_ids["ok0"]
+
+    def finished() -> dict[str, Any] | None:
+        info = json.loads(http_get(f"{run.flower_url}/api/task/info/{task_id}"))
+        return info if info.get("state") == "SUCCESS" else None
+
+    info = wait_for(finished, "Flower to see the task succeed")
+    assert info["name"] == "obs.ok"
+
+
+def test_api_metrics_count_dispatches(stack: Services) -> None:
+    import httpx
+
+    from app.main import create_app
+    from tests.support.tasks_observability import ok
+
+    app = create_app()
+
+    async def scrape() -> str:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            response = await http.get("/metrics")
+        assert response.status_code == 200
+        return response.text
+
+    import asyncio
+
+    before = metric(parse_metrics(asyncio.run(scrape())), "background_tasks_dispatched_total",
+                    task="obs.ok", queue="default")  # fmt: skip
+    ok.delay(5)
+    ok.apply_async((6,), queue="default")
+    after = metric(parse_metrics(asyncio.run(scrape())), "background_tasks_dispatched_total",
+                   task="obs.ok", queue="default")  # fmt: skip
+    assert after - before == 2
