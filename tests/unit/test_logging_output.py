@@ -135,3 +135,14 @@ def test_log_deduplicated_logs_the_fields_and_counts(capsys: pytest.CaptureFixtu
     assert line["key"] == "user:1"
     assert line["outcome"] == "deduplicated"
     assert counter._value.get() == before + 1
+
+
+def test_unregistered_task_line_does_not_dump_the_message() -> None:
+    from celery.worker.consumer.consumer import UNKNOWN_TASK_ERROR
+
+    made = record("celery.worker.consumer.consumer", UNKNOWN_TASK_ERROR,
+                  (KeyError("x.y"), "[['4111-secret'], {}]", {"argsrepr": "('4111-secret',)"},
+                   {"routing_key": "default"}))  # fmt: skip
+    line = render_json(made)
+    assert "4111-secret" not in json.dumps(line)
+    assert "Received unregistered task of type 'x.y'" in line["event"]

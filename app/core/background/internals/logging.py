@@ -83,6 +83,7 @@ LOGGED_MARK = "_background_traceback_logged"
 # unexpected", "retry" (app.trace). Their %-args are a dict with the task's id
 # and name, and its arguments and result.
 _CELERY_TASK_LOGGERS = frozenset({"celery.app.trace", "celery.worker.strategy"})
+_CELERY_CONSUMER_LOGGER = "celery.worker.consumer.consumer"
 _HIDDEN = "<hidden: BACKGROUND_LOG_TASK_ARGUMENTS=false>"
 _SECRET_KEYS = ("args", "kwargs", "return_value", "traceback")
 
@@ -101,6 +102,9 @@ class CeleryTaskRecordFilter(logging.Filter):
         self.log_task_arguments = log_task_arguments
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == _CELERY_CONSUMER_LOGGER:
+            self._hide_message_dump(record)
+            return True
         if record.name not in _CELERY_TASK_LOGGERS or not isinstance(record.args, Mapping):
             return True
         context = dict(record.args)
@@ -125,6 +129,15 @@ class CeleryTaskRecordFilter(logging.Filter):
             record.exc_info = None
             record.exc_text = None
         return True
+
+    def _hide_message_dump(self, record: logging.LogRecord) -> None:
+        """Celery's "unregistered task" / "invalid message" lines print the whole message."""
+        args = record.args
+        if self.log_task_arguments or not isinstance(args, tuple) or len(args) < 2:
+            return
+        if "message body was" in str(record.msg):
+            # (error, body[, headers, delivery_info]): keep the error, hide the rest.
+            record.args = (args[0], *([_HIDDEN] * (len(args) - 1)))
 
 
 def build_formatter(log_format: Literal["console", "json"]) -> logging.Formatter:
