@@ -113,6 +113,7 @@ def render_metrics() -> tuple[bytes, str]:
     """The current metrics in the text exposition format, and its content type."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+    task_metrics()  # every family listed from the first scrape, before any task
     return generate_latest(_registry()), CONTENT_TYPE_LATEST
 
 
