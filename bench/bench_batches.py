@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -261,6 +262,9 @@ def measure(args: argparse.Namespace) -> None:
           f"   ratio {best_body / best_hand:.2f}")  # fmt: skip
     print(f"iter_batches + update + commit_batch, worker: {best_worker:8.0f} rows/s (best)"
           f"   ratio {best_worker / best_hand:.2f}   (target >= 0.80)")  # fmt: skip
+    ratios = [w / h for w, h in zip(worker_rates, hand_rates, strict=True)]
+    print(f"  worker / hand-written, round by round: {', '.join(f'{r:.2f}' for r in ratios)}"
+          f"   (median {statistics.median(ratios):.2f})")  # fmt: skip
     print(f"pool child peak RSS (VmHWM): {small} rows {small_peak / 1024:.1f} MiB (lowest), "
           f"{rows} rows {big_peak / 1024:.1f} MiB (highest)")  # fmt: skip
     print(f"  growth: {growth:+.1f}%   (target < 30%)")
