@@ -316,12 +316,12 @@ def test_a_retry_resumes_after_the_committed_batches(stack: Services, worker: An
 
 def test_the_example_endpoint_processes_every_entity(stack: Services, worker: Any) -> None:
     ids = create_entities_sync(stack, 7)
-    ghost_free = fetchval(stack, "SELECT count(*) FROM entities WHERE status != 'processed'")
+    not_processed = fetchval(stack, "SELECT count(*) FROM entities WHERE status != 'processed'")
     response = call_api("POST", "/entities/bulk-process", params={"batch_size": 3})
     assert response.status_code == 202
     outcome = wait_for(AsyncResult(response.json()["task_id"], app=celery_app))
     assert outcome["status"] == "success", outcome
-    assert outcome["processed"] == outcome["total"] == ghost_free
+    assert outcome["processed"] == outcome["total"] == not_processed
     assert outcome["missing"] == 0
     assert statuses(stack, ids) == ["processed"] * 7
     # Run again: nothing left to do (idempotent).
