@@ -44,6 +44,16 @@ class Settings(BaseSettings):
 
     background_retry_delay_scale: float = Field(default=1.0, ge=0)
 
+    # Task deduplication by custom task_id (see app/core/background/README.md).
+    # Where the leases live: "redis", "database", or "auto" = redis when the
+    # broker is Redis, else database. The rule is this setting, not a guess.
+    background_dedup_backend: Literal["auto", "redis", "database"] = "auto"
+    # Defaults: the broker's Redis, the application's database.
+    background_dedup_redis_url: str | None = None
+    background_dedup_database_url: str | None = None
+    # Extra lease lifetime for the time a message may wait in its queue.
+    background_dedup_queue_margin: float = Field(default=3600, ge=0)
+
     log_format: LogFormat = "console"
     log_level: str = "INFO"
     # Log task arguments and results (Celery's "received"/"succeeded" lines).
@@ -60,6 +70,15 @@ class Settings(BaseSettings):
     @property
     def is_embedded_broker(self) -> bool:
         return self.celery_broker_url.startswith("filesystem://")
+
+    @property
+    def dedup_backend(self) -> Literal["redis", "database"]:
+        """The lease backend that ``BACKGROUND_DEDUP_BACKEND`` selects."""
+        if self.background_dedup_backend != "auto":
+            return self.background_dedup_backend
+        return (
+            "redis" if self.celery_broker_url.startswith(("redis://", "rediss://")) else "database"
+        )
 
     @property
     def is_sqlite(self) -> bool:

@@ -11,6 +11,14 @@ from .internals.base import AsyncTask, BackgroundTask, DatabaseTask, SyncTask
 from .internals.bulk import dispatch_many
 from .internals.context import TaskContext
 from .internals.decorators import db_task, simple_task
+from .internals.dedup import (
+    TaskIdRevokedError,
+    args_key,
+    daily_key,
+    lease_lifetime,
+    notify_key,
+    update_key,
+)
 from .internals.dispatch import DispatchOptions, TaskOptions
 from .internals.exceptions import (
     NonRetriableTaskError,
@@ -35,6 +43,7 @@ from .internals.outbox import (
     relay_outbox,
     run_relay,
 )
+from .internals.periodic import periodic
 from .internals.retry import RETRY_POLICIES, QueueName, RetryPolicy, RetryPolicyName
 from .internals.session import DatabaseConfig
 from .internals.session import create_engine as create_database_engine
@@ -46,6 +55,14 @@ __all__ = (
     # decorators
     "db_task",
     "simple_task",
+    # deduplication and periodic tasks
+    "periodic",
+    "args_key",
+    "daily_key",
+    "notify_key",
+    "update_key",
+    "lease_lifetime",
+    "TaskIdRevokedError",
     # the context a task receives
     "TaskContext",
     "StatsCounter",

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from .after_commit import enqueue_after_commit
 from .bulk import DEFAULT_BATCH_SIZE, dispatch_many
 from .context import TaskContext
+from .dedup import CLAIMED_OPTION, PERIOD_OPTION, deduplicator
 from .dispatch import DispatchOptions, TaskOptions
 from .event_loop import worker_loop
 from .exceptions import TaskArgumentError, TaskValidationError, is_retriable
@@ -93,6 +94,16 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
         **options: Any,
     ) -> Any:
         self.check_arguments(tuple(args or ()), kwargs or {})
+        if (task_id is not None or PERIOD_OPTION in options) and not options.pop(
+            CLAIMED_OPTION, False
+        ):
+            # A custom id: deduplicated (dedup.py); comes back here once the lease is taken.
+            return deduplicator.send(
+                self,
+                task_id,
+                options,
+                lambda tid, opts: self.apply_async(args, kwargs, tid, *extra, **opts),
+            )
         try:
             sent = super().apply_async(tuple(args or ()), kwargs, task_id, *extra, **options)
         except EncodeError as exc:

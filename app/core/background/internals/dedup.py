@@ -1,0 +1,330 @@
+"""Deduplication by custom ``task_id``: one queued-or-running task per id.
+
+Celery alone sends a second message for a second ``apply_async`` with the same
+id. Here a producer that passes ``task_id`` first takes a lease on that id
+(``LeaseStore``) with a fresh holder token; the token travels with the message
+(a header), and the worker releases the lease with a compare-and-delete on
+that token when the task ends, in every ending path. A lease that nobody
+releases (a crash, a lost message) expires; its lifetime covers the task's
+time limit, every retry delay of its policy, and a queue-wait margin.
+
+Calls without ``task_id`` never reach this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from celery import signals
+from celery.exceptions import Reject, WorkerLostError
+from celery.result import AsyncResult
+from celery.worker.state import REVOKE_EXPIRES
+
+from .exceptions import TaskError
+from .lease_stores import REVOKED, LeaseStore
+from .logging import FRAMEWORK_LOGGER_NAME
+
+_log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
+
+# Message headers: the holder's token, the lease lifetime it was sent with,
+# and, for a periodic firing, the time until which the lease is kept.
+TOKEN_HEADER = "background_dedup_token"
+TTL_HEADER = "background_dedup_ttl"
+KEEP_UNTIL_HEADER = "background_dedup_keep_until"
+
+# An ``apply_async`` option (set by beat entries) asking for a period key.
+PERIOD_OPTION = "background_period"
+# Set on the options sent back to ``apply_async`` once the lease is taken.
+CLAIMED_OPTION = "background_dedup_claimed"
+
+
+class TaskIdRevokedError(TaskError):
+    """The ``task_id`` belongs to a revoked or expired task: Celery would drop it silently."""
+
+
+# -- key helpers ---------------------------------------------------------
+
+
+def notify_key(user_id: object) -> str:
+    """``notify-{user_id}``: one notification task per user at a time."""
+    return f"notify-{user_id}"
+
+
+def update_key(entity_id: object) -> str:
+    """``update-{entity_id}``: one update task per entity at a time."""
+    return f"update-{entity_id}"
+
+
+def daily_key(day: date | str | None = None) -> str:
+    """``daily-{date}``: once per day (today, in UTC, by default)."""
+    if day is None:
+        day = datetime.now(UTC).date()
+    return f"daily-{day.isoformat() if isinstance(day, date) else day}"
+
+
+def args_key(task: Any, *args: Any, **kwargs: Any) -> str:
+    """An id derived from the task's name and arguments: one task per argument set.
+
+    A stable hash of the arguments as canonical JSON (sorted keys), so equal
+    arguments give the same id in every process and every Python version.
+    """
+    name = task if isinstance(task, str) else task.name
+    payload = json.dumps([list(args), kwargs], sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:32]
+    return f"{name}:{digest}"
+
+
+# -- lease lifetime ------------------------------------------------------
+
+
+def lease_lifetime(task: Any, scale: float, queue_margin: float) -> float:
+    """Seconds a lease on one of ``task``'s ids may live without a release.
+
+    Every attempt may run to the hard time limit, every retry may wait the
+    policy's longest delay for that retry (scaled), plus the time the message
+    may wait in the queue. A worker extends the lease when the task starts
+    and on each retry, so the margin is counted from the latest of those.
+    """
+    policy = task.policy
+    time_limit = float(task.time_limit or policy.time_limit)
+    retries = policy.max_retries
+    delays = sum(
+        min(policy.initial_delay * policy.backoff**n, policy.max_delay) for n in range(retries)
+    )
+    return float(time_limit * (retries + 1) + delays * scale + queue_margin)
+
+
+# -- the producer side ---------------------------------------------------
+
+
+class Deduplicator:
+    """Takes, extends and releases leases; configured once per process."""
+
+    def __init__(self) -> None:
+        self._store_factory: Callable[[], LeaseStore] | None = None
+        self._store: LeaseStore | None = None
+        self.queue_margin = 3600.0
+        # How long a worker remembers a revoked id (CELERY_WORKER_REVOKE_EXPIRES).
+        self.revoke_expires = float(REVOKE_EXPIRES)
+
+    def configure(self, store_factory: Callable[[], LeaseStore], queue_margin: float) -> None:
+        """Say where leases live; nothing connects until a task id is used."""
+        self._store_factory = store_factory
+        self._store = None
+        self.queue_margin = queue_margin
+
+    def use_store(self, store: LeaseStore) -> None:
+        """Use this store from now on (tests, or a store built by the application)."""
+        self._store = store
+
+    @property
+    def store(self) -> LeaseStore:
+        if self._store is None:
+            if self._store_factory is None:
+                raise RuntimeError("task deduplication is not configured")
+            self._store = self._store_factory()
+        return self._store
+
+    def send(
+        self,
+        task: Any,
+        task_id: str | None,
+        options: dict[str, Any],
+        send: Callable[[str | None, dict[str, Any]], Any],
+    ) -> Any:
+        """Send through ``send(task_id, options)`` unless a lease on the id is held."""
+        headers = dict(options.get("headers") or {})
+        token = headers.get(TOKEN_HEADER)
+        options[CLAIMED_OPTION] = True
+        if token and options.get("retries"):
+            # A retry (or a retry after a lost worker) re-sends the same task
+            # with the same id and headers: it keeps, and extends, its lease.
+            self.store.extend(task_id or "", token, float(headers[TTL_HEADER]))
+            return send(task_id, options)
+        period = options.pop(PERIOD_OPTION, None)
+        keep_until: float | None = None
+        if period is not None:
+            key, keep_until = period_key(period, task.app.now())
+            task_id = f"{task.name}:{key}"
+        if task_id is None:
+            return send(task_id, options)
+        scale = float(task.app.conf.get("background_retry_delay_scale", 1.0))
+        ttl = lease_lifetime(task, scale, self.queue_margin)
+        if keep_until is not None:
+            ttl = max(ttl, keep_until - time.time())
+        token = uuid.uuid4().hex
+        holder = self.store.acquire(task_id, token, ttl)
+        if holder != token:
+            if holder == REVOKED:
+                raise TaskIdRevokedError(
+                    f"{task.name}: task_id {task_id!r} belongs to a revoked or expired task; "
+                    "Celery workers drop a new task with that id for "
+                    f"{self.revoke_expires:.0f}s: use another id"
+                )
+            _log.info(
+                "Task deduplicated",
+                extra={
+                    "fields": {
+                        "task_id": task_id,
+                        "task_name": task.name,
+                        "outcome": "deduplicated",
+                        "where": "dispatch",
+                    }
+                },
+            )
+            return AsyncResult(task_id, app=task.app)
+        headers.update({TOKEN_HEADER: token, TTL_HEADER: ttl})
+        if keep_until is not None:
+            headers[KEEP_UNTIL_HEADER] = keep_until
+        options["headers"] = headers
+        try:
+            return send(task_id, options)
+        except BaseException:
+            self.store.release(task_id, token)
+            raise
+
+    # -- the worker side ---------------------------------------------------
+
+    def started(self, task_id: str, headers: Mapping[str, Any]) -> None:
+        """The task starts: its lease lives a full lifetime from now."""
+        token = headers.get(TOKEN_HEADER)
+        if token:
+            self._guarded(self.store.extend, task_id, token, float(headers[TTL_HEADER]))
+
+    def finished(self, task_id: str, headers: Mapping[str, Any]) -> None:
+        """The task ended for good: free its id (a period's id stays until the period ends)."""
+        token = headers.get(TOKEN_HEADER)
+        if not token:
+            return
+        keep = float(headers.get(KEEP_UNTIL_HEADER) or 0) - time.time()
+        if keep > 0:
+            self._guarded(self.store.extend, task_id, token, keep)
+        else:
+            self._guarded(self.store.release, task_id, token)
+
+    def revoked(self, task_id: str, headers: Mapping[str, Any]) -> None:
+        """A revoked or expired task: keep its id refused while workers remember it."""
+        token = headers.get(TOKEN_HEADER)
+        if token:
+            self._guarded(self.store.mark_revoked, task_id, token, self.revoke_expires)
+
+    @staticmethod
+    def _guarded(method: Callable[..., Any], *args: Any) -> None:
+        try:
+            method(*args)
+        except Exception:  # noqa: BLE001 - the lease then expires by itself
+            _log.exception(
+                "Task lease update failed; the lease will expire",
+                extra={"fields": {"task_id": args[0] if args else None}},
+            )
+
+
+deduplicator = Deduplicator()
+
+
+# -- periods of periodic tasks ---------------------------------------------
+
+NAMED_PERIODS = ("minutely", "hourly", "daily", "weekly", "monthly")
+
+
+def period_key(period: str, now: datetime) -> tuple[str, float]:
+    """The key of the period that contains ``now`` and the time (epoch) it ends.
+
+    ``period`` is a named period (``daily``...) or ``every:<seconds>`` for
+    interval schedules (periods aligned on the epoch).
+    """
+    if period.startswith("every:"):
+        seconds = float(period.split(":", 1)[1])
+        index = int(now.timestamp() // seconds)
+        return f"every{seconds:g}s-{index}", (index + 1) * seconds
+    start = now.replace(microsecond=0)
+    if period == "minutely":
+        start = start.replace(second=0)
+        key, end = f"minutely-{start:%Y-%m-%dT%H:%M}", start.timestamp() + 60
+    elif period == "hourly":
+        start = start.replace(minute=0, second=0)
+        key, end = f"hourly-{start:%Y-%m-%dT%H}", start.timestamp() + 3600
+    elif period == "daily":
+        start = start.replace(hour=0, minute=0, second=0)
+        key, end = daily_key(start.date()), _next_day(start, 1)
+    elif period == "weekly":
+        start = start.replace(hour=0, minute=0, second=0)
+        year, week, weekday = start.isocalendar()
+        key, end = f"weekly-{year}-W{week:02d}", _next_day(start, 8 - weekday)
+    elif period == "monthly":
+        start = start.replace(day=1, hour=0, minute=0, second=0)
+        following = start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+        key, end = f"monthly-{start:%Y-%m}", following.timestamp()
+    else:
+        raise ValueError(f"unknown period {period!r}; valid: {', '.join(NAMED_PERIODS)}")
+    return key, end
+
+
+def _next_day(start: datetime, days: int) -> float:
+    return (start + timedelta(days=days)).timestamp()
+
+
+# -- worker signals ------------------------------------------------------
+
+
+def _lease_headers(request: Any) -> dict[str, Any]:
+    """The dedup headers of a task request (Celery puts custom headers on the request)."""
+    headers = getattr(request, "headers", None) or {}
+    if TOKEN_HEADER in headers:
+        return dict(headers)
+    return {
+        name: getattr(request, name, None) for name in (TOKEN_HEADER, TTL_HEADER, KEEP_UNTIL_HEADER)
+    }
+
+
+def _on_prerun(task_id: str = "", task: Any = None, **_: Any) -> None:
+    if task is not None:
+        deduplicator.started(task_id, _lease_headers(task.request))
+
+
+def _on_postrun(
+    task_id: str = "", task: Any = None, state: str | None = None, retval: Any = None, **_: Any
+) -> None:
+    if task is None or state == "RETRY":
+        return  # the retry's apply_async extended the lease
+    if isinstance(retval, Reject) and getattr(retval, "requeue", False):
+        return  # the same message, with the same token, comes back
+    deduplicator.finished(task_id, _lease_headers(task.request))
+
+
+def _on_failure(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
+    # In the worker's main process, for a task whose pool process died and
+    # that is not retried nor requeued: postrun never ran for it.
+    if isinstance(exception, WorkerLostError) and sender is not None:
+        deduplicator.finished(task_id, _lease_headers(sender.request))
+
+
+def _on_revoked(request: Any = None, **_: Any) -> None:
+    if request is not None:
+        deduplicator.revoked(str(request.id), _lease_headers(request))
+
+
+def connect_worker_signals() -> None:
+    """Release, extend and mark leases from the worker's task signals."""
+    signals.task_prerun.connect(_on_prerun, weak=False)
+    signals.task_postrun.connect(_on_postrun, weak=False)
+    signals.task_failure.connect(_on_failure, weak=False)
+    signals.task_revoked.connect(_on_revoked, weak=False)
+
+
+def store_from_settings(settings: Any) -> Callable[[], LeaseStore]:
+    """The lease store that the settings select (built on first use)."""
+    from .lease_stores import DatabaseLeaseStore, RedisLeaseStore
+
+    if settings.dedup_backend == "redis":
+        url = settings.background_dedup_redis_url or settings.celery_broker_url
+        return lambda: RedisLeaseStore(url)
+    url = settings.background_dedup_database_url or settings.database_url
+    return lambda: DatabaseLeaseStore(url)

@@ -1,0 +1,436 @@
+"""Deduplication by task_id and periodic tasks, against real workers and brokers.
+
+Executions are counted as rows in PostgreSQL (``test_records``). Three lease
+backends: Redis (the session worker), and the database backend on SQLite and
+on PostgreSQL (a private worker on a Redis database of its own, so that the
+session worker, which uses the Redis backend, never takes their messages).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+
+from app.core.background import TaskIdRevokedError, TaskValidationError, celery_app
+from app.core.background.internals import dedup
+from app.core.background.internals.dedup import deduplicator
+from app.core.background.internals.lease_stores import (
+    REVOKED,
+    DatabaseLeaseStore,
+    LeaseStore,
+    RedisLeaseStore,
+)
+from app.core.background.internals.logging import FRAMEWORK_LOGGER_NAME
+from app.core.background.internals.worker_process import WorkerProcess
+from tests.support import tasks_dedup
+from tests.support.db import fetchval
+from tests.support.dedup_race import race
+from tests.support.services import Services, unavailable
+
+RESULT_TIMEOUT = 60
+DEDUP_TASKS = ["tests.support.tasks_dedup"]
+
+
+def executions(stack: Services, key: str) -> int:
+    return int(fetchval(stack, "SELECT count(*) FROM test_records WHERE key LIKE $1", f"{key}:%"))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free port, for the brokers of this module.
+
+    The shared Redis may hold workers that other test runs left behind on any
+    database number; a message sent there can be taken by a worker that does
+    not know the task. Our own server has only our workers.
+    """
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="dedup-redis-"))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port)
+        wait_for(lambda: _pings(client), timeout=10)
+        client.close()
+
+    def url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+@dataclass
+class Target:
+    """Where a test sends: the lease store, the env of processes, the send options."""
+
+    name: str
+    store: LeaseStore
+    env: dict[str, str]
+    broker_url: str
+    connection: Connection
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"producer": celery_app.amqp.Producer(self.connection, auto_declare=True)}
+
+    def send(self, task: Any, *args: Any, task_id: str | None = None, **options: Any) -> Any:
+        return task.apply_async(args, task_id=task_id, **self.options, **options)
+
+
+@pytest.fixture(scope="module")
+def private_redis(stack: Services) -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server is not installed")
+    server = PrivateRedis()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def started_target(name: str, broker_url: str, store: LeaseStore, **env: str) -> Iterator[Target]:
+    env = {"CELERY_BROKER_URL": broker_url, **env}
+    connection = Connection(broker_url)
+    try:
+        with WorkerProcess(env, include=DEDUP_TASKS):
+            yield Target(name, store, env, broker_url, connection)
+    finally:
+        connection.release()
+
+
+@pytest.fixture(scope="module")
+def redis_target(private_redis: PrivateRedis) -> Iterator[Target]:
+    url = private_redis.url(0)
+    store = RedisLeaseStore(url)
+    with started_target("redis", url, store, BACKGROUND_DEDUP_BACKEND="redis") as target:
+        yield target
+
+
+@pytest.fixture(scope="module", params=["redis", "sqlite", "postgres"])
+def _target(
+    request: pytest.FixtureRequest, stack: Services, private_redis: PrivateRedis
+) -> Iterator[Target]:
+    if request.param == "redis":
+        yield request.getfixturevalue("redis_target")
+        return
+    if request.param == "sqlite":
+        folder = Path(tempfile.mkdtemp(prefix="dedup-"))
+        url, db = f"sqlite+aiosqlite:///{folder}/leases.db", 1
+    else:
+        url, db = stack.postgres_url, 2
+    store = DatabaseLeaseStore(url)
+    try:
+        with started_target(
+            request.param,
+            private_redis.url(db),
+            store,
+            BACKGROUND_DEDUP_BACKEND="database",
+            BACKGROUND_DEDUP_DATABASE_URL=url,
+        ) as target:
+            yield target
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def target(_target: Target, monkeypatch: pytest.MonkeyPatch) -> Target:
+    """The parametrized backend, used by this process's ``apply_async`` for the test."""
+    monkeypatch.setattr(deduplicator, "_store", _target.store)
+    return _target
+
+
+@pytest.fixture
+def redis_leases(redis_target: Target, monkeypatch: pytest.MonkeyPatch) -> Target:
+    monkeypatch.setattr(deduplicator, "_store", redis_target.store)
+    return redis_target
+
+
+def new_key() -> str:
+    return uuid.uuid4().hex
+
+
+# -- the race ----------------------------------------------------------------
+
+
+def test_parallel_callers_run_once(stack: Services, target: Target) -> None:
+    """20 threads and 4 processes ask for the same id at once: one execution."""
+    k = new_key()
+    task_id = f"update-{k}"
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(24)
+    out = context.Queue()
+    racers = [context.Process(target=race, args=(target.env, task_id, k, barrier, 20, out))]
+    racers += [
+        context.Process(target=race, args=(target.env, task_id, k, barrier, 1, out))
+        for _ in range(4)
+    ]
+    for process in racers:
+        process.start()
+    ids = [task_id for _ in racers for task_id in out.get(timeout=90)]
+    for process in racers:
+        process.join(30)
+        assert process.exitcode == 0
+    assert ids == [task_id] * 24
+    celery_app.AsyncResult(task_id).get(timeout=RESULT_TIMEOUT)
+    wait_for(lambda: target.store.holder(task_id) is None)
+    assert executions(stack, k) == 1
+
+
+# -- the id is freed when the task ends --------------------------------------
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def framework_log() -> Iterator[Records]:
+    handler = Records()
+    logger = logging.getLogger(FRAMEWORK_LOGGER_NAME)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_second_call_while_running_is_deduplicated_and_id_freed_after_success(
+    stack: Services, target: Target, framework_log: Records
+) -> None:
+    k = new_key()
+    task_id = f"notify-{k}"
+    first = target.send(tasks_dedup.run, k, 1.0, task_id=task_id)
+    wait_for(lambda: executions(stack, k) == 1)
+    second = target.send(tasks_dedup.run, k, task_id=task_id)
+    assert second.id == first.id == task_id
+    logged = [r for r in framework_log.records if r.getMessage() == "Task deduplicated"]
+    assert logged
+    assert logged[0].fields["task_id"] == task_id  # type: ignore[attr-defined]
+    assert first.get(timeout=RESULT_TIMEOUT) == task_id
+    wait_for(lambda: target.store.holder(task_id) is None)
+    assert executions(stack, k) == 1
+
+    target.send(tasks_dedup.run, k, task_id=task_id)
+    wait_for(lambda: executions(stack, k) == 2)
+    wait_for(lambda: target.store.holder(task_id) is None)
+
+
+def test_id_freed_after_failure(stack: Services, target: Target) -> None:
+    k = new_key()
+    task_id = f"update-{k}"
+    result = target.send(tasks_dedup.fail, k, task_id=task_id)
+    with pytest.raises(TaskValidationError):
+        result.get(timeout=RESULT_TIMEOUT)
+    wait_for(lambda: target.store.holder(task_id) is None)
+    target.send(tasks_dedup.fail, k, task_id=task_id)
+    wait_for(lambda: executions(stack, k) == 2)
+
+
+def test_retrying_task_keeps_its_id_and_runs_once_per_attempt(
+    stack: Services, target: Target
+) -> None:
+    """A retry is the same task: no duplicate, and a call while it waits is deduplicated."""
+    k = new_key()
+    task_id = f"update-{k}"
+    result = target.send(tasks_dedup.retry_once, k, task_id=task_id)
+    wait_for(lambda: executions(stack, k) == 1)
+    wait_for(lambda: celery_app.AsyncResult(task_id).state == "RETRY")
+    # The first attempt failed; the retry waits at least 3 s with the lease held.
+    assert target.store.holder(task_id) not in (None, REVOKED)
+    target.send(tasks_dedup.retry_once, k, task_id=task_id)
+    assert result.get(timeout=RESULT_TIMEOUT) == 1
+    wait_for(lambda: target.store.holder(task_id) is None)
+    assert executions(stack, k) == 2
+
+
+# -- Redis-only scenarios ------------------------------------------------------
+
+
+def test_calls_without_task_id_do_not_touch_leases(
+    stack: Services, redis_leases: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("a call without task_id reached the deduplicator")
+
+    monkeypatch.setattr(deduplicator, "send", refuse)
+    k = new_key()
+    first, second = redis_leases.send(tasks_dedup.run, k), redis_leases.send(tasks_dedup.run, k)
+    assert first.get(timeout=RESULT_TIMEOUT) == first.id
+    assert second.get(timeout=RESULT_TIMEOUT) == second.id
+    assert executions(stack, k) == 2
+
+
+def test_lease_of_a_crashed_worker_expires(
+    stack: Services,
+    redis_leases: Target,
+    private_redis: PrivateRedis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker dies with the task (SIGKILL): the id is blocked until the lease expires."""
+    monkeypatch.setattr(dedup, "lease_lifetime", lambda *_: 3.0)
+    store = redis_leases.store
+    broker = private_redis.url(3)
+    env = {"CELERY_BROKER_URL": broker, "BACKGROUND_DEDUP_REDIS_URL": redis_leases.broker_url}
+    k = new_key()
+    task_id = f"update-{k}"
+    with Connection(broker) as connection:
+        producer = celery_app.amqp.Producer(connection, auto_declare=True)
+        with WorkerProcess(env, include=DEDUP_TASKS) as crashing:
+            tasks_dedup.run.apply_async((k, 60.0), task_id=task_id, producer=producer)
+            wait_for(lambda: executions(stack, k) == 1)
+            crashing.kill()
+        holder = store.holder(task_id)
+        assert holder is not None
+        tasks_dedup.run.apply_async((k,), task_id=task_id, producer=producer)
+        assert store.holder(task_id) == holder  # deduplicated, not re-sent
+        wait_for(lambda: store.holder(task_id) is None, timeout=15)
+        tasks_dedup.run.apply_async((k,), task_id=task_id, producer=producer)
+        with WorkerProcess(env, include=DEDUP_TASKS):
+            wait_for(lambda: executions(stack, k) == 2)
+            wait_for(lambda: store.holder(task_id) is None)
+
+
+def test_revoked_id_is_refused_with_a_clear_error(stack: Services, redis_leases: Target) -> None:
+    k = new_key()
+    task_id = f"notify-{k}"
+    redis_leases.send(tasks_dedup.run, k, task_id=task_id, countdown=2)
+    # Celery's own command, on the private broker (the env var is Celery's broker setting).
+    subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "app.core.background.celery_app", "control",
+         "revoke", task_id],
+        env={**os.environ, **redis_leases.env},
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    wait_for(lambda: redis_leases.store.holder(task_id) == REVOKED)
+    with pytest.raises(TaskIdRevokedError, match="revoked"):
+        redis_leases.send(tasks_dedup.run, k, task_id=task_id)
+    assert executions(stack, k) == 0
+
+
+def test_expired_task_is_refused_like_a_revoked_one(stack: Services, redis_leases: Target) -> None:
+    """``expires`` passed before the run: Celery marks the id revoked, so do we."""
+    k = new_key()
+    task_id = f"update-{k}"
+    redis_leases.send(tasks_dedup.run, k, task_id=task_id, countdown=2, expires=1)
+    wait_for(lambda: redis_leases.store.holder(task_id) == REVOKED)
+    with pytest.raises(TaskIdRevokedError):
+        redis_leases.send(tasks_dedup.run, k, task_id=task_id)
+    assert executions(stack, k) == 0
+
+
+# -- periodic tasks ------------------------------------------------------------
+
+
+def test_same_period_fired_twice_runs_once_and_keeps_its_lease(
+    stack: Services, redis_leases: Target
+) -> None:
+    """What two beats do: the same entry sent twice within one period."""
+    entry = celery_app.conf.beat_schedule["tests.dedup.tick-every-2s"]
+    seconds = 30.0
+    options = {**entry["options"], dedup.PERIOD_OPTION: f"every:{seconds:g}"}
+    if time.time() % seconds > seconds - 5:
+        time.sleep(6)  # not across a period boundary
+    first = redis_leases.send(tasks_dedup.tick, **options)
+    second = redis_leases.send(tasks_dedup.tick, **options)
+    assert first.id == second.id
+    assert first.id.startswith("tests.dedup.tick:every30s-")
+    first.get(timeout=RESULT_TIMEOUT)
+    assert executions(stack, f"tick:{first.id}") == 1
+    # The period is not over: its id stays taken after the run.
+    assert redis_leases.store.holder(first.id) is not None
+    redis_leases.send(tasks_dedup.tick, **options)
+    assert executions(stack, f"tick:{first.id}") == 1
+
+
+def test_two_beat_processes_run_each_period_once(stack: Services, redis_target: Target) -> None:
+    """Two ``celery beat`` processes on one schedule: each period runs once."""
+    folder = Path(tempfile.mkdtemp(prefix="beat-"))
+    outputs = [(folder / f"beat-{n}.log").open("wb") for n in range(2)]
+    beats = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "tests.support.beat_app", "beat",
+                "--schedule", str(folder / f"schedule-{n}"), "--loglevel", "INFO",
+            ],
+            stdout=outputs[n],
+            env={**os.environ, **redis_target.env},
+            stderr=subprocess.STDOUT,
+        )
+        for n in range(2)
+    ]  # fmt: skip
+    try:
+        wait_for(lambda: _tick_periods(stack) >= 3, timeout=40)
+    finally:
+        for beat in beats:
+            beat.terminate()
+            beat.wait(20)
+        for output in outputs:
+            output.close()
+    logs = "".join((folder / f"beat-{n}.log").read_text() for n in range(2))
+    assert "tests.dedup.tick-every-2s" in logs
+    counts = fetchval(
+        stack,
+        "SELECT array_agg(n) FROM (SELECT count(*) AS n FROM test_records "
+        "WHERE key LIKE 'tick:tests.dedup.tick:every2s-%' "
+        "GROUP BY split_part(key, ':', 3)) AS periods",
+    )
+    assert counts
+    assert set(counts) == {1}
+
+
+def _tick_periods(stack: Services) -> int:
+    return int(
+        fetchval(
+            stack,
+            "SELECT count(DISTINCT split_part(key, ':', 3)) FROM test_records "
+            "WHERE key LIKE 'tick:tests.dedup.tick:every2s-%'",
+        )
+    )

@@ -1,0 +1,72 @@
+"""Tasks for the deduplication tests (tests/integration/test_dedup.py).
+
+Each run of a body adds a row to ``test_records`` (key ``{key}:{random}``)
+from a connection of its own, committed at once, so a test counts executions
+in the database even for runs that fail, retry or are killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import asyncpg
+
+from app.core.background import TaskContext, periodic, simple_task
+
+
+def _dsn() -> str:
+    return os.environ["DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def mark(key: str, attempt: int = 0) -> None:
+    connection = await asyncpg.connect(_dsn())
+    try:
+        await connection.execute(
+            "INSERT INTO test_records (key, attempt, worker_pid) VALUES ($1, $2, $3)",
+            f"{key}:{uuid.uuid4().hex}",
+            attempt,
+            os.getpid(),
+        )
+    finally:
+        await connection.close()
+
+
+class SlowDown(RuntimeError):
+    """A retriable error that asks for a retry no sooner than ``retry_after`` seconds."""
+
+    retry_after = 3.0
+
+
+@simple_task(name="tests.dedup.run", retry_policy="standard")
+async def run(ctx: TaskContext, key: str, seconds: float = 0.0) -> str:
+    await mark(key, ctx.attempt)
+    await asyncio.sleep(seconds)
+    return ctx.task_id
+
+
+@simple_task(name="tests.dedup.fail", retry_policy="no_retry")
+async def fail(ctx: TaskContext, key: str) -> None:
+    await mark(key, ctx.attempt)
+    raise ctx.validation_error("refused", key=key)
+
+
+@simple_task(name="tests.dedup.retry_once", retry_policy="aggressive")
+async def retry_once(ctx: TaskContext, key: str) -> int:
+    await mark(key, ctx.attempt)
+    if ctx.attempt == 0:
+        raise SlowDown("first attempt fails")
+    return ctx.attempt
+
+
+@simple_task(name="tests.dedup.hang", retry_policy="no_retry", time_limit=4, soft_time_limit=3)
+async def hang(ctx: TaskContext, key: str) -> None:
+    await mark(key, ctx.attempt)
+    await asyncio.sleep(60)
+
+
+@periodic(2.0, name="tests.dedup.tick-every-2s")
+@simple_task(name="tests.dedup.tick", retry_policy="no_retry")
+async def tick(ctx: TaskContext) -> None:
+    await mark(f"tick:{ctx.task_id}", ctx.attempt)

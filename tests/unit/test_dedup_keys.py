@@ -1,0 +1,94 @@
+"""Key helpers, period keys, lease lifetime and ``@periodic`` declarations (no services)."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from celery.schedules import crontab
+
+from app.core.background import (
+    TaskDefinitionError,
+    args_key,
+    celery_app,
+    daily_key,
+    lease_lifetime,
+    notify_key,
+    periodic,
+    simple_task,
+    update_key,
+)
+from app.core.background.internals.dedup import PERIOD_OPTION, period_key
+from app.core.background.internals.periodic import period_for
+
+
+def test_spec_key_patterns() -> None:
+    assert notify_key(42) == "notify-42"
+    assert update_key("abc") == "update-abc"
+    assert daily_key(date(2026, 11, 29)) == "daily-2026-11-29"
+    assert daily_key().startswith("daily-")
+
+
+def test_args_key_is_stable_and_argument_sensitive() -> None:
+    first = args_key("mod.task", 1, "x", b=2, a=[1, 2])
+    assert first == args_key("mod.task", 1, "x", a=[1, 2], b=2)
+    assert first.startswith("mod.task:")
+    assert first != args_key("mod.task", 1, "y", a=[1, 2], b=2)
+    assert first != args_key("other.task", 1, "x", a=[1, 2], b=2)
+
+
+NOW = datetime(2026, 11, 29, 13, 45, 30, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("period", "key", "end"),
+    [
+        ("minutely", "minutely-2026-11-29T13:45", datetime(2026, 11, 29, 13, 46, tzinfo=UTC)),
+        ("hourly", "hourly-2026-11-29T13", datetime(2026, 11, 29, 14, tzinfo=UTC)),
+        ("daily", "daily-2026-11-29", datetime(2026, 11, 30, tzinfo=UTC)),
+        ("weekly", "weekly-2026-W48", datetime(2026, 11, 30, tzinfo=UTC)),
+        ("monthly", "monthly-2026-11", datetime(2026, 12, 1, tzinfo=UTC)),
+    ],
+)
+def test_named_periods(period: str, key: str, end: datetime) -> None:
+    assert period_key(period, NOW) == (key, end.timestamp())
+
+
+def test_interval_periods_are_aligned_on_the_epoch() -> None:
+    key, end = period_key("every:60", NOW)
+    assert key == f"every60s-{int(NOW.timestamp() // 60)}"
+    assert end == (NOW.timestamp() // 60 + 1) * 60
+    assert period_key("every:60", NOW + timedelta(seconds=10))[0] == key
+
+
+def test_period_of_a_schedule() -> None:
+    assert period_for(crontab(minute=0, hour=3), None) == "minutely"
+    assert period_for(crontab(minute=0, hour=3), "daily") == "daily"
+    assert period_for(timedelta(minutes=5), None) == "every:300"
+    assert period_for(30, None) == "every:30"
+    with pytest.raises(TaskDefinitionError, match="unknown period"):
+        period_for(30, "fortnightly")
+
+
+def test_lease_lifetime_covers_every_attempt_and_retry_delay() -> None:
+    @simple_task(name="tests.unit.dedup_lifetime", retry_policy="standard")
+    def task(ctx: object) -> None: ...
+
+    # standard: 3 retries, delays 60/120/240, time limit 330; 4 attempts.
+    assert lease_lifetime(task, 1.0, 100) == 330 * 4 + 420 + 100
+    assert lease_lifetime(task, 0.5, 0) == 330 * 4 + 210
+
+
+def test_periodic_adds_a_beat_entry_with_its_period() -> None:
+    @periodic(crontab(minute=0, hour=3), period="daily", name="tests.unit.nightly")
+    @simple_task(name="tests.unit.dedup_nightly")
+    def nightly(ctx: object) -> None: ...
+
+    entry = celery_app.conf.beat_schedule["tests.unit.nightly"]
+    assert entry["task"] == "tests.unit.dedup_nightly"
+    assert entry["options"] == {PERIOD_OPTION: "daily"}
+
+
+def test_periodic_needs_a_task() -> None:
+    with pytest.raises(TaskDefinitionError, match="above @simple_task"):
+        periodic(60)(lambda ctx: None)
