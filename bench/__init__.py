@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench`` (throughput, db, dispatch, topology)."""

@@ -1,0 +1,65 @@
+"""Run the benchmarks: ``python -m bench`` (or ``bench/run.sh``).
+
+Prints a table (median and min-max over the rounds, ratios with their
+targets) and writes bench/RESULTS.md. ``--only`` picks suites, ``--rounds``
+and ``--tasks`` trade precision for time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+
+SUITES = ("throughput", "db", "dispatch", "topology")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--only", default=",".join(SUITES), help=f"any of {', '.join(SUITES)}")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=5000, help="tasks per drain (no-op)")
+    parser.add_argument("--topology-tasks", type=int, default=3000, help="tasks per drain")
+    parser.add_argument("--db-tasks", type=int, default=1000, help="tasks per drain (INSERT)")
+    parser.add_argument("--calls", type=int, default=2000, help="calls per dispatch round")
+    parser.add_argument("--brokers", default="redis,rabbitmq")
+    parser.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
+    args = parser.parse_args()
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(chosen) - set(SUITES)
+    if unknown:
+        parser.error(f"unknown suite(s): {', '.join(sorted(unknown))}")
+    brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
+
+    from bench.environment import bench_services
+
+    with bench_services(rabbitmq="topology" in chosen and "rabbitmq" in brokers) as services:
+        # Imported only now: the app reads the environment set up above.
+        from bench import suites
+        from bench.report import Report, machine, write_results
+
+        machine_lines = machine()
+        report = Report()
+        started = time.monotonic()
+        for name in chosen:
+            print(f"== {name} ...", flush=True)
+            if name == "throughput":
+                suites.throughput(report, services, args.rounds, args.tasks)
+            elif name == "db":
+                suites.database(report, services, args.rounds, args.db_tasks)
+            elif name == "dispatch":
+                suites.dispatch(report, services, args.rounds, args.calls)
+            elif name == "topology":
+                suites.topology(report, services, args.rounds, args.topology_tasks, brokers)
+            print(report.table(), flush=True)
+        report.notes.append(f"total run time {time.monotonic() - started:.0f}s")
+        print("\n".join(machine_lines))
+        if not args.no_write:
+            command = "python -m bench " + shlex.join(sys.argv[1:])
+            write_results(report, command.strip(), machine_lines)
+            print("written bench/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Drain throughput: how fast a set of workers empties a queue of N tasks.
+
+The workers start idle (consuming only ``low_priority``), N messages are put
+in ``default``, then every worker of the set is told to consume ``default``
+at once (Celery's ``add_consumer`` broadcast) and the queue is watched until
+it is empty and nothing is left unacknowledged. Workers stay up between
+rounds (``cancel_consumer`` after each), so start-up time is never measured
+and both sides of a comparison can alternate round by round.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery.utils import uuid
+from kombu import Connection
+
+from app.core.background import celery_app
+from app.core.background.internals.worker_process import WorkerProcess
+
+IDLE_QUEUE = "low_priority"
+QUEUE = "default"
+PAUSE_SETTLE = 1.5
+
+
+@dataclass
+class Topology:
+    """A set of workers: ``count`` processes of ``pool`` with ``concurrency`` each."""
+
+    label: str
+    pool: str = "prefork"
+    concurrency: int = 2
+    count: int = 1
+    extra_args: Sequence[str] = ()
+
+
+@dataclass
+class WorkerSet:
+    topology: Topology
+    broker_url: str
+    env: Mapping[str, str]
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    @property
+    def destinations(self) -> list[str]:
+        host = socket.gethostname()
+        return [worker.name.replace("%h", host) for worker in self.workers]
+
+    def start(self) -> WorkerSet:
+        for _ in range(self.topology.count):
+            worker = WorkerProcess(
+                self.env,
+                pool=self.topology.pool,
+                concurrency=self.topology.concurrency,
+                queues=(IDLE_QUEUE,),
+                include=("bench.tasks",),
+                loglevel="INFO",
+                extra_args=self.topology.extra_args,
+            )
+            self.workers.append(worker.start())
+        return self
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def _control(self, method: str) -> None:
+        with Connection(self.broker_url) as connection:
+            replies = getattr(celery_app.control, method)(
+                QUEUE,
+                destination=self.destinations,
+                reply=True,
+                timeout=10,
+                connection=connection,
+            )
+        if len(replies) != len(self.workers):
+            raise RuntimeError(f"{method}: {len(replies)} of {len(self.workers)} workers replied")
+
+    def consume(self) -> None:
+        self._control("add_consumer")
+
+    def pause(self) -> None:
+        self._control("cancel_consumer")
+        # The worker replies before it cancels, and a BRPOP already waiting
+        # (up to 1 s on Redis) would still take the next message: let both pass.
+        time.sleep(PAUSE_SETTLE)
+
+
+def fill(broker_url: str, task_name: str, calls: Iterable[Mapping[str, Any]]) -> int:
+    """Put one message per call in ``default``, through one connection (pipelined on Redis)."""
+    amqp = celery_app.amqp
+    sent = 0
+    with Connection(broker_url) as connection:
+        producer = amqp.Producer(connection)
+        batch = getattr(producer, "batch", None)
+        with batch(max_size=500) if batch else _null():
+            for kwargs in calls:
+                message = amqp.create_task_message(
+                    uuid(), task_name, (), dict(kwargs), reply_to=celery_app.thread_oid
+                )
+                queue = amqp.queues[QUEUE]
+                amqp.send_task_message(
+                    producer, task_name, message, queue=queue, exchange=queue.exchange,
+                    routing_key=queue.routing_key, declare=[queue],
+                )  # fmt: skip
+                sent += 1
+    return sent
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def redis_backlog(client: Any) -> Callable[[], int]:
+    def backlog() -> int:
+        pipe = client.pipeline(transaction=False)
+        pipe.llen(QUEUE)
+        pipe.hlen("unacked")
+        waiting, unacked = pipe.execute()
+        return int(waiting) + int(unacked)
+
+    return backlog
+
+
+def rabbit_backlog(broker_url: str) -> tuple[Callable[[], int], Callable[[], None]]:
+    """Messages ready in ``default`` (RabbitMQ does not count the few unacknowledged)."""
+    connection = Connection(broker_url)
+    channel = connection.channel()
+
+    def backlog() -> int:
+        return int(channel.queue_declare(queue=QUEUE, passive=True).message_count)
+
+    return backlog, connection.release
+
+
+def drain(workers: WorkerSet, backlog: Callable[[], int], count: int, timeout: float) -> float:
+    """Tasks per second while ``workers`` empty a queue holding ``count`` messages."""
+    if backlog() < count:
+        raise RuntimeError(f"the queue holds {backlog()} messages, not {count}")
+    workers.consume()
+    deadline = time.monotonic() + timeout
+    started = None
+    try:
+        while time.monotonic() < deadline:
+            left = backlog()
+            now = time.perf_counter()
+            if started is None and left < count:
+                started = now
+            if left == 0:
+                assert started is not None
+                return count / (now - started)
+            time.sleep(0.002)
+        raise RuntimeError(f"queue not drained in {timeout}s ({backlog()} left)")
+    finally:
+        workers.pause()
