@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery.exceptions import WorkerLostError
 from kombu import Connection
 
 from app.core.background import TaskIdRevokedError, TaskValidationError, celery_app
@@ -364,6 +365,30 @@ def test_expired_task_is_refused_like_a_revoked_one(stack: Services, redis_lease
     with pytest.raises(TaskIdRevokedError):
         redis_leases.send(tasks_dedup.run, k, task_id=task_id)
     assert executions(stack, k) == 0
+
+
+def test_worker_death_runs_the_task_again_once_under_the_same_lease(
+    stack: Services, redis_leases: Target
+) -> None:
+    """The pool process dies mid-task: Celery retries it (same id, same token), once."""
+    k = new_key()
+    task_id = f"update-{k}"
+    result = redis_leases.send(tasks_dedup.die_once, k, task_id=task_id)
+    assert result.get(timeout=RESULT_TIMEOUT) == 1
+    assert executions(stack, k) == 2
+    wait_for(lambda: redis_leases.store.holder(task_id) is None)
+
+
+def test_worker_death_without_retries_left_frees_the_id(
+    stack: Services, redis_leases: Target
+) -> None:
+    k = new_key()
+    task_id = f"update-{k}"
+    result = redis_leases.send(tasks_dedup.die_always, k, task_id=task_id)
+    with pytest.raises(WorkerLostError):
+        result.get(timeout=RESULT_TIMEOUT)
+    wait_for(lambda: redis_leases.store.holder(task_id) is None)
+    assert executions(stack, k) == 1
 
 
 # -- periodic tasks ------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import uuid
 
 import asyncpg
@@ -70,3 +71,17 @@ async def hang(ctx: TaskContext, key: str) -> None:
 @simple_task(name="tests.dedup.tick", retry_policy="no_retry")
 async def tick(ctx: TaskContext) -> None:
     await mark(f"tick:{ctx.task_id}", ctx.attempt)
+
+
+@simple_task(name="tests.dedup.die_once", retry_policy="aggressive")
+async def die_once(ctx: TaskContext, key: str) -> int:
+    await mark(key, ctx.attempt)
+    if ctx.attempt == 0:
+        os.kill(os.getpid(), signal.SIGKILL)  # the pool process dies with the task
+    return ctx.attempt
+
+
+@simple_task(name="tests.dedup.die_always", retry_policy="no_retry")
+async def die_always(ctx: TaskContext, key: str) -> None:
+    await mark(key, ctx.attempt)
+    os.kill(os.getpid(), signal.SIGKILL)
