@@ -37,6 +37,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
+from .dedup import CLAIMED_OPTION
 from .exceptions import TaskArgumentError
 
 if TYPE_CHECKING:
@@ -61,9 +62,15 @@ class Dispatch:
     task_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     # The transaction (or savepoint) it was registered in; None before the first statement.
     transaction: SessionTransaction | None = None
+    # True when the caller chose the id: then it is deduplicated like any custom id.
+    custom_id: bool = False
 
     def send(self) -> None:
-        self.task.apply_async(self.args, self.kwargs, task_id=self.task_id, **self.options)
+        options = dict(self.options)
+        if not self.custom_id:
+            # A fresh uuid of ours needs no deduplication lease (one Redis round trip less).
+            options[CLAIMED_OPTION] = True
+        self.task.apply_async(self.args, self.kwargs, task_id=self.task_id, **options)
 
 
 def check_dispatch(
@@ -88,9 +95,16 @@ def enqueue_after_commit(
     kwargs = dict(kwargs or {})
     check_dispatch(task, args, kwargs)
     sync_session = _listen(session)
-    task_id = options.pop("task_id", None) or str(uuid.uuid4())
+    custom_id = options.pop("task_id", None)
+    task_id = custom_id or str(uuid.uuid4())
     dispatch = Dispatch(
-        task, tuple(args), kwargs, options, task_id, _current_transaction(sync_session)
+        task,
+        tuple(args),
+        kwargs,
+        options,
+        task_id,
+        _current_transaction(sync_session),
+        custom_id=custom_id is not None,
     )
     sync_session.info.setdefault(_PENDING, []).append(dispatch)
     return task_id

@@ -29,7 +29,7 @@ from celery.worker.state import REVOKE_EXPIRES
 
 from .exceptions import TaskError
 from .lease_stores import REVOKED, LeaseStore
-from .logging import FRAMEWORK_LOGGER_NAME
+from .logging import FRAMEWORK_LOGGER_NAME, log_deduplicated
 
 _log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
 
@@ -168,17 +168,8 @@ class Deduplicator:
                     "Celery workers drop a new task with that id for "
                     f"{self.revoke_expires:.0f}s: use another id"
                 )
-            _log.info(
-                "Task deduplicated",
-                extra={
-                    "fields": {
-                        "task_id": task_id,
-                        "task_name": task.name,
-                        "outcome": "deduplicated",
-                        "where": "dispatch",
-                    }
-                },
-            )
+            queue = options.get("queue") or getattr(task, "background_queue", None)
+            log_deduplicated(task.name, task_id, str(getattr(queue, "name", queue)))
             return AsyncResult(task_id, app=task.app)
         headers.update({TOKEN_HEADER: token, TTL_HEADER: ttl})
         if keep_until is not None:
