@@ -54,3 +54,16 @@ def test_options_apply_to_every_message(stack: Services) -> None:
     )
     for result in results:
         assert result.get(timeout=RESULT_TIMEOUT)["status"] == "success"
+
+
+def test_bulk_dispatched_tasks_are_known_to_the_status_api_at_once() -> None:
+    from app.core.background import celery_app
+    from app.core.background.internals.status import get_task_status
+
+    prefix = uuid.uuid4().hex[:12]
+    results = tasks.record.delay_many([{"key": f"{prefix}-{i}"} for i in range(20)])
+    # SENT was written before each message was published: never "unknown".
+    assert all(get_task_status(celery_app, r.id).known for r in results)
+    for result in results:
+        result.get(timeout=RESULT_TIMEOUT)
+    assert {get_task_status(celery_app, r.id).state for r in results} == {"success"}

@@ -27,6 +27,7 @@ from celery.utils import uuid
 from kombu.exceptions import EncodeError
 
 from .exceptions import TaskArgumentError
+from .status import buffered_sent_records
 
 if TYPE_CHECKING:
     from .base import BackgroundTask
@@ -62,40 +63,56 @@ def dispatch_many(
     if not prepared:
         return []
     app = task.app
-    amqp = app.amqp
     # The task's own defaults (queue, priority, time limits...), as Celery's send_task uses them.
     task_defaults: dict[str, Any] = getattr(task, "_get_exec_options")()  # noqa: B009 - untyped
     exec_options = {key: value for key, value in task_defaults.items() if value is not None}
     results: list[AsyncResult[Any]] = []
-    with app.producer_or_acquire() as producer, _pipelined(producer, batch_size):
-        for kwargs in prepared:
-            task_id = uuid()
-            routed = amqp.router.route(
-                {**exec_options, **options},
-                task.name,
-                (),
-                kwargs,
-                # The stubs say the class; Celery's own send_task passes the instance.
-                task,  # type: ignore[arg-type]
-            )
-            countdown, eta = routed.pop("countdown", None), routed.pop("eta", None)
-            expires = routed.pop("expires", None)
-            time_limit = routed.pop("time_limit", None)
-            soft_time_limit = routed.pop("soft_time_limit", None)
-            try:
-                message = amqp.create_task_message(
-                    task_id, task.name, (), kwargs, countdown, eta, expires=expires,
-                    reply_to=app.thread_oid, time_limit=time_limit,
-                    soft_time_limit=soft_time_limit,
-                    create_sent_event=app.conf.task_send_sent_event, **routed,
-                )  # fmt: skip
-                amqp.send_task_message(producer, task.name, message, **routed)
-            except EncodeError as exc:
-                raise TaskArgumentError(
-                    f"{task.name}: arguments must be JSON-serializable: {exc}"
-                ) from exc
-            results.append(task.AsyncResult(task_id))
+    with app.producer_or_acquire() as producer:
+        deferred = bool(getattr(producer, "supports_batch_publish", False))
+        for start in range(0, len(prepared), batch_size):
+            chunk = prepared[start : start + batch_size]
+            # Exits run inner first: the chunk's SENT records are written, then
+            # its messages published, so a worker never finds SENT after its
+            # own state. Where publishes are not deferred (RabbitMQ), the SENT
+            # records are not either.
+            sent_records = buffered_sent_records(app) if deferred else contextlib.nullcontext()
+            with _pipelined(producer, 2 * len(chunk) + 16), sent_records:
+                for kwargs in chunk:
+                    results.append(_send_one(task, producer, kwargs, exec_options, options))
     return results
+
+
+def _send_one(
+    task: BackgroundTask[Any, Any],
+    producer: Any,
+    kwargs: dict[str, Any],
+    exec_options: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> AsyncResult[Any]:
+    app, task_id = task.app, uuid()
+    amqp = app.amqp
+    routed = amqp.router.route(
+        {**exec_options, **options},
+        task.name,
+        (),
+        kwargs,
+        # The stubs say the class; Celery's own send_task passes the instance.
+        task,  # type: ignore[arg-type]
+    )
+    countdown, eta = routed.pop("countdown", None), routed.pop("eta", None)
+    expires = routed.pop("expires", None)
+    time_limit = routed.pop("time_limit", None)
+    soft_time_limit = routed.pop("soft_time_limit", None)
+    try:
+        message = amqp.create_task_message(
+            task_id, task.name, (), kwargs, countdown, eta, expires=expires,
+            reply_to=app.thread_oid, time_limit=time_limit, soft_time_limit=soft_time_limit,
+            create_sent_event=app.conf.task_send_sent_event, **routed,
+        )  # fmt: skip
+        amqp.send_task_message(producer, task.name, message, **routed)
+    except EncodeError as exc:
+        raise TaskArgumentError(f"{task.name}: arguments must be JSON-serializable: {exc}") from exc
+    return task.AsyncResult(task_id)
 
 
 def _pipelined(producer: Any, batch_size: int) -> contextlib.AbstractContextManager[Any]:

@@ -9,7 +9,9 @@ through this app, or its result expired (``result_expires``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -90,12 +92,39 @@ def record_revoked(app: Celery, task_id: str, reason: str) -> None:
     _store(app, task_id, meta, states.REVOKED)
 
 
+# Set by ``buffered_sent_records``: the SENT writes of a bulk dispatch go into
+# one Redis pipeline, executed before any of its messages is published.
+_sent_pipeline: ContextVar[Any | None] = ContextVar("background_sent_pipeline", default=None)
+
+
+@contextmanager
+def buffered_sent_records(app: Celery) -> Iterator[None]:
+    """Buffer the SENT records made inside the block; write them all when it ends.
+
+    The caller must publish the block's messages only after it ends (a worker
+    must never find SENT written after its own STARTED or SUCCESS).
+    """
+    backend = app.backend
+    if not isinstance(backend, RedisBackend):
+        yield
+        return
+    pipeline = backend.client.pipeline(transaction=False)
+    token = _sent_pipeline.set(pipeline)
+    try:
+        yield
+    finally:
+        _sent_pipeline.reset(token)
+    pipeline.execute()
+
+
 def _store(app: Celery, task_id: str, meta: dict[str, Any], state: str) -> None:
     backend = app.backend
     if isinstance(backend, RedisBackend):
         # One SET with the backend's expiry: no read-before-write, no pub/sub.
         key = backend.get_key_for_task(task_id)
-        backend.client.set(key, backend.encode(meta), ex=getattr(backend, "expires", None) or None)
+        expires = getattr(backend, "expires", None) or None
+        client = _sent_pipeline.get() if state == SENT else None
+        (client or backend.client).set(key, backend.encode(meta), ex=expires)
     elif isinstance(backend, BaseKeyValueStoreBackend):
         backend.set(backend.get_key_for_task(task_id), backend.encode(meta))
     else:
