@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 import time
 
@@ -31,6 +32,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown suite(s): {', '.join(sorted(unknown))}")
     brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
+    # SIGTERM unwinds like Ctrl-C: workers stopped, database and vhost removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from bench.environment import bench_services
 

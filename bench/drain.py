@@ -69,16 +69,23 @@ class WorkerSet:
             worker.stop()
 
     def _control(self, method: str) -> None:
-        with Connection(self.broker_url) as connection:
-            replies = getattr(celery_app.control, method)(
-                QUEUE,
-                destination=self.destinations,
-                reply=True,
-                timeout=10,
-                connection=connection,
-            )
-        if len(replies) != len(self.workers):
-            raise RuntimeError(f"{method}: {len(replies)} of {len(self.workers)} workers replied")
+        # A busy or slow machine can lose a broadcast reply: ask again (both
+        # commands are idempotent) before giving up.
+        replies: list[Any] = []
+        for _ in range(3):
+            with Connection(self.broker_url) as connection:
+                replies = getattr(celery_app.control, method)(
+                    QUEUE,
+                    destination=self.destinations,
+                    reply=True,
+                    timeout=5,
+                    connection=connection,
+                )
+            if len(replies) == len(self.workers):
+                return
+        raise RuntimeError(
+            f"{method} on {self.topology.label}: {len(replies)} of {len(self.workers)} replied"
+        )
 
     def consume(self) -> None:
         self._control("add_consumer")

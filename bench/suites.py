@@ -136,7 +136,9 @@ def dispatch(report: Report, services: BenchServices, rounds: int, count: int) -
             started = time.perf_counter()
             run()
             figure.values.append((time.perf_counter() - started) / count * 1e6)
-            broker.flushdb()
+            # Only the messages: flushing the database would also drop kombu's
+            # exchange bindings, and with them remote control (add_consumer).
+            broker.delete("default", "bench-raw")
             services.results().flushdb()
     plain, dedup, bulk_figure, _ = (side[0] for side in sides)
     report.ratio(suite, "delay_many / .delay() loop (throughput)", bulk_figure, plain, ">= 2.5")
@@ -170,11 +172,13 @@ def topology(
         else:
             backlog, close = rabbit_backlog(url)
         try:
-            _drain_rounds(
-                services, url,
-                [(figure, workers, "bench.noop", lambda i: {"i": i}) for figure, workers in sides],
-                count, rounds, backlog,
-            )  # fmt: skip
+            # One set of workers at a time: with every topology's workers up at
+            # once, broadcast replies went missing (and idle workers cost CPU).
+            for figure, workers in sides:
+                _drain_rounds(
+                    services, url, [(figure, workers, "bench.noop", lambda i: {"i": i})],
+                    count, rounds, backlog,
+                )  # fmt: skip
         finally:
             close()
         default = sides[0][0]
