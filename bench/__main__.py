@@ -12,6 +12,7 @@ import shlex
 import signal
 import sys
 import time
+from typing import Any
 
 SUITES = ("throughput", "db", "dispatch", "topology")
 
@@ -47,14 +48,10 @@ def main() -> None:
         started = time.monotonic()
         for name in chosen:
             print(f"== {name} ...", flush=True)
-            if name == "throughput":
-                suites.throughput(report, services, args.rounds, args.tasks)
-            elif name == "db":
-                suites.database(report, services, args.rounds, args.db_tasks)
-            elif name == "dispatch":
-                suites.dispatch(report, services, args.rounds, args.calls)
-            elif name == "topology":
-                suites.topology(report, services, args.rounds, args.topology_tasks, brokers)
+            try:
+                run_suite(name, suites, report, services, args, brokers)
+            except Exception as exc:  # noqa: BLE001 - one failing suite must not lose the others
+                report.notes.append(f"suite {name} failed: {type(exc).__name__}: {exc}")
             print(report.table(), flush=True)
         report.notes.append(f"total run time {time.monotonic() - started:.0f}s")
         print("\n".join(machine_lines))
@@ -62,6 +59,24 @@ def main() -> None:
             command = "python -m bench " + shlex.join(sys.argv[1:])
             write_results(report, command.strip(), machine_lines)
             print("written bench/RESULTS.md")
+
+
+def run_suite(
+    name: str,
+    suites: Any,
+    report: Any,
+    services: Any,
+    args: argparse.Namespace,
+    brokers: list[str],
+) -> None:
+    if name == "throughput":
+        suites.throughput(report, services, args.rounds, args.tasks)
+    elif name == "db":
+        suites.database(report, services, args.rounds, args.db_tasks)
+    elif name == "dispatch":
+        suites.dispatch(report, services, args.rounds, args.calls)
+    elif name == "topology":
+        suites.topology(report, services, args.rounds, args.topology_tasks, brokers)
 
 
 if __name__ == "__main__":
