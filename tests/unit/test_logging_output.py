@@ -67,6 +67,21 @@ def test_celery_success_line_hides_the_result_and_arguments_by_default() -> None
     assert line["duration"] == 0.5
 
 
+def test_celerys_success_line_is_dropped_for_framework_tasks_only() -> None:
+    # The framework's own "Task succeeded" line (duration, outcome) replaces it.
+    from celery.app.trace import LOG_SUCCESS
+
+    from app.core.background.tasks import ping
+
+    line_filter = CeleryTaskRecordFilter()
+    ours = record("celery.app.trace", LOG_SUCCESS, {"id": "t1", "name": ping.name, "runtime": 0.1})
+    plain = record(
+        "celery.app.trace", LOG_SUCCESS, {"id": "t2", "name": "raw.task", "runtime": 0.1}
+    )
+    assert line_filter.filter(ours) is False
+    assert line_filter.filter(plain) is True
+
+
 def test_arguments_are_logged_when_asked() -> None:
     context = {"id": "t1", "name": "x.y", "args": "(42,)", "kwargs": "{'k': 1}"}
     line = render_json(record("celery.worker.strategy", "Task %(name)s[%(id)s] received",

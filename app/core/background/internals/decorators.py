@@ -75,6 +75,9 @@ class TaskRegistry:
     def clear(self) -> None:
         self._functions.clear()
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._functions
+
     def names(self) -> list[str]:
         return sorted(self._functions)
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal
 
 import structlog
+from celery.app.trace import LOG_SUCCESS
 
 SUCCESS = 25
 logging.addLevelName(SUCCESS, "SUCCESS")
@@ -107,6 +108,10 @@ class CeleryTaskRecordFilter(logging.Filter):
             return True
         if record.name not in _CELERY_TASK_LOGGERS or not isinstance(record.args, Mapping):
             return True
+        if record.msg is LOG_SUCCESS and _is_framework_task(record.args.get("name")):
+            # The framework's own "Task succeeded" line (with duration and outcome
+            # fields) replaces Celery's: one formatted line per task, as in Celery.
+            return False
         context = dict(record.args)
         fields: dict[str, Any] = {"task_id": context.get("id"), "task_name": context.get("name")}
         if "runtime" in context:
@@ -138,6 +143,12 @@ class CeleryTaskRecordFilter(logging.Filter):
         if "message body was" in str(record.msg):
             # (error, body[, headers, delivery_info]): keep the error, hide the rest.
             record.args = (args[0], *([_HIDDEN] * (len(args) - 1)))
+
+
+def _is_framework_task(name: object) -> bool:
+    from .decorators import registry  # decorators -> base -> context -> this module
+
+    return name in registry
 
 
 def build_formatter(log_format: Literal["console", "json"]) -> logging.Formatter:
