@@ -48,16 +48,25 @@ def throughput(report: Report, services: BenchServices, rounds: int, count: int)
     suite = f"no-op drain, {count} tasks, prefork c=2, Redis"
     framework = report.figure(suite, "@simple_task no-op", "tasks/s")
     raw = report.figure(suite, "raw @celery_app.task no-op", "tasks/s")
+    # Where the difference comes from: the framework's default time limits
+    # (the `standard` policy's) make billiard track a timer per task in the
+    # worker's main process. The same no-op with and without them, both sides.
+    unlimited = report.figure(suite, "@simple_task no-op, time limits off", "tasks/s")
+    raw_limited = report.figure(suite, "raw no-op with the same time limits", "tasks/s")
     env = services.worker_env()
     one = WorkerSet(Topology("prefork c=2"), services.broker_url, env)
     two = WorkerSet(Topology("prefork c=2"), services.broker_url, env)
     _drain_rounds(
         services, services.broker_url,
         [(framework, one, "bench.noop", lambda i: {"i": i}),
-         (raw, two, "bench.raw_noop", lambda i: {"i": i})],
+         (raw, two, "bench.raw_noop", lambda i: {"i": i}),
+         (unlimited, one, "bench.noop_unlimited", lambda i: {"i": i}),
+         (raw_limited, two, "bench.raw_noop_limited", lambda i: {"i": i})],
         count, rounds, redis_backlog(services.broker()),
     )  # fmt: skip
     report.ratio(suite, "framework / raw", framework, raw, ">= 0.95")
+    report.ratio(suite, "framework / raw, both with time limits", framework, raw_limited, "")
+    report.ratio(suite, "framework / raw, both without time limits", unlimited, raw, "")
 
 
 def _create_table(services: BenchServices) -> None:

@@ -36,6 +36,16 @@ def raw_noop(i: int) -> None:
     """Celery's own no-op."""
 
 
+@celery_app.task(name="bench.raw_noop_limited", time_limit=330, soft_time_limit=300)
+def raw_noop_limited(i: int) -> None:
+    """Celery's own no-op with the time limits of the framework's ``standard`` policy."""
+
+
+@simple_task(name="bench.noop_unlimited", time_limit=None, soft_time_limit=None)
+def noop_unlimited(ctx: TaskContext, i: int) -> None:
+    """The framework's no-op without time limits, to see what the limits cost."""
+
+
 # -- one INSERT ---------------------------------------------------------------
 
 
