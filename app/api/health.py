@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -46,7 +46,7 @@ def _worker_answers() -> None:
 
 
 @router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
+async def health(request: Request, response: Response) -> dict[str, Any]:
     engine: AsyncEngine = request.app.state.engine
 
     async def database() -> None:
@@ -69,4 +69,7 @@ async def health(request: Request) -> dict[str, Any]:
         group.start_soon(run, "broker", broker, BROKER_TIMEOUT)
         group.start_soon(run, "worker", worker, WORKER_TIMEOUT + 1)
     status = "ok" if all(v == "ok" for v in checks.values()) else "degraded"
+    if status != "ok":
+        # Load balancers and probes read the code, not the body.
+        response.status_code = 503
     return {"status": status, **{k: checks[k] for k in ("database", "broker", "worker")}}

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
                 )
             if self.is_sqlite:
                 raise ValueError("SQLite is for development only; set DATABASE_URL in production")
+            if self.celery_result_backend.startswith("db+sqlite"):
+                raise ValueError(
+                    "the SQLite result backend is for development only (one file per host); "
+                    "set CELERY_RESULT_BACKEND in production"
+                )
         return self
 
 

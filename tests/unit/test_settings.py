@@ -53,3 +53,12 @@ def test_visibility_timeout_must_exceed_retry_delays_and_time_limits() -> None:
 def test_retry_delay_scale_must_not_be_negative() -> None:
     with pytest.raises(ValidationError):
         embedded(background_retry_delay_scale=-1)
+
+
+def test_sqlite_result_backend_is_refused_in_production() -> None:
+    with pytest.raises(ValidationError, match="SQLite result backend is for development only"):
+        embedded(
+            environment="production",
+            celery_broker_url="redis://127.0.0.1:6379/0",
+            database_url="postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+        )

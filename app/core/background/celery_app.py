@@ -116,7 +116,11 @@ def create_celery_app(settings: Settings) -> Celery:
     deduplicator.configure(
         store_from_settings(settings), queue_margin=settings.background_dedup_queue_margin
     )
-    if settings.is_embedded_broker or settings.is_sqlite:
+    if (
+        settings.is_embedded_broker
+        or settings.is_sqlite
+        or settings.celery_result_backend.startswith("db+sqlite")
+    ):
         # SQLite and the file broker need their folder; the result backend opens
         # its file before the broker creates anything.
         DATA_DIR.mkdir(exist_ok=True)

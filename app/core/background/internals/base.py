@@ -10,6 +10,7 @@ or a final failure according to the exception type and the retry policy.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from functools import partial
@@ -245,8 +246,12 @@ class DatabaseTask(BackgroundTask[P, R]):
             await session.commit()
             return result
         except BaseException:
-            await session.rollback()
+            # A rollback that fails too (the connection is gone) must not replace
+            # the task's own error: that error decides whether the task is retried.
+            with contextlib.suppress(Exception):
+                await session.rollback()
             raise
         finally:
             if owns_session:
-                await session.close()
+                with contextlib.suppress(Exception):
+                    await session.close()

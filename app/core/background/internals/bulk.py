@@ -27,6 +27,7 @@ from celery.utils import uuid
 from kombu.exceptions import EncodeError
 
 from .exceptions import TaskArgumentError
+from .monitoring import record_dispatch
 from .status import buffered_sent_records
 
 if TYPE_CHECKING:
@@ -112,6 +113,8 @@ def _send_one(
         amqp.send_task_message(producer, task.name, message, **routed)
     except EncodeError as exc:
         raise TaskArgumentError(f"{task.name}: arguments must be JSON-serializable: {exc}") from exc
+    queue = routed.get("queue") or task.background_queue
+    record_dispatch(task.name, str(getattr(queue, "name", queue)))
     return task.AsyncResult(task_id)
 
 

@@ -23,7 +23,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from celery import signals
-from celery.exceptions import Reject, WorkerLostError
+from celery.exceptions import Reject, TimeLimitExceeded, WorkerLostError
 from celery.result import AsyncResult
 from celery.worker.state import REVOKE_EXPIRES
 
@@ -143,10 +143,13 @@ class Deduplicator:
         headers = dict(options.get("headers") or {})
         token = headers.get(TOKEN_HEADER)
         options[CLAIMED_OPTION] = True
-        if token and options.get("retries"):
+        if options.get("retries"):
             # A retry (or a retry after a lost worker) re-sends the same task
-            # with the same id and headers: it keeps, and extends, its lease.
-            self.store.extend(task_id or "", token, float(headers[TTL_HEADER]))
+            # with the same id and headers: it keeps, and extends, its lease if
+            # it has one. A retry of a task sent without a custom id has none and
+            # must not take one. A failing lease store must not drop the retry.
+            if token:
+                self._guarded(self.store.extend, task_id or "", token, float(headers[TTL_HEADER]))
             return send(task_id, options)
         period = options.pop(PERIOD_OPTION, None)
         keep_until: float | None = None
@@ -293,7 +296,8 @@ def _on_postrun(
 def _on_failure(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
     # In the worker's main process, for a task whose pool process died and
     # that is not retried nor requeued: postrun never ran for it.
-    if isinstance(exception, WorkerLostError) and sender is not None:
+    # A hard time limit kills the pool process too (TimeLimitExceeded).
+    if isinstance(exception, WorkerLostError | TimeLimitExceeded) and sender is not None:
         deduplicator.finished(task_id, _lease_headers(sender.request))
 
 

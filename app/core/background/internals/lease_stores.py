@@ -222,11 +222,16 @@ class DatabaseLeaseStore:
         return self._loop.run(self._execute(sql, **params))
 
     def acquire(self, key: str, token: str, ttl: float) -> str | None:
-        now = time.time()
-        row = self._run(_SQL_ACQUIRE, key=key, token=token, expires=now + ttl, now=now)
-        if row is not None:
-            return str(row[0])
-        return self.holder(key)
+        # Two statements: a holder that releases (or expires) between them leaves
+        # no holder to report, and then the insert is tried again.
+        while True:
+            now = time.time()
+            row = self._run(_SQL_ACQUIRE, key=key, token=token, expires=now + ttl, now=now)
+            if row is not None:
+                return str(row[0])
+            holder = self.holder(key)
+            if holder is not None:
+                return holder
 
     def extend(self, key: str, token: str, ttl: float) -> bool:
         return bool(self._run(_SQL_EXTEND, key=key, token=token, expires=time.time() + ttl))

@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .after_commit import check_dispatch
+from .monitoring import record_dispatch
 
 if TYPE_CHECKING:
     from .base import BackgroundTask
@@ -57,7 +58,9 @@ class OutboxMessage(OutboxBase):
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
-    task_id: Mapped[str] = mapped_column(String(64), unique=True)
+    # Not unique: a custom id (``update-{entity_id}``) is reused once its task has
+    # run; sent rows stay. Long enough for ``args_key`` ids.
+    task_id: Mapped[str] = mapped_column(String(255), index=True)
     task_name: Mapped[str] = mapped_column(String(200))
     # JSON (kombu's encoder, as the broker message would carry it): [args, kwargs, options].
     payload: Mapped[str] = mapped_column(Text)
@@ -137,7 +140,11 @@ def _publish(app: Celery, rows: Sequence[Any]) -> tuple[list[int], tuple[int, st
     for row in rows:
         args, kwargs, options = loads(row.payload)
         try:
+            # By name: the relay need not import every task module. (A custom id
+            # is therefore not deduplicated here, unlike .delay(); the writer's
+            # transaction decides whether the task exists at all.)
             app.send_task(row.task_name, args, kwargs, task_id=row.task_id, **options)
+            record_dispatch(row.task_name, str(options.get("queue") or "default"))
         except Exception as exc:  # noqa: BLE001 - kept in the row and retried by the next pass
             logger.warning("Outbox send failed", extra={"task_id": row.task_id, "error": repr(exc)})
             return sent, (row.id, f"{type(exc).__name__}: {exc}")
