@@ -163,7 +163,14 @@ async def run_relay(
     """Relay until cancelled (or one drain with ``once``); the number of rows sent."""
     total = 0
     while True:
-        sent = await relay_outbox(sessions, app, batch_size)
+        try:
+            sent = await relay_outbox(sessions, app, batch_size)
+        except Exception as exc:  # a database blip must not stop the relay
+            if once:
+                raise
+            logger.warning("Outbox relay pass failed", extra={"error": repr(exc)})
+            await anyio.sleep(interval)
+            continue
         total += sent
         if sent:
             logger.info("Outbox relayed", extra={"sent": sent})
