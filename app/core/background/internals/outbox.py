@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .after_commit import check_dispatch
+from .monitoring import record_dispatch
 
 if TYPE_CHECKING:
     from .base import BackgroundTask
@@ -143,6 +144,7 @@ def _publish(app: Celery, rows: Sequence[Any]) -> tuple[list[int], tuple[int, st
             # is therefore not deduplicated here, unlike .delay(); the writer's
             # transaction decides whether the task exists at all.)
             app.send_task(row.task_name, args, kwargs, task_id=row.task_id, **options)
+            record_dispatch(row.task_name, str(options.get("queue") or "default"))
         except Exception as exc:  # noqa: BLE001 - kept in the row and retried by the next pass
             logger.warning("Outbox send failed", extra={"task_id": row.task_id, "error": repr(exc)})
             return sent, (row.id, f"{type(exc).__name__}: {exc}")
