@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
@@ -228,3 +229,20 @@ def test_a_thousand_db_tasks_through_prefork(stack: Services, worker: Any) -> No
     log = worker.log()
     for trap in ("attached to a different loop", "another operation is in progress"):
         assert trap not in log
+
+
+def test_progress_of_an_async_retry_is_stored_with_its_attempt(stack: Services) -> None:
+    # The body runs on the loop thread, where Celery's request is empty: the
+    # PROGRESS state must still carry this run's request (attempt 1).
+    from app.core.background import celery_app, get_task_status
+
+    k = key()
+    result = tasks.progress_after_retry.delay(key=k)
+    deadline = time.monotonic() + RESULT_TIMEOUT
+    while result.state != "PROGRESS" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = get_task_status(celery_app, result.id)
+    assert (status.state, status.attempt) == ("progress", 1)
+    assert status.progress == {"done": 1, "total": 2, "percent": 50.0}
+    stack.redis().set(f"release:{k}", 1)
+    assert result.get(timeout=RESULT_TIMEOUT)["attempt"] == 1

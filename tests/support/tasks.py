@@ -175,3 +175,16 @@ def sleep_sync(ctx: TaskContext, seconds: float) -> None:
 @simple_task(name="tests.echo", retry_policy="no_retry")
 def echo(ctx: TaskContext, **payload: Any) -> dict[str, Any]:
     return ctx.success_result(**payload)
+
+
+@simple_task(name="tests.progress_after_retry", retry_policy="aggressive")
+async def progress_after_retry(ctx: TaskContext, key: str) -> dict[str, Any]:
+    """Fails once, then publishes progress and waits for ``release:{key}``."""
+    if ctx.attempt == 0:
+        raise ConnectionError("first attempt fails")
+    ctx.log_progress(done=1, total=2)
+    for _ in range(600):
+        if counter().exists(f"release:{key}"):
+            break
+        await asyncio.sleep(0.05)
+    return ctx.success_result(attempt=ctx.attempt)

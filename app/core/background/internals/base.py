@@ -172,7 +172,7 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
         delivery = request.delivery_info or {}
         # Bound to this run's id: an async body runs on the event loop's thread,
         # where Celery's thread-local ``self.request`` has no id.
-        publish = None if self.ignore_result else partial(self._publish_progress, request.id or "")
+        publish = None if self.ignore_result else partial(self._publish_progress, request)
         return TaskContext(
             task_id=request.id or "",
             task_name=self.name,
@@ -181,8 +181,11 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
             publish_progress=publish,
         )
 
-    def _publish_progress(self, task_id: str, metrics: Mapping[str, Any]) -> None:
-        self.update_state(task_id=task_id, state="PROGRESS", meta=dict(metrics))
+    def _publish_progress(self, request: Any, metrics: Mapping[str, Any]) -> None:
+        # Stored with this run's request: an async body runs on the event loop's
+        # thread, where Celery's thread-local ``self.request`` (which
+        # ``update_state`` would use) is empty, so the attempt would read 0.
+        self.backend.store_result(request.id, dict(metrics), "PROGRESS", request=request)
 
     def _check_received_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         try:
