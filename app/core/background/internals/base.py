@@ -79,12 +79,18 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
 
     # -- dispatch ---------------------------------------------------------
 
-    def check_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        """Raise ``TaskArgumentError`` if the body cannot be called with these arguments."""
+    def argument_error(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
+        """Why the body cannot be called with these arguments (None if it can)."""
         try:
             self.body_signature.bind(None, *args, **kwargs)
         except TypeError as exc:
-            raise TaskArgumentError(f"{self.name}: {exc}") from None
+            return f"{self.name}: {exc}"
+        return None
+
+    def check_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Raise ``TaskArgumentError`` if the body cannot be called with these arguments."""
+        if (error := self.argument_error(args, kwargs)) is not None:
+            raise TaskArgumentError(error)
 
     def apply_async(
         self,
@@ -188,11 +194,9 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
         self.backend.store_result(request.id, dict(metrics), "PROGRESS", request=request)
 
     def _check_received_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        try:
-            self.body_signature.bind(None, *args, **kwargs)
-        except TypeError as exc:
-            # A message that cannot be run as sent never will be: do not retry it.
-            raise TaskValidationError(f"{self.name}: {exc}") from None
+        # A message that cannot be run as sent never will be: do not retry it.
+        if (error := self.argument_error(args, kwargs)) is not None:
+            raise TaskValidationError(error)
 
     def _after_failure(self, ctx: TaskContext, exc: Exception, duration: float) -> BaseException:
         """The exception to raise: ``Retry`` for a retry, ``exc`` for a final failure."""

@@ -47,13 +47,17 @@ class TaskLogger:
         self.fields.update(fields)
 
     def log(self, level: int, message: str, exc_info: bool = False, **fields: Any) -> None:
+        self._emit(level, message, exc_info, fields)
+
+    def _emit(self, level: int, message: str, exc_info: bool, fields: Mapping[str, Any]) -> None:
         if self._logger.isEnabledFor(level):
             self._logger.log(
                 level,
                 message,
                 exc_info=exc_info,
                 extra={"fields": {**self.fields, **fields}},
-                stacklevel=3,
+                # _emit, log, ctx.log_*: the record points at the task's own line.
+                stacklevel=4,
             )
 
 

@@ -62,15 +62,7 @@ class RecordingTaskLogger(TaskLogger):
     def log(self, level: int, message: str, exc_info: bool = False, **fields: Any) -> None:
         name = _NAMES.get(level, logging.getLevelName(level).lower())
         self.records.append(LoggedRecord(name, message, dict(fields)))
-        if self._logger.isEnabledFor(level):
-            # Same call as TaskLogger.log, one frame deeper: point at the task's line.
-            self._logger.log(
-                level,
-                message,
-                exc_info=exc_info,
-                extra={"fields": {**self.fields, **fields}},
-                stacklevel=3,
-            )
+        self._emit(level, message, exc_info, fields)
 
 
 class TaskTestContext(TaskContext):
