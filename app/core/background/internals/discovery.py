@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from celery.loaders.app import AppLoader
 
@@ -44,7 +45,18 @@ def find_task_modules(
 
 
 class TaskModuleLoader(AppLoader):
-    """Celery's loader, with import errors that name the failing ``tasks.py``."""
+    """Celery's loader, with import errors that name the failing ``tasks.py``.
+
+    It also maps the Redis result backend URLs to the framework's atomic
+    variant (``result_backend.py``): Celery looks backend schemes up in the
+    loader's ``override_backends`` before its own aliases.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.override_backends = dict.fromkeys(
+            ("redis", "rediss"), "app.core.background.internals.result_backend:AtomicRedisBackend"
+        )
 
     def import_task_module(self, module: str) -> ModuleType:
         try:

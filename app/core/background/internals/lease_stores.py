@@ -144,14 +144,20 @@ RETURNING token
 """
 
 
-async def _create_table(engine: Any) -> None:
-    from sqlalchemy import exc, text
+# Any constant: the advisory lock that serializes the table's creation.
+_CREATE_LOCK_ID = 0x6267_6C65_6173_65  # "bglease"
 
-    try:
-        async with engine.begin() as connection:
-            await connection.execute(text(_CREATE))
-    except exc.IntegrityError:
-        pass  # PostgreSQL: another process created it at the same moment
+
+async def _create_table(engine: Any) -> None:
+    from sqlalchemy import text
+
+    async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Two PostgreSQL sessions running CREATE TABLE IF NOT EXISTS at the
+            # same moment can both miss the other's table and one then fails
+            # (duplicate type or key): take turns, the second sees it exists.
+            await connection.execute(text(f"SELECT pg_advisory_xact_lock({_CREATE_LOCK_ID})"))
+        await connection.execute(text(_CREATE))
 
 
 class _LoopThread:

@@ -21,6 +21,8 @@ from celery.backends.base import BaseKeyValueStoreBackend
 from celery.backends.redis import RedisBackend
 from celery.exceptions import TaskRevokedError
 
+from .result_backend import AtomicRedisBackend
+
 SENT = "SENT"
 PROGRESS = "PROGRESS"
 
@@ -119,7 +121,10 @@ def buffered_sent_records(app: Celery) -> Iterator[None]:
 
 def _store(app: Celery, task_id: str, meta: dict[str, Any], state: str) -> None:
     backend = app.backend
-    if isinstance(backend, RedisBackend):
+    if state != SENT and isinstance(backend, AtomicRedisBackend):
+        # A revocation arriving after the task succeeded keeps the result.
+        backend.store_unless_succeeded(task_id, meta)
+    elif isinstance(backend, RedisBackend):
         # One SET with the backend's expiry: no read-before-write, no pub/sub.
         key = backend.get_key_for_task(task_id)
         expires = getattr(backend, "expires", None) or None

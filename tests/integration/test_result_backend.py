@@ -1,0 +1,133 @@
+"""The atomic Redis result backend, against this run's real Redis database."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import pytest
+from celery import states
+from celery.backends.redis import RedisBackend
+
+from app.core.background import celery_app
+from app.core.background.internals.result_backend import AtomicRedisBackend
+from app.core.background.internals.status import get_task_status, record_revoked
+from tests.support.services import Services
+
+pytestmark = pytest.mark.usefixtures("redis_service")
+
+
+@pytest.fixture
+def backend() -> AtomicRedisBackend:
+    chosen = celery_app.backend
+    assert isinstance(chosen, AtomicRedisBackend)
+    return chosen
+
+
+def new_id() -> str:
+    return f"rb-{uuid.uuid4().hex}"
+
+
+def test_redis_urls_select_the_atomic_backend_which_is_still_celerys(
+    backend: AtomicRedisBackend,
+) -> None:
+    assert isinstance(backend, RedisBackend)
+    assert backend.url == celery_app.conf.result_backend
+
+
+def test_states_are_stored_with_the_expiry_and_read_back(
+    backend: AtomicRedisBackend, redis_client: Any
+) -> None:
+    task_id = new_id()
+    backend.store_result(task_id, {"done": 1}, states.STARTED)
+    assert backend.get_task_meta(task_id)["status"] == states.STARTED
+    backend.store_result(task_id, {"status": "success", "n": 2}, states.SUCCESS)
+    meta = backend.get_task_meta(task_id)
+    assert (meta["status"], meta["result"]) == (states.SUCCESS, {"status": "success", "n": 2})
+    ttl = redis_client.ttl(backend.get_key_for_task(task_id))
+    assert 0 < ttl <= backend.expires
+
+
+@pytest.mark.parametrize("late_state", [states.STARTED, states.RETRY, "PROGRESS", states.FAILURE])
+def test_a_late_write_never_replaces_a_success(
+    backend: AtomicRedisBackend, late_state: str
+) -> None:
+    task_id = new_id()
+    backend.store_result(task_id, {"ok": True}, states.SUCCESS)
+    late_result: Any = ValueError("late") if late_state == states.FAILURE else None
+    backend.store_result(task_id, late_result, late_state)
+    assert backend.get_task_meta(task_id)["status"] == states.SUCCESS
+
+
+def test_a_result_that_mentions_success_is_not_taken_for_the_state(
+    backend: AtomicRedisBackend,
+) -> None:
+    task_id = new_id()
+    backend.store_result(task_id, {"message": "SUCCESS", "status": "SUCCESS"}, "PROGRESS")
+    backend.store_result(task_id, None, states.RETRY)
+    assert backend.get_task_meta(task_id)["status"] == states.RETRY
+
+
+def test_one_round_trip_per_state_and_subscribers_get_it(
+    backend: AtomicRedisBackend, redis_service: Services
+) -> None:
+    """No GET before the write: one EVALSHA, whose own GET/SET/PUBLISH run inside Redis."""
+    task_id = new_id()
+    key = backend.get_key_for_task(task_id).decode()
+    backend.store_result(new_id(), None, states.STARTED)  # loads the script
+    listener = redis_service.redis().pubsub()
+    listener.subscribe(key)
+    assert listener.get_message(timeout=5)["type"] == "subscribe"
+    seen: list[dict[str, Any]] = []
+    with redis_service.redis().monitor() as monitor:
+        done = threading.Event()
+
+        def store() -> None:
+            backend.store_result(task_id, {"n": 1}, states.SUCCESS)
+            done.set()
+
+        writer = threading.Thread(target=store)
+        writer.start()
+        for command in monitor.listen():
+            if key in command["command"]:
+                seen.append(command)
+            if done.is_set() and any("PUBLISH" in c["command"] for c in seen):
+                break
+        writer.join()
+    from_clients = [c["command"].split()[0] for c in seen if c.get("client_type") != "lua"]
+    assert from_clients == ["EVALSHA"]
+    message = listener.get_message(timeout=5)
+    assert message is not None
+    assert backend.decode(message["data"])["status"] == states.SUCCESS
+    listener.close()
+
+
+def test_success_wins_against_concurrent_state_writes(backend: AtomicRedisBackend) -> None:
+    """Many writers of STARTED race one SUCCESS: whatever the interleaving, SUCCESS stays."""
+    task_ids = [new_id() for _ in range(20)]
+    start = threading.Barrier(5)
+
+    def write_started() -> None:
+        start.wait()
+        for task_id in task_ids * 10:
+            backend.store_result(task_id, None, states.STARTED)
+
+    writers = [threading.Thread(target=write_started) for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    start.wait()
+    for task_id in task_ids:
+        backend.store_result(task_id, "done", states.SUCCESS)
+    for writer in writers:
+        writer.join()
+    assert {backend.get_task_meta(t)["status"] for t in task_ids} == {states.SUCCESS}
+
+
+def test_revoking_a_finished_task_keeps_its_result(backend: AtomicRedisBackend) -> None:
+    finished, queued = new_id(), new_id()
+    backend.store_result(finished, {"status": "success"}, states.SUCCESS)
+    record_revoked(celery_app, finished, "too late")
+    record_revoked(celery_app, queued, "cancelled")
+    assert get_task_status(celery_app, finished).state == "success"
+    assert get_task_status(celery_app, queued).state == "revoked"
