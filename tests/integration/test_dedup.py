@@ -379,6 +379,29 @@ def test_worker_death_runs_the_task_again_once_under_the_same_lease(
     wait_for(lambda: redis_leases.store.holder(task_id) is None)
 
 
+def test_db_task_killed_after_its_commit_is_not_run_again(
+    stack: Services, redis_leases: Target
+) -> None:
+    """Killed between commit and acknowledgement: the redelivery sees the completion row."""
+    k = new_key()
+    task_id = f"update-{k}"
+    result = redis_leases.send(tasks_dedup.commit_then_die, k, task_id=task_id)
+    outcome = result.get(timeout=RESULT_TIMEOUT)
+    assert outcome == {"status": "success", "task_id": task_id, "already_completed": True}
+    assert executions(stack, k) == 1
+    wait_for(lambda: redis_leases.store.holder(task_id) is None)
+
+
+def test_without_task_id_the_same_death_completes_the_work_twice(
+    stack: Services, redis_leases: Target
+) -> None:
+    """The control: at-least-once delivery, nothing to tell the redelivery apart."""
+    k = new_key()
+    result = redis_leases.send(tasks_dedup.commit_then_die, k)
+    assert result.get(timeout=RESULT_TIMEOUT) == 1
+    assert executions(stack, k) == 2
+
+
 def test_worker_death_without_retries_left_frees_the_id(
     stack: Services, redis_leases: Target
 ) -> None:

@@ -157,14 +157,26 @@ def completed_count(dsn: str, prefix: str) -> int:
 class TaskRun:
     """One run of ``count`` completion tasks: send them, watch them, tally them."""
 
-    def __init__(self, scenario: str, broker_url: str, dsn: str, count: int, hold: float) -> None:
+    def __init__(
+        self,
+        scenario: str,
+        broker_url: str,
+        dsn: str,
+        count: int,
+        hold: float,
+        *,
+        with_task_ids: bool = False,
+    ) -> None:
         self.scenario, self.broker_url, self.dsn, self.hold = scenario, broker_url, dsn, hold
         self.prefix, self.keys = run_keys(count)
+        # Dispatched with a task_id each (deduplicated, and run once by the worker).
+        self.with_task_ids = with_task_ids
 
     def send(self) -> None:
         from tests.support.tasks_reliability import complete
 
-        send(self.broker_url, complete, ({"key": key, "hold": self.hold} for key in self.keys))
+        calls = ({"key": key, "hold": self.hold} for key in self.keys)
+        send(self.broker_url, complete, calls, with_task_ids=self.with_task_ids)
 
     def completed(self) -> int:
         return completed_count(self.dsn, self.prefix)
@@ -182,13 +194,26 @@ class TaskRun:
 # -- sending ----------------------------------------------------------------
 
 
-def send(broker_url: str, task: Any, kwargs_list: Iterable[Mapping[str, Any]]) -> int:
-    """Publish one message per kwargs to ``broker_url`` through one connection."""
+def send(
+    broker_url: str,
+    task: Any,
+    kwargs_list: Iterable[Mapping[str, Any]],
+    *,
+    with_task_ids: bool = False,
+) -> int:
+    """Publish one message per kwargs to ``broker_url`` through one connection.
+
+    ``with_task_ids``: each with ``task_id=complete-{key}`` (a dedup lease in
+    this run's Redis, and the worker's run-once check).
+    """
     sent = 0
     with Connection(broker_url) as connection:
         producer = connection.Producer()
         for kwargs in kwargs_list:
-            task.apply_async(kwargs=dict(kwargs), producer=producer, ignore_result=True)
+            task_id = f"complete-{kwargs['key']}" if with_task_ids else None
+            task.apply_async(
+                kwargs=dict(kwargs), producer=producer, ignore_result=True, task_id=task_id
+            )
             sent += 1
     return sent
 

@@ -22,12 +22,22 @@ TASKS = 1000
 HOLD = 0.005
 
 
-def test_pool_child_killed_mid_task(completions_db: Services, rabbit: RabbitVhost) -> None:
-    run = TaskRun("rabbitmq: pool child SIGKILL", rabbit.url, completions_db.postgres_dsn,
-                  TASKS, HOLD)  # fmt: skip
+@pytest.mark.parametrize("dispatch", ["plain", "task_id"])
+def test_pool_child_killed_mid_task(
+    completions_db: Services, rabbit: RabbitVhost, dispatch: str
+) -> None:
+    """With a task_id per task, a run killed after its commit is not completed twice."""
+    with_ids = dispatch == "task_id"
+    scenario = "rabbitmq: pool child SIGKILL" + (", tasks sent with task_id" if with_ids else "")
+    run = TaskRun(scenario, rabbit.url, completions_db.postgres_dsn, TASKS, HOLD,
+                  with_task_ids=with_ids)  # fmt: skip
+    # The worker releases the leases where this process takes them.
+    leases = {"BACKGROUND_DEDUP_BACKEND": "redis",
+              "BACKGROUND_DEDUP_REDIS_URL": completions_db.redis_url}  # fmt: skip
     with reliability_worker(
-        rabbit.url, completions_db.postgres_url, result_backend=completions_db.redis_url
-    ) as worker:
+        rabbit.url, completions_db.postgres_url, result_backend=completions_db.redis_url,
+        extra_env=leases,
+    ) as worker:  # fmt: skip
         run.send()
         killed = []
         for target in (150, 400, 650):
@@ -38,6 +48,8 @@ def test_pool_child_killed_mid_task(completions_db: Services, rabbit: RabbitVhos
     assert None not in killed
     assert tally.lost == 0
     assert tally.completed == TASKS
+    if with_ids:
+        assert tally.twice == 0
 
 
 def test_whole_worker_killed_and_restarted(completions_db: Services, rabbit: RabbitVhost) -> None:

@@ -14,7 +14,9 @@ import uuid
 
 import asyncpg
 
-from app.core.background import TaskContext, periodic, simple_task
+from app.core.background import TaskContext, db_task, periodic, simple_task
+from app.core.background.internals.hooks import TaskHook, hooks
+from tests.support.models import Record
 
 
 def _dsn() -> str:
@@ -85,3 +87,21 @@ async def die_once(ctx: TaskContext, key: str) -> int:
 async def die_always(ctx: TaskContext, key: str) -> None:
     await mark(key, ctx.attempt)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@db_task(name="tests.dedup.commit_then_die", retry_policy="aggressive")
+async def commit_then_die(ctx: TaskContext, key: str) -> int:
+    """Writes through ctx.session; its first run's process dies right after the commit."""
+    ctx.session.add(Record(key=f"{key}:{ctx.attempt}", attempt=ctx.attempt, worker_pid=os.getpid()))
+    return ctx.attempt
+
+
+class _DieAfterFirstCommit(TaskHook):
+    """Kills the pool process after ``commit_then_die``'s first commit, before the ack."""
+
+    def on_success(self, ctx: TaskContext, result: object, duration: float) -> None:
+        if ctx.task_name == commit_then_die.name and ctx.attempt == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+hooks.register(_DieAfterFirstCommit())

@@ -25,8 +25,9 @@ from sqlalchemy.orm import Session
 
 from .after_commit import enqueue_after_commit
 from .bulk import DEFAULT_BATCH_SIZE, dispatch_many
+from .completions import completion_log
 from .context import TaskContext
-from .dedup import CLAIMED_OPTION, PERIOD_OPTION, deduplicator
+from .dedup import CLAIMED_OPTION, PERIOD_OPTION, deduplicator, run_once_key
 from .dispatch import DispatchOptions, TaskOptions
 from .event_loop import worker_loop
 from .exceptions import TaskArgumentError, TaskValidationError, is_retriable
@@ -179,13 +180,15 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
         # Bound to this run's id: an async body runs on the event loop's thread,
         # where Celery's thread-local ``self.request`` has no id.
         publish = None if self.ignore_result else partial(self._publish_progress, request)
-        return TaskContext(
+        ctx = TaskContext(
             task_id=request.id or "",
             task_name=self.name,
             attempt=request.retries or 0,
             queue=delivery.get("routing_key") or self.background_queue,
             publish_progress=publish,
         )
+        ctx._run_once = run_once_key(request)
+        return ctx
 
     def _publish_progress(self, request: Any, metrics: Mapping[str, Any]) -> None:
         # Stored with this run's request: an async body runs on the event loop's
@@ -248,8 +251,16 @@ class DatabaseTask(BackgroundTask[P, R]):
         if owns_session:
             ctx._session = database.session_factory()()
         session = ctx.session
+        once = ctx._run_once
         try:
+            if once is not None and await completion_log.completed(session, once[0]):
+                # The message came back (its worker died before acknowledging
+                # it) after this run's work had committed: see completions.py.
+                ctx.log_info("Task already completed by an earlier delivery; skipped")
+                return ctx.success_result(already_completed=True)
             result = await self.body(ctx, *args, **kwargs)
+            if once is not None:
+                await completion_log.record(session, once[0], ctx.task_id, once[1])
             await session.commit()
             return result
         except BaseException:

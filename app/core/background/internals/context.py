@@ -60,6 +60,9 @@ class TaskContext:
         # Seconds between two published progress updates (a test may raise it).
         self.progress_interval = PROGRESS_INTERVAL
         self._batch_stats: StatsCounter | None = None
+        # (lease token, lease lifetime) of a run dispatched with a custom
+        # task_id: lets a db task skip a redelivery of work it committed.
+        self._run_once: tuple[str, float] | None = None
 
     # -- database ---------------------------------------------------------
 

@@ -278,6 +278,15 @@ def _lease_headers(request: Any) -> dict[str, Any]:
     }
 
 
+def run_once_key(request: Any) -> tuple[str, float] | None:
+    """(token, lease lifetime) if this run's message was sent with a lease, else None."""
+    headers = _lease_headers(request)
+    token = headers.get(TOKEN_HEADER)
+    if not token:
+        return None
+    return str(token), float(headers.get(TTL_HEADER) or 0)
+
+
 def _on_prerun(task_id: str = "", task: Any = None, **_: Any) -> None:
     if task is not None:
         deduplicator.started(task_id, _lease_headers(task.request))
