@@ -10,12 +10,14 @@ and both sides of a comparison can alternate round by round.
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery import Celery
 from celery.utils import uuid
 from kombu import Connection
 
@@ -72,15 +74,11 @@ class WorkerSet:
         # A busy or slow machine can lose a broadcast reply: ask again (both
         # commands are idempotent) before giving up.
         replies: list[Any] = []
+        control = _control_app(self.broker_url).control
         for _ in range(3):
-            with Connection(self.broker_url) as connection:
-                replies = getattr(celery_app.control, method)(
-                    QUEUE,
-                    destination=self.destinations,
-                    reply=True,
-                    timeout=5,
-                    connection=connection,
-                )
+            replies = getattr(control, method)(
+                QUEUE, destination=self.destinations, reply=True, timeout=5
+            )
             if len(replies) == len(self.workers):
                 return
         raise RuntimeError(
@@ -95,6 +93,26 @@ class WorkerSet:
         # The worker replies before it cancels, and a BRPOP already waiting
         # (up to 1 s on Redis) would still take the next message: let both pass.
         time.sleep(PAUSE_SETTLE)
+
+
+@functools.cache
+def _control_app(broker_url: str) -> Celery:
+    """A Celery app on ``broker_url`` for remote control.
+
+    Passing ``connection=`` to ``control.add_consumer`` is not enough: kombu's
+    mailbox publishes through the app's own producer pool, i.e. the app's
+    broker, and only waits for replies on the given connection.
+    """
+    app = Celery("bench-control", set_as_current=False)
+    # CELERY_BROKER_URL (set for the workers) would win over broker_url.
+    app.conf.update(
+        broker_read_url=broker_url,
+        broker_write_url=broker_url,
+        accept_content=["json"],
+        task_serializer="json",
+        result_serializer="json",
+    )
+    return app
 
 
 def fill(broker_url: str, task_name: str, calls: Iterable[Mapping[str, Any]]) -> int:
@@ -150,8 +168,12 @@ def rabbit_backlog(broker_url: str) -> tuple[Callable[[], int], Callable[[], Non
 
 def drain(workers: WorkerSet, backlog: Callable[[], int], count: int, timeout: float) -> float:
     """Tasks per second while ``workers`` empty a queue holding ``count`` messages."""
-    if backlog() < count:
-        raise RuntimeError(f"the queue holds {backlog()} messages, not {count}")
+    # RabbitMQ counts published messages a moment after the publish returns.
+    deadline = time.monotonic() + 30
+    while (held := backlog()) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the queue holds {held} messages, not {count}")
+        time.sleep(0.05)
     workers.consume()
     deadline = time.monotonic() + timeout
     started = None
@@ -164,7 +186,7 @@ def drain(workers: WorkerSet, backlog: Callable[[], int], count: int, timeout: f
             if left == 0:
                 assert started is not None
                 return count / (now - started)
-            time.sleep(0.002)
+            time.sleep(0.005)
         raise RuntimeError(f"queue not drained in {timeout}s ({backlog()} left)")
     finally:
         workers.pause()

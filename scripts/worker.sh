@@ -3,13 +3,15 @@
 #
 #   scripts/worker.sh [any celery worker option, e.g. -Q high_priority,default]
 #
-# Redis broker: WORKERS worker processes (default: one per core), each
-#   --pool prefork --concurrency 1. On Redis the worker's main process (BRPOP,
-#   then MULTI/EXEC to track and acknowledge each message) is the bottleneck, so
-#   several small workers drain much faster than one big one. Prefork (not solo)
-#   keeps task time limits and turns a crashed task process into an immediate
-#   redelivery instead of a wait for the visibility timeout.
-# RabbitMQ or the embedded broker: one prefork worker, --concurrency = cores.
+# Redis or RabbitMQ broker: WORKERS worker processes (default: one per core),
+#   each --pool prefork --concurrency 1. The worker's main process (consuming,
+#   tracking and acknowledging each message) is the bottleneck for short tasks,
+#   so several small workers drain faster than one big one (measured on 2
+#   cores: 1.14x on Redis, 1.16x on RabbitMQ). Prefork (not solo) keeps task
+#   time limits and turns a crashed task process into an immediate redelivery
+#   instead of a wait for the visibility timeout; on RabbitMQ, solo workers
+#   also stalled in the benchmark (see README).
+# The embedded file broker: one prefork worker, --concurrency = cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +23,7 @@ cores="$(nproc)"
 celery=(.venv/bin/celery -A app.core.background.celery_app worker --pool prefork)
 
 case "$broker" in
-  redis://* | rediss://*)
+  redis://* | rediss://* | amqp://* | amqps://* | pyamqp://*)
     workers="${WORKERS:-$cores}"
     pids=()
     # A warm shutdown of every worker on Ctrl-C or SIGTERM.
