@@ -25,6 +25,14 @@ celery=(.venv/bin/celery -A app.core.background.celery_app worker --pool prefork
 case "$broker" in
   redis://* | rediss://* | amqp://* | amqps://* | pyamqp://*)
     workers="${WORKERS:-$cores}"
+    for arg in "$@"; do
+      case "$arg" in
+        -n | -n* | --hostname | --hostname=*)
+          echo "worker.sh names its workers worker1@%h, worker2@%h...: drop $arg" >&2
+          exit 2
+          ;;
+      esac
+    done
     pids=()
     # A warm shutdown of every worker on Ctrl-C or SIGTERM.
     trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM

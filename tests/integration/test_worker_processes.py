@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +102,46 @@ def test_db_tasks_on_solo_and_threads_pools_with_asyncpg(
     assert count == 300
     for trap in ("attached to a different loop", "another operation is in progress", "ERROR"):
         assert trap not in log
+
+
+def test_worker_script_starts_small_prefork_workers_and_stops_them_all(
+    private_broker: PrivateBroker, tmp_path: Path
+) -> None:
+    """``scripts/worker.sh`` on Redis: WORKERS workers with concurrency 1, one SIGTERM ends all."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "worker.sh"
+    env = {**os.environ, **private_broker.env, "WORKERS": "2"}
+    log = (tmp_path / "workers.log").open("wb")
+    process = subprocess.Popen(
+        ["bash", str(script), "--without-gossip", "--without-mingle"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        control = private_broker.app.control
+        deadline = time.monotonic() + TIMEOUT
+        stats: dict[str, Any] = {}
+        while len(stats) < 2 and time.monotonic() < deadline:
+            stats = control.inspect(timeout=1).stats() or {}
+        log.flush()
+        assert len(stats) == 2, (tmp_path / "workers.log").read_text()[-3000:]
+        assert sorted(name.split("@")[0] for name in stats) == ["worker1", "worker2"]
+        assert {s["pool"]["max-concurrency"] for s in stats.values()} == {1}
+        assert {s["pool"]["implementation"] for s in stats.values()} == {
+            "celery.concurrency.prefork:TaskPool"
+        }
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(TIMEOUT) == 0
+        assert not control.inspect(timeout=1).ping()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_worker_script_refuses_a_hostname_it_would_give_every_worker() -> None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "worker.sh"
+    env = {**os.environ, "CELERY_BROKER_URL": "redis://127.0.0.1:1/0"}
+    done = subprocess.run(
+        ["bash", str(script), "-n", "mine@%h"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert "drop -n" in done.stderr
