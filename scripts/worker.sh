@@ -3,15 +3,16 @@
 #
 #   scripts/worker.sh [any celery worker option, e.g. -Q high_priority,default]
 #
-# Redis or RabbitMQ broker: WORKERS worker processes (default: one per core),
-#   each --pool prefork --concurrency 1. The worker's main process (consuming,
-#   tracking and acknowledging each message) is the bottleneck for short tasks,
-#   so several small workers drain faster than one big one (measured on 2
-#   cores: 1.14x on Redis, 1.16x on RabbitMQ). Prefork (not solo) keeps task
-#   time limits and turns a crashed task process into an immediate redelivery
-#   instead of a wait for the visibility timeout; on RabbitMQ, solo workers
-#   also stalled in the benchmark (see README).
-# The embedded file broker: one prefork worker, --concurrency = cores.
+# Redis broker: WORKERS worker processes (default: one per core), each
+#   --pool prefork --concurrency 1. The worker's main process (BRPOP, then
+#   MULTI/EXEC to track and to acknowledge each message) is the bottleneck for
+#   short tasks, so several small workers drain faster than one big one (1.14x
+#   to 1.22x on 2 cores; raw Celery gains the same with these settings).
+#   Prefork (not solo) keeps task time limits and turns a crashed task process
+#   into an immediate redelivery instead of a wait for the visibility timeout.
+# RabbitMQ or the embedded file broker: one prefork worker, --concurrency =
+#   cores (on RabbitMQ, two small workers measured 0.93x to 1.16x of one: no
+#   gain worth a second main process; solo workers stalled, see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,7 @@ cores="$(nproc)"
 celery=(.venv/bin/celery -A app.core.background.celery_app worker --pool prefork)
 
 case "$broker" in
-  redis://* | rediss://* | amqp://* | amqps://* | pyamqp://*)
+  redis://* | rediss://*)
     workers="${WORKERS:-$cores}"
     for arg in "$@"; do
       case "$arg" in
