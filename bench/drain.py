@@ -11,10 +11,12 @@ and both sides of a comparison can alternate round by round.
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -70,6 +72,18 @@ class WorkerSet:
         for worker in self.workers:
             worker.stop()
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by these workers and their pool processes.
+
+        Unlike a drain rate, it does not depend on what else the machine is
+        running: on a shared machine it is the steadier measure of a task's cost.
+        """
+        total = 0.0
+        for worker in self.workers:
+            children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
+            total += sum(_cpu_seconds(pid) for pid in (worker.pid, *map(int, children)))
+        return total
+
     def _control(self, method: str) -> None:
         # A busy or slow machine can lose a broadcast reply: ask again (both
         # commands are idempotent) before giving up.
@@ -93,6 +107,12 @@ class WorkerSet:
         # The worker replies before it cancels, and a BRPOP already waiting
         # (up to 1 s on Redis) would still take the next message: let both pass.
         time.sleep(PAUSE_SETTLE)
+
+
+def _cpu_seconds(pid: int) -> float:
+    # Fields 14 and 15 of /proc/PID/stat (after the command name): utime, stime.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @functools.cache

@@ -24,7 +24,9 @@ def _drain_rounds(
     count: int,
     rounds: int,
     backlog: Callable[[], int],
+    cpu: dict[str, Figure] | None = None,
 ) -> None:
+    """Drain ``count`` tasks per side and round; ``cpu``: task name -> CPU µs per task figure."""
     for worker_set in {id(s[1]): s[1] for s in sides}.values():
         worker_set.start()
     try:
@@ -36,7 +38,10 @@ def _drain_rounds(
         for _ in range(rounds):
             for figure, workers, task_name, make_call in sides:
                 fill(broker_url, task_name, (make_call(i) for i in range(count)))
+                used = workers.cpu_seconds()
                 figure.values.append(drain(workers, backlog, count, timeout=600))
+                if cpu is not None and task_name in cpu:
+                    cpu[task_name].values.append((workers.cpu_seconds() - used) / count * 1e6)
                 services.results().flushdb()
     finally:
         for worker_set in {id(s[1]): s[1] for s in sides}.values():
@@ -53,6 +58,10 @@ def throughput(report: Report, services: BenchServices, rounds: int, count: int)
     # worker's main process. The same no-op with and without them, both sides.
     unlimited = report.figure(suite, "@simple_task no-op, time limits off", "tasks/s")
     raw_limited = report.figure(suite, "raw no-op with the same time limits", "tasks/s")
+    # The workers' CPU time per task: what each side costs, whatever else the
+    # machine does meanwhile (drain rates on this shared VM vary by more than 5%).
+    framework_cpu = report.figure(suite, "@simple_task no-op: worker CPU per task", "µs")
+    raw_cpu = report.figure(suite, "raw no-op: worker CPU per task", "µs")
     # One set of workers runs every side, in turn: with a set per side, the
     # two sets differed from each other by more than the effect measured.
     workers = WorkerSet(Topology("prefork c=2"), services.broker_url, services.worker_env())
@@ -63,8 +72,10 @@ def throughput(report: Report, services: BenchServices, rounds: int, count: int)
          (unlimited, workers, "bench.noop_unlimited", lambda i: {"i": i}),
          (raw_limited, workers, "bench.raw_noop_limited", lambda i: {"i": i})],
         count, rounds, redis_backlog(services.broker()),
+        cpu={"bench.noop": framework_cpu, "bench.raw_noop": raw_cpu},
     )  # fmt: skip
     report.ratio(suite, "framework / raw", framework, raw, ">= 0.95")
+    report.ratio(suite, "raw CPU / framework CPU per task", raw_cpu, framework_cpu)
     report.ratio(suite, "framework / raw, both with time limits", framework, raw_limited, "")
     report.ratio(suite, "framework / raw, both without time limits", unlimited, raw, "")
 
@@ -97,11 +108,15 @@ def database(report: Report, services: BenchServices, rounds: int, count: int) -
             ("raw asyncpg on a persistent loop", "bench.asyncpg_insert"),
         )
     ]  # fmt: skip
+    framework_cpu = report.figure(suite, "@db_task: worker CPU per task", "µs")
+    tuned_cpu = report.figure(suite, "(b) hand-tuned: worker CPU per task", "µs")
     _drain_rounds(
         services, services.broker_url,
         [(figure, workers, task, lambda i: {"value": f"v{i}"}) for figure, workers, task in sides],
         count, rounds, redis_backlog(services.broker()),
+        cpu={"bench.db_insert": framework_cpu, "bench.tuned_insert": tuned_cpu},
     )  # fmt: skip
+    report.ratio(suite, "(b) CPU / @db_task CPU per task", tuned_cpu, framework_cpu)
     framework, naive, tuned, raw_asyncpg = (side[0] for side in sides)
     report.ratio(suite, "@db_task / (a) naive", framework, naive, ">= 4")
     report.ratio(suite, "@db_task / (b) hand-tuned", framework, tuned, ">= 0.9")
