@@ -35,8 +35,10 @@ def _drain_rounds(
             fill(broker_url, task_name, (make_call(i) for i in range(WARM_UP)))
             drain(workers, backlog, WARM_UP, timeout=300)
         services.results().flushdb()
-        for _ in range(rounds):
-            for figure, workers, task_name, make_call in sides:
+        for round_number in range(rounds):
+            # Each round starts with the next side: no side always goes first.
+            turn = round_number % len(sides)
+            for figure, workers, task_name, make_call in sides[turn:] + sides[:turn]:
                 fill(broker_url, task_name, (make_call(i) for i in range(count)))
                 used = workers.cpu_seconds()
                 figure.values.append(drain(workers, backlog, count, timeout=600))
