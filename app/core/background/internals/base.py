@@ -177,8 +177,9 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
     def _context_for_request(self) -> TaskContext:
         request = self.request
         delivery = request.delivery_info or {}
-        # Bound to this run's id: an async body runs on the event loop's thread,
-        # where Celery's thread-local ``self.request`` has no id.
+        # Bound to this run's id: under the threads pool an async body runs on
+        # the event loop's thread, where Celery's thread-local ``self.request``
+        # has no id.
         publish = None if self.ignore_result else partial(self._publish_progress, request)
         ctx = TaskContext(
             task_id=request.id or "",
@@ -191,9 +192,10 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
         return ctx
 
     def _publish_progress(self, request: Any, metrics: Mapping[str, Any]) -> None:
-        # Stored with this run's request: an async body runs on the event loop's
-        # thread, where Celery's thread-local ``self.request`` (which
-        # ``update_state`` would use) is empty, so the attempt would read 0.
+        # Stored with this run's request: an async body may run on the event
+        # loop's thread (threads pool), where Celery's thread-local
+        # ``self.request`` (which ``update_state`` would use) is empty, so the
+        # attempt would read 0.
         self.backend.store_result(request.id, dict(metrics), "PROGRESS", request=request)
 
     def _check_received_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
