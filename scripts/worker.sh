@@ -41,8 +41,20 @@ case "$broker" in
       "${celery[@]}" --concurrency 1 --hostname "worker${i}@%h" "$@" &
       pids+=("$!")
     done
-    # A signal interrupts `wait`: wait again until every worker has shut down.
-    until wait; do :; done
+    # Wait for every worker; a trapped signal interrupts `wait` (status > 128)
+    # while the worker still runs: wait for it again. Exit with the first
+    # failure, so that a supervisor sees workers that could not start.
+    status=0
+    for pid in "${pids[@]}"; do
+      while true; do
+        code=0
+        wait "$pid" || code=$?
+        if ((code > 128)) && kill -0 "$pid" 2>/dev/null; then continue; fi
+        break
+      done
+      if ((code != 0 && status == 0)); then status=$code; fi
+    done
+    exit "$status"
     ;;
   *)
     exec "${celery[@]}" --concurrency "${CONCURRENCY:-$cores}" "$@"

@@ -107,3 +107,24 @@ def test_processes_creating_the_table_at_once_do_not_fail(postgres_service: Serv
             await admin.dispose()
 
     asyncio.run(scenario())
+
+
+def test_a_second_delivery_recording_the_same_run_is_told_so(database_url: str) -> None:
+    """Two deliveries of one message ran at once: the later insert reports the row taken."""
+
+    async def scenario() -> None:
+        engine = create_async_engine(database_url)
+        log = CompletionLog()
+        run = token()
+        try:
+            async with AsyncSession(engine) as first:
+                await log.completed(first, run)
+                assert await log.record(first, run, "update-1", ttl=60)
+                await first.commit()
+            async with AsyncSession(engine) as second:
+                assert not await log.record(second, run, "update-1", ttl=60)
+                await second.rollback()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())

@@ -145,3 +145,13 @@ def test_worker_script_refuses_a_hostname_it_would_give_every_worker() -> None:
     )
     assert done.returncode == 2
     assert "drop -n" in done.stderr
+
+
+def test_worker_script_fails_when_its_workers_cannot_start(private_broker: PrivateBroker) -> None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "worker.sh"
+    env = {**os.environ, **private_broker.env, "WORKERS": "2"}
+    done = subprocess.run(
+        ["bash", str(script), "--pool-does-not-exist"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode != 0

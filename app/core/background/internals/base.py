@@ -258,11 +258,14 @@ class DatabaseTask(BackgroundTask[P, R]):
             if once is not None and await completion_log.completed(session, once[0]):
                 # The message came back (its worker died before acknowledging
                 # it) after this run's work had committed: see completions.py.
-                ctx.log_info("Task already completed by an earlier delivery; skipped")
-                return ctx.success_result(already_completed=True)
+                return self._already_completed(ctx)
             result = await self.body(ctx, *args, **kwargs)
-            if once is not None:
-                await completion_log.record(session, once[0], ctx.task_id, once[1])
+            if once is not None and not await completion_log.record(
+                session, once[0], ctx.task_id, once[1]
+            ):
+                # Another delivery of this message committed while this one ran.
+                await session.rollback()
+                return self._already_completed(ctx)
             await session.commit()
             return result
         except BaseException:
@@ -275,3 +278,8 @@ class DatabaseTask(BackgroundTask[P, R]):
             if owns_session:
                 with contextlib.suppress(Exception):
                     await session.close()
+
+    @staticmethod
+    def _already_completed(ctx: TaskContext) -> dict[str, Any]:
+        ctx.log_info("Task already completed by an earlier delivery; skipped")
+        return ctx.success_result(already_completed=True)

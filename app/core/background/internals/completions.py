@@ -36,8 +36,11 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 )
 """
 _SELECT = text(f"SELECT 1 FROM {TABLE} WHERE token = :token")
+# A delivery running at the same time as another one of the same message
+# (possible after a lost consumer) finds the row taken: it must not fail.
 _INSERT = text(
-    f"INSERT INTO {TABLE} (token, task_id, expires_at) VALUES (:token, :task_id, :expires_at)"
+    f"INSERT INTO {TABLE} (token, task_id, expires_at) VALUES (:token, :task_id, :expires_at) "
+    "ON CONFLICT (token) DO NOTHING"
 )
 _DELETE_EXPIRED = text(f"DELETE FROM {TABLE} WHERE expires_at < :now")
 # Any constant: the advisory lock that serializes the table's creation (PostgreSQL).
@@ -59,15 +62,20 @@ class CompletionLog:
         await self._ensure_table(session)
         return (await session.execute(_SELECT, {"token": token})).first() is not None
 
-    async def record(self, session: AsyncSession, token: str, task_id: str, ttl: float) -> None:
-        """Add the completion row to the run's transaction (committed with its work)."""
+    async def record(self, session: AsyncSession, token: str, task_id: str, ttl: float) -> bool:
+        """Add the completion row to the run's transaction (committed with its work).
+
+        False if another delivery of the same message committed it meanwhile:
+        the caller rolls back and reports the run as already completed.
+        """
         now = time.time()
         if now - self._last_cleanup > CLEANUP_INTERVAL:
             self._last_cleanup = now
             await session.execute(_DELETE_EXPIRED, {"now": now})
-        await session.execute(
+        inserted = await session.execute(
             _INSERT, {"token": token, "task_id": task_id, "expires_at": now + ttl}
         )
+        return bool(getattr(inserted, "rowcount", 1))
 
     async def _ensure_table(self, session: AsyncSession) -> None:
         bind = session.bind

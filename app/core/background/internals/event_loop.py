@@ -64,7 +64,11 @@ class WorkerEventLoop:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on this process's loop and return its result (see the module doc)."""
         pid = os.getpid()
-        if threading.current_thread() is threading.main_thread() and not self.is_running:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and not self.is_running
+            and not _loop_running_here()
+        ):
             return self._run_in_main_thread(coro)
         if self._main_loop is not None and self._main_pid == pid:
             coro.close()
@@ -104,9 +108,22 @@ class WorkerEventLoop:
             signal.signal(SIG_SOFT_TIMEOUT, cancel_on_soft_limit)
         try:
             return loop.run_until_complete(task)
-        except asyncio.CancelledError:
+        except BaseException as exc:
+            if not task.done():
+                # Interrupted while the coroutine waited (SystemExit from
+                # billiard's SIGTERM handler on a terminate): let it unwind
+                # now, or the next run of this loop would resume it.
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    loop.run_until_complete(asyncio.wait({task}, timeout=_CANCEL_GRACE_SECONDS))
+                raise
             if limit_reached:
-                raise SoftTimeLimitExceeded() from None
+                # Whatever the unwinding raised, the run ended on its time limit.
+                raise SoftTimeLimitExceeded() from exc
+            if isinstance(exc, asyncio.CancelledError):
+                # Cancelled by something else: an ordinary, classifiable failure
+                # (a BaseException would kill the pool process).
+                raise concurrent.futures.CancelledError(str(exc) or "task cancelled") from exc
             raise
         finally:
             if swap:
@@ -210,6 +227,15 @@ class WorkerEventLoop:
         """Drop loops inherited through fork: they belong to the parent (and its threads)."""
         self._loop = self._thread = self._main_loop = None
         self._pid = self._main_pid = None
+
+
+def _loop_running_here() -> bool:
+    """Whether an event loop runs in this thread (a task called from async code)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _copy_outcome(task: asyncio.Task[T], outcome: concurrent.futures.Future[T]) -> None:
