@@ -16,6 +16,8 @@ Where the loop runs depends on the thread that runs tasks:
   could land in a transport callback and be swallowed by the loop. So while a
   coroutine runs, the signal cancels it instead (the coroutine unwinds: rollback,
   connection release), and ``SoftTimeLimitExceeded`` is raised once it has.
+  A body that blocks without awaiting (CPU work, a blocking call) is only
+  cancelled at its next ``await``; the hard time limit still ends it.
 * Other threads (``--pool threads``): one loop in a daemon thread serves every
   pool thread; a task's thread waits on a future, and an interruption of that
   wait cancels the coroutine the same way.
