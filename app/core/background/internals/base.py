@@ -181,15 +181,13 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
         # the event loop's thread, where Celery's thread-local ``self.request``
         # has no id.
         publish = None if self.ignore_result else partial(self._publish_progress, request)
-        ctx = TaskContext(
+        return TaskContext(
             task_id=request.id or "",
             task_name=self.name,
             attempt=request.retries or 0,
             queue=delivery.get("routing_key") or self.background_queue,
             publish_progress=publish,
         )
-        ctx._run_once = run_once_key(request)
-        return ctx
 
     def _publish_progress(self, request: Any, metrics: Mapping[str, Any]) -> None:
         # Stored with this run's request: an async body may run on the event
@@ -238,6 +236,12 @@ class DatabaseTask(BackgroundTask[P, R]):
     """A ``@db_task``: one ``AsyncSession`` per run, committed on success, rolled back on error."""
 
     is_async = True
+
+    def _context_for_request(self) -> TaskContext:
+        ctx = super()._context_for_request()
+        # Read here, in Celery's thread: the body may run on the loop's thread.
+        ctx._run_once = run_once_key(self.request)
+        return ctx
 
     def run_with_context(
         self, ctx: TaskContext, args: tuple[Any, ...], kwargs: Mapping[str, Any]

@@ -26,6 +26,8 @@ import time
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from .session import create_table
+
 TABLE = "background_task_completions"
 
 _CREATE = f"""
@@ -43,7 +45,7 @@ _INSERT = text(
     "ON CONFLICT (token) DO NOTHING"
 )
 _DELETE_EXPIRED = text(f"DELETE FROM {TABLE} WHERE expires_at < :now")
-# Any constant: the advisory lock that serializes the table's creation (PostgreSQL).
+# Any constant: the advisory lock that serializes the table's creation.
 _CREATE_LOCK_ID = 0x6267_636F_6D70_6C  # "bgcompl"
 
 CLEANUP_INTERVAL = 3600.0
@@ -85,17 +87,8 @@ class CompletionLog:
         key = (os.getpid(), str(engine.url))
         if key not in self._ready:
             # Two runs of this process may both get here: creation is idempotent.
-            await _create_table(engine)
+            await create_table(engine, _CREATE, _CREATE_LOCK_ID)
             self._ready.add(key)
-
-
-async def _create_table(engine: AsyncEngine) -> None:
-    # Its own connection: DDL must not become part of the task's transaction.
-    async with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            # Concurrent CREATE TABLE IF NOT EXISTS can fail in PostgreSQL: take turns.
-            await connection.execute(text(f"SELECT pg_advisory_xact_lock({_CREATE_LOCK_ID})"))
-        await connection.execute(text(_CREATE))
 
 
 completion_log = CompletionLog()

@@ -75,9 +75,9 @@ class WorkerEventLoop:
         if self._main_loop is not None and self._main_pid == pid:
             coro.close()
             raise RuntimeError(
-                "this process runs async tasks on its main thread's event loop; "
-                "they cannot also run from another thread (the engine's connections "
-                "belong to one loop)"
+                "this process runs async tasks on its main thread's event loop: they "
+                "cannot also run from another thread or from inside a running loop "
+                "(the engine's connections belong to one loop)"
             )
         return self._run_on_loop_thread(coro)
 
@@ -87,9 +87,6 @@ class WorkerEventLoop:
             loop = self._main_loop = asyncio.new_event_loop()
             self._main_pid = os.getpid()
             asyncio.set_event_loop(loop)
-        if loop.is_running():
-            coro.close()
-            raise RuntimeError("WorkerEventLoop.run() called from inside its own loop")
         task = loop.create_task(coro)
         limit_reached = False
 

@@ -148,18 +148,6 @@ RETURNING token
 _CREATE_LOCK_ID = 0x6267_6C65_6173_65  # "bglease"
 
 
-async def _create_table(engine: Any) -> None:
-    from sqlalchemy import text
-
-    async with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            # Two PostgreSQL sessions running CREATE TABLE IF NOT EXISTS at the
-            # same moment can both miss the other's table and one then fails
-            # (duplicate type or key): take turns, the second sees it exists.
-            await connection.execute(text(f"SELECT pg_advisory_xact_lock({_CREATE_LOCK_ID})"))
-        await connection.execute(text(_CREATE))
-
-
 class _LoopThread:
     """An event loop on a daemon thread of this process, for the async engine.
 
@@ -202,7 +190,7 @@ class DatabaseLeaseStore:
     async def _execute(self, sql: str, **params: Any) -> Any:
         from sqlalchemy import text
 
-        from .session import DatabaseConfig, create_engine
+        from .session import DatabaseConfig, create_engine, create_table
 
         if self._engine_pid != os.getpid():
             # Runs on this process's one loop thread: no other coroutine can
@@ -212,7 +200,7 @@ class DatabaseLeaseStore:
         async with self._ready:
             if self._engine is None:
                 engine = create_engine(DatabaseConfig(url=self.url, pool_size=2))
-                await _create_table(engine)
+                await create_table(engine, _CREATE, _CREATE_LOCK_ID)
                 self._engine = engine
         async with self._engine.begin() as connection:
             result = await connection.execute(text(sql), params)

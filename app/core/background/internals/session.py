@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -47,6 +47,20 @@ def create_engine(config: DatabaseConfig) -> AsyncEngine:
     if config.url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     return engine
+
+
+async def create_table(engine: AsyncEngine, ddl: str, lock_id: int) -> None:
+    """Run ``ddl`` (a ``CREATE TABLE IF NOT EXISTS``) on its own connection.
+
+    Two PostgreSQL sessions running it at the same moment can both miss the
+    other's table, and one then fails (duplicate type or key): on PostgreSQL
+    they take turns on the advisory lock ``lock_id`` and the second sees the
+    table. SQLite serializes DDL by itself.
+    """
+    async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(text(f"SELECT pg_advisory_xact_lock({lock_id})"))
+        await connection.execute(text(ddl))
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
