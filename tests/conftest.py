@@ -11,12 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.services import (
-    Services,
-    claim_extra_redis_db,
-    release_extra_redis_db,
-    unavailable,
-)
+from tests.support.services import Services, unavailable
 
 _services = Services()
 
@@ -28,16 +23,15 @@ TEST_TASK_MODULES = sorted(
 
 def pytest_configure(config: pytest.Config) -> None:
     # The app reads its settings when first imported: point it at this run's
-    # own Redis database and PostgreSQL database before any test module loads.
+    # own Redis server and PostgreSQL database before any test module loads.
     _services.acquire()
+    redis_url = _services.redis_url if _services.redis_server else "redis://127.0.0.1:1/0"
     os.environ.update(
         ENVIRONMENT="test",
         LOG_FORMAT="json",
         BACKGROUND_RETRY_DELAY_SCALE="0.01",
-        CELERY_BROKER_URL=_services.redis_url if _services.redis_db else "redis://127.0.0.1:1/0",
-        CELERY_RESULT_BACKEND=_services.redis_url
-        if _services.redis_db
-        else "redis://127.0.0.1:1/0",
+        CELERY_BROKER_URL=redis_url,
+        CELERY_RESULT_BACKEND=redis_url,
         DATABASE_URL=_services.postgres_url if _services.postgres_db else "sqlite+aiosqlite://",
         DATABASE_CREATE_TABLES="false",
     )
@@ -54,7 +48,7 @@ def services() -> Services:
 
 @pytest.fixture(scope="session")
 def redis_service(services: Services) -> Services:
-    if services.redis_db is None:
+    if services.redis_server is None:
         unavailable(services.redis_error or "Redis is not available")
     return services
 
@@ -97,7 +91,7 @@ def worker(stack: Services) -> Iterator[Any]:
 
 @dataclass
 class PrivateBroker:
-    """A Redis database of its own, for workers that must not share the session worker's."""
+    """A database of the run's Redis, for workers that must not share the session worker's."""
 
     url: str
     app: Any  # a Celery app configured like the real one, sending to this database
@@ -111,7 +105,7 @@ def private_broker(stack: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator
     from app.core.background.celery_app import build_celery_config
     from app.core.config import Settings
 
-    db, token = claim_extra_redis_db()
+    db = stack.claim_redis_db()
     url = stack.redis_url_for(db)
     # Celery prefers these variables to any configuration: point them here too.
     monkeypatch.setenv("CELERY_BROKER_URL", url)
@@ -123,7 +117,7 @@ def private_broker(stack: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator
         yield PrivateBroker(url, app, {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url})
     finally:
         app.close()
-        release_extra_redis_db(db, token)
+        stack.release_redis_db(db)
 
 
 @pytest.fixture

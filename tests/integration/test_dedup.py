@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from celery.exceptions import WorkerLostError
 from kombu import Connection
 
@@ -43,6 +40,7 @@ from app.core.background.internals.worker_process import WorkerProcess
 from tests.support import tasks_dedup
 from tests.support.db import fetchval
 from tests.support.dedup_race import race
+from tests.support.redis_server import RedisServer
 from tests.support.services import Services, unavailable
 
 RESULT_TIMEOUT = 60
@@ -59,44 +57,6 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.1)
-
-
-class PrivateRedis:
-    """A redis-server of our own on a free port, for the brokers of this module.
-
-    The shared Redis may hold workers that other test runs left behind on any
-    database number; a message sent there can be taken by a worker that does
-    not know the task. Our own server has only our workers.
-    """
-
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="dedup-redis-"))
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port)
-        wait_for(lambda: _pings(client), timeout=10)
-        client.close()
-
-    def url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 @dataclass
@@ -118,14 +78,16 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def private_redis(stack: Services) -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        unavailable("redis-server is not installed")
-    server = PrivateRedis()
+def private_redis(stack: Services) -> Iterator[RedisServer]:
+    """A redis-server of this module's own: only this module's workers consume from it."""
+    try:
+        server = RedisServer().start()
+    except (FileNotFoundError, RuntimeError) as exc:
+        unavailable(str(exc))
     try:
         yield server
     finally:
-        server.stop()
+        server.close()
 
 
 @contextmanager
@@ -140,7 +102,7 @@ def started_target(name: str, broker_url: str, store: LeaseStore, **env: str) ->
 
 
 @pytest.fixture(scope="module")
-def redis_target(private_redis: PrivateRedis) -> Iterator[Target]:
+def redis_target(private_redis: RedisServer) -> Iterator[Target]:
     url = private_redis.url(0)
     store = RedisLeaseStore(url)
     with started_target("redis", url, store, BACKGROUND_DEDUP_BACKEND="redis") as target:
@@ -149,7 +111,7 @@ def redis_target(private_redis: PrivateRedis) -> Iterator[Target]:
 
 @pytest.fixture(scope="module", params=["redis", "sqlite", "postgres"])
 def _target(
-    request: pytest.FixtureRequest, stack: Services, private_redis: PrivateRedis
+    request: pytest.FixtureRequest, stack: Services, private_redis: RedisServer
 ) -> Iterator[Target]:
     if request.param == "redis":
         yield request.getfixturevalue("redis_target")
@@ -310,7 +272,7 @@ def test_calls_without_task_id_do_not_touch_leases(
 def test_lease_of_a_crashed_worker_expires(
     stack: Services,
     redis_leases: Target,
-    private_redis: PrivateRedis,
+    private_redis: RedisServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The worker dies with the task (SIGKILL): the id is blocked until the lease expires."""

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from app.core.background import TaskTestContext, TaskValidationError, task_db_session
 from tests.support.models import Record
+from tests.support.redis_server import RedisServer
 from tests.support.services import Services, unavailable
 from tests.support.tasks_testing import write_in_batches, write_then_fail
 
@@ -156,18 +157,18 @@ filterwarnings =
 
 
 def test_plugin_worker_fixture_runs_a_task_over_redis(tmp_path: Path) -> None:
-    # A Redis database of its own: this run's session worker must not take the task.
-    broker = Services()
-    broker._claim_redis()
-    if broker.redis_db is None:
-        unavailable(broker.redis_error or "Redis is not available")
+    # A Redis server of its own: this run's session worker must not take the task.
+    try:
+        broker = RedisServer().start()
+    except (FileNotFoundError, RuntimeError) as exc:
+        unavailable(str(exc))
     try:
         (tmp_path / "test_user_project.py").write_text(textwrap.dedent(USER_TEST))
         (tmp_path / "pytest.ini").write_text(PYTEST_INI)
         env = {
             **os.environ,
-            "CELERY_BROKER_URL": broker.redis_url,
-            "CELERY_RESULT_BACKEND": broker.redis_url,
+            "CELERY_BROKER_URL": broker.url(),
+            "CELERY_RESULT_BACKEND": broker.url(),
         }
         env.pop("PYTEST_ADDOPTS", None)
         run = subprocess.run(
@@ -175,7 +176,7 @@ def test_plugin_worker_fixture_runs_a_task_over_redis(tmp_path: Path) -> None:
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=110,
         )  # fmt: skip
     finally:
-        broker.release()
+        broker.close()
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 passed" in run.stdout
     assert "WORKER-PID" in run.stdout

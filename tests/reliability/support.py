@@ -17,7 +17,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import redis
 from kombu import Connection
 
 from app.core.background.internals.worker_process import WorkerProcess
+from tests.support.redis_server import RedisServer, free_port
 from tests.support.services import RABBITMQ_URL
 
 # The tasks of these tests, and a module that shortens Redis's visibility timeout.
@@ -45,12 +44,6 @@ CREATE TABLE IF NOT EXISTS reliability_completions (
     attempts text NOT NULL DEFAULT ''
 )
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
@@ -262,71 +255,11 @@ def kill_one_child(worker: WorkerProcess) -> int | None:
 # -- a private Redis ------------------------------------------------------
 
 
-class PrivateRedis:
-    """A redis-server of our own on a free port, with an append-only file.
-
-    ``--appendonly yes --appendfsync always`` makes queued (and unacknowledged)
-    messages survive a restart, as a production Redis used as a broker must.
-    """
+class PrivateRedis(RedisServer):
+    """A durable redis-server of a test's own, to restart or to guard with a password."""
 
     def __init__(self, password: str | None = None) -> None:
-        self.port = free_port()
-        self.password = password
-        self.dir = Path(tempfile.mkdtemp(prefix="bgtest-redis-"))
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def url(self, db: int = 0) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, db=db, password=self.password)
-
-    def start(self) -> PrivateRedis:
-        if shutil.which("redis-server") is None:
-            raise FileNotFoundError("redis-server is not installed")
-        command = [
-            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-            "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"),
-        ]  # fmt: skip
-        if self.password:
-            command += ["--requirepass", self.password]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-        if not wait_until(self._answers, 15):
-            raise RuntimeError(f"private redis-server on {self.port} did not start")
-        return self
-
-    def _answers(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except redis.RedisError:
-            return False
-
-    def shutdown(self) -> None:
-        """A clean stop (SIGTERM): Redis flushes its append-only file first."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-    def restart(self, down_for: float = 1.0) -> None:
-        self.shutdown()
-        time.sleep(down_for)
-        self.start()
-
-    def close(self) -> None:
-        self.shutdown()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> PrivateRedis:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(password=password, durable=True)
 
 
 # -- a private PostgreSQL cluster -------------------------------------------

@@ -1,9 +1,10 @@
 """The real services the tests use, each test run isolated from the others.
 
-A run takes a Redis database number of its own (claimed with SET NX in db 0,
-so parallel runs never share one) and creates a PostgreSQL database of its
-own; both are emptied and released at the end. A missing service skips the
-tests that need it, except under REQUIRE_SERVICES=1 (CI), where it fails them.
+A run starts a ``redis-server`` of its own on a free port (no other program
+shares it, so the run may use and flush every database number in it) and
+creates a PostgreSQL database of its own; both are removed at the end. A
+missing service skips the tests that need it, except under REQUIRE_SERVICES=1
+(CI), where it fails them.
 """
 
 from __future__ import annotations
@@ -16,29 +17,37 @@ from dataclasses import dataclass, field
 import pytest
 import redis
 
-REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
-REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
+from tests.support.redis_server import RedisServer
+
 POSTGRES_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
 
-_CLAIM_TTL = 4 * 3600
+# The session's database in the run's own Redis; the others go to tests that
+# need a broker of their own (``claim_extra_redis_db``).
+SESSION_REDIS_DB = 0
+EXTRA_REDIS_DBS = range(1, 16)
 
 
 @dataclass
 class Services:
-    redis_db: int | None = None
+    redis_server: RedisServer | None = None
     redis_error: str | None = None
     postgres_db: str | None = None
     postgres_error: str | None = None
-    _claim_token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    _free_redis_dbs: list[int] = field(default_factory=lambda: list(EXTRA_REDIS_DBS))
+
+    @property
+    def redis_db(self) -> int | None:
+        return SESSION_REDIS_DB if self.redis_server is not None else None
 
     @property
     def redis_url(self) -> str:
-        return f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.redis_db}"
+        return self.redis_url_for(SESSION_REDIS_DB)
 
     def redis_url_for(self, db: int) -> str:
-        return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+        assert self.redis_server is not None, "Redis is not available"
+        return self.redis_server.url(db)
 
     @property
     def postgres_url(self) -> str:
@@ -49,42 +58,39 @@ class Services:
     def postgres_dsn(self) -> str:
         return POSTGRES_DSN.rsplit("/", 1)[0] + f"/{self.postgres_db}"
 
-    def redis(self) -> redis.Redis:
-        return redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=self.redis_db or 0)
+    def redis(self, db: int = SESSION_REDIS_DB) -> redis.Redis:
+        assert self.redis_server is not None, "Redis is not available"
+        return self.redis_server.client(db)
 
     # -- lifecycle --------------------------------------------------------
 
     def acquire(self) -> None:
-        self._claim_redis()
+        self._start_redis()
         self._create_postgres()
 
     def release(self) -> None:
-        if self.redis_db is not None:
-            try:
-                self.redis().flushdb()
-                admin = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0)
-                key = f"bgtest:claim:{self.redis_db}"
-                if admin.get(key) == self._claim_token.encode():
-                    admin.delete(key)
-            except redis.RedisError:
-                pass
+        if self.redis_server is not None:
+            self.redis_server.close()
         if self.postgres_db is not None:
             asyncio.run(_drop_database(self.postgres_db))
 
-    def _claim_redis(self) -> None:
+    def _start_redis(self) -> None:
         try:
-            admin = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0, socket_timeout=3)
-            admin.ping()
-        except redis.RedisError as exc:
-            self.redis_error = f"Redis at {REDIS_HOST}:{REDIS_PORT} is not reachable ({exc})"
-            return
-        # Databases 1..13 go to test runs; 14 and 15 stay free for benchmarks.
-        for db in range(1, 14):
-            if admin.set(f"bgtest:claim:{db}", self._claim_token, nx=True, ex=_CLAIM_TTL):
-                self.redis_db = db
-                self.redis().flushdb()
-                return
-        self.redis_error = "every Redis test database (1-13) is claimed by another run"
+            self.redis_server = RedisServer().start()
+        except (FileNotFoundError, RuntimeError) as exc:
+            self.redis_error = f"cannot start the test run's own redis-server ({exc})"
+
+    def claim_redis_db(self) -> int:
+        """A database of the run's Redis that no other test uses until it is released."""
+        if not self._free_redis_dbs:
+            raise RuntimeError("every extra Redis database of this run is in use")
+        db = self._free_redis_dbs.pop(0)
+        self.redis(db).flushdb()
+        return db
+
+    def release_redis_db(self, db: int) -> None:
+        self.redis(db).flushdb()
+        self._free_redis_dbs.append(db)
 
     def _create_postgres(self) -> None:
         name = f"bgtest_{os.getpid()}_{uuid.uuid4().hex[:6]}"
@@ -135,21 +141,3 @@ def rabbitmq_available() -> str | None:
     except Exception as exc:  # noqa: BLE001 - reported as a skip reason
         return f"RabbitMQ at {RABBITMQ_URL} is not reachable ({exc})"
     return None
-
-
-def claim_extra_redis_db() -> tuple[int, str]:
-    """Another free Redis database for a test that needs a broker of its own: (db, token)."""
-    admin = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0, socket_timeout=3)
-    token = uuid.uuid4().hex
-    for db in range(1, 14):
-        if admin.set(f"bgtest:claim:{db}", token, nx=True, ex=_CLAIM_TTL):
-            redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
-            return db, token
-    raise RuntimeError("every Redis test database (1-13) is claimed")
-
-
-def release_extra_redis_db(db: int, token: str) -> None:
-    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
-    admin = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0)
-    if admin.get(f"bgtest:claim:{db}") == token.encode():
-        admin.delete(f"bgtest:claim:{db}")

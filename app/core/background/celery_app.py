@@ -94,6 +94,10 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         config["broker_transport_options"] = {
             "visibility_timeout": settings.celery_visibility_timeout
         }
+    if settings.celery_broker_url.startswith(("redis://", "rediss://")):
+        # kombu's Redis transport, fixed to survive a broker restart under a
+        # running worker (internals/redis_broker.py).
+        config["broker_transport"] = "app.core.background.internals.redis_broker:Transport"
     if settings.celery_result_backend.startswith("db+sqlite"):
         config["database_engine_options"] = {"connect_args": {"timeout": 30}}
     return config
