@@ -165,11 +165,15 @@ class TaskRun:
         # Dispatched with a task_id each (deduplicated, and run once by the worker).
         self.with_task_ids = with_task_ids
 
-    def send(self) -> None:
+    def send(self, keys: Sequence[str] | None = None, *, ignore_result: bool = True) -> None:
+        """Send the tasks of ``keys`` (default: all of this run's)."""
         from tests.support.tasks_reliability import complete
 
-        calls = ({"key": key, "hold": self.hold} for key in self.keys)
-        send(self.broker_url, complete, calls, with_task_ids=self.with_task_ids)
+        calls = ({"key": key, "hold": self.hold} for key in (self.keys if keys is None else keys))
+        send(
+            self.broker_url, complete, calls,
+            with_task_ids=self.with_task_ids, ignore_result=ignore_result,
+        )  # fmt: skip
 
     def completed(self) -> int:
         return completed_count(self.dsn, self.prefix)
@@ -193,6 +197,7 @@ def send(
     kwargs_list: Iterable[Mapping[str, Any]],
     *,
     with_task_ids: bool = False,
+    ignore_result: bool = True,
 ) -> int:
     """Publish one message per kwargs to ``broker_url`` through one connection.
 
@@ -205,7 +210,10 @@ def send(
         for kwargs in kwargs_list:
             task_id = f"complete-{kwargs['key']}" if with_task_ids else None
             task.apply_async(
-                kwargs=dict(kwargs), producer=producer, ignore_result=True, task_id=task_id
+                kwargs=dict(kwargs),
+                producer=producer,
+                ignore_result=ignore_result,
+                task_id=task_id,
             )
             sent += 1
     return sent

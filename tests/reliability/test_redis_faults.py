@@ -8,12 +8,15 @@ from __future__ import annotations
 import base64
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import pytest
 
 from tests.reliability.short_visibility import VISIBILITY_TIMEOUT
 from tests.reliability.support import (
     PrivateRedis,
+    Tally,
     TaskRun,
     kill_one_child,
     reliability_worker,
@@ -104,3 +107,85 @@ def test_broker_restarted_mid_run(completions_db: Services, private_redis: Priva
     tally = run.tally()
     assert tally.lost == 0
     assert tally.completed == TASKS
+
+
+# -- twenty restarts under a running worker ------------------------------------------
+
+RESTARTS = 20
+PER_ROUND = 25  # tasks sent before each restart
+ROUND_HOLD = 0.05  # each task holds its slot this long, so restarts find work in flight
+
+
+@dataclass
+class RestartScenario:
+    """A worker on its own Redis; one of its servers (broker or results) restarted 20 times."""
+
+    name: str
+    pool: str
+    restart_results: bool = False  # restart the result backend's server instead of the broker's
+    report: list[str] = field(default_factory=list)
+
+    def run(self, dsn: str, database_url: str) -> tuple[Tally, int, bool, str]:
+        """(tally, restarts that found work queued or in flight, worker alive, log tail)."""
+        with PrivateRedis() as broker, PrivateRedis() as results:
+            restarted = results if self.restart_results else broker
+            run = TaskRun(f"{self.name}: {RESTARTS} restarts", broker.url(), dsn,
+                          RESTARTS * PER_ROUND, ROUND_HOLD)  # fmt: skip
+            concurrency = 1 if self.pool == "solo" else 2
+            worker = reliability_worker(
+                broker.url(), database_url, result_backend=results.url(),
+                pool=self.pool, concurrency=concurrency,
+            )  # fmt: skip
+            hits = 0
+            with worker:
+                for round_ in range(RESTARTS):
+                    keys = run.keys[round_ * PER_ROUND : (round_ + 1) * PER_ROUND]
+                    run.send(keys, ignore_result=False)
+                    # Restart while this round's tasks run and wait in the queue.
+                    run.wait_completed(round_ * PER_ROUND + 2, 60)
+                    if _work_in_flight(broker):
+                        hits += 1
+                    restarted.restart(down_for=0.5)
+                    if worker.process is None or worker.process.poll() is not None:
+                        break
+                # The default visibility timeout (an hour) is in force: every
+                # message the restarts interrupted must come back at reconnect.
+                run.wait_all(120)
+                alive = worker.process is not None and worker.process.poll() is None
+                log = worker.log()
+            return run.tally(), hits, alive, log[-4000:]
+
+
+def _work_in_flight(server: PrivateRedis) -> bool:
+    """Messages wait in the queue or are held unacknowledged by the worker."""
+    client = server.client()
+    return bool(client.llen("default") or client.hlen("unacked"))
+
+
+@pytest.mark.timeout(600)
+def test_worker_outlives_twenty_redis_restarts_on_every_pool(
+    completions_db: Services,
+) -> None:
+    scenarios = [
+        RestartScenario("redis broker restarted, prefork", "prefork"),
+        RestartScenario("redis broker restarted, solo", "solo"),
+        RestartScenario("redis broker restarted, threads", "threads"),
+        RestartScenario("redis result backend restarted, prefork", "prefork", True),
+    ]
+    # All at once: each has its own servers and worker, and most of the time is
+    # spent waiting for reconnections.
+    with ThreadPoolExecutor(len(scenarios)) as pool:
+        futures = {
+            scenario.name: pool.submit(
+                scenario.run, completions_db.postgres_dsn, completions_db.postgres_url
+            )
+            for scenario in scenarios
+        }
+        outcomes = {name: future.result() for name, future in futures.items()}
+    for name, (tally, hits, alive, log) in outcomes.items():
+        print(f"[reliability] {name}: {hits} of {RESTARTS} restarts hit queued or running work")
+        assert alive, f"{name}: the worker exited\n{log}"
+        assert hits >= RESTARTS // 2, f"{name}: the restarts missed the work in flight"
+        assert tally.lost == 0, f"{name}: {tally.line()}\n{log}"
+        assert tally.completed == tally.sent
+        assert "Unrecoverable error" not in log
