@@ -7,6 +7,7 @@ makes ``/health`` slow by at most its timeout, never the whole API.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,19 +20,27 @@ from app.core.background import celery_app
 from app.core.background.tasks import ping
 
 router = APIRouter(tags=["health"])
+_log = logging.getLogger("app.api.health")
 
 DATABASE_TIMEOUT = 3.0
 BROKER_TIMEOUT = 3
 WORKER_TIMEOUT = 5.0
 
 
-async def _check(check: Callable[[], Awaitable[None]], seconds: float) -> str:
+async def _check(name: str, check: Callable[[], Awaitable[None]], seconds: float) -> str:
     try:
         with anyio.fail_after(seconds):
             await check()
     except TimeoutError:
+        _log.warning("Health check failed", extra={"fields": {"check": name, "error": "timeout"}})
         return f"error: no answer within {seconds:g}s"
     except Exception as exc:  # noqa: BLE001 - reported, not raised
+        # The body names only the type (it is public); the log has the cause,
+        # with any URL password masked by the log formatter.
+        _log.warning(
+            "Health check failed",
+            extra={"fields": {"check": name, "error_type": type(exc).__name__, "error": str(exc)}},
+        )
         return f"error: {type(exc).__name__}"
     return "ok"
 
@@ -62,7 +71,7 @@ async def health(request: Request, response: Response) -> dict[str, Any]:
     checks: dict[str, Any] = {}
 
     async def run(name: str, check: Callable[[], Awaitable[None]], seconds: float) -> None:
-        checks[name] = await _check(check, seconds)
+        checks[name] = await _check(name, check, seconds)
 
     async with anyio.create_task_group() as group:
         group.start_soon(run, "database", database, DATABASE_TIMEOUT)

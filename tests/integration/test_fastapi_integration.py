@@ -194,3 +194,20 @@ def test_health_reports_database_broker_and_worker(client: TestClient) -> None:
         "broker": "ok",
         "worker": "ok",
     }
+
+
+def test_health_logs_why_the_database_check_failed(
+    stack: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    from app.core.config import Settings
+
+    host = stack.postgres_url.split("@", 1)[1]
+    settings = Settings(database_url=f"postgresql+asyncpg://nosuchrole:db-secret-pw@{host}")
+    with TestClient(create_app(settings)) as bad_client:
+        response = bad_client.get("/health")
+    assert response.status_code == 503
+    assert response.json()["database"] == "error: DBAPIError"
+    failures = [r for r in caplog.records if r.getMessage() == "Health check failed"]
+    database = [r for r in failures if getattr(r, "fields", {}).get("check") == "database"]
+    assert len(database) == 1
+    assert 'role "nosuchrole" does not exist' in database[0].fields["error"]

@@ -82,3 +82,23 @@ async def test_deadlock_is_a_plain_dbapi_error_and_retriable(engine: AsyncEngine
     assert not isinstance(error, IntegrityError)
     assert is_retriable(error)
     assert is_transient_database_error(error)
+
+
+@pytest.mark.parametrize(
+    ("credentials", "database", "sqlstate"),
+    [("nosuchrole:secret-pw", "postgres", "28000"), ("postgres", "no_such_database", "3D000")],
+)
+async def test_database_configuration_errors_are_not_retried(
+    stack: Services, credentials: str, database: str, sqlstate: str
+) -> None:
+    """A refused login or an unknown database: the next attempt would meet it too."""
+    host = stack.postgres_url.split("@", 1)[1].rsplit("/", 1)[0]
+    engine = create_async_engine(f"postgresql+asyncpg://{credentials}@{host}/{database}")
+    try:
+        with pytest.raises(DBAPIError) as raised:
+            async with engine.connect():
+                pass
+    finally:
+        await engine.dispose()
+    assert sqlstate_of(raised.value) == sqlstate
+    assert not is_retriable(raised.value)

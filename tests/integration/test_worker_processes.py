@@ -155,3 +155,23 @@ def test_worker_script_fails_when_its_workers_cannot_start(private_broker: Priva
         env=env, capture_output=True, text=True, timeout=TIMEOUT,
     )  # fmt: skip
     assert done.returncode != 0
+
+
+def test_a_refused_database_login_fails_at_once_with_the_databases_message(
+    private_broker: PrivateBroker, stack: Services
+) -> None:
+    host = stack.postgres_url.split("@", 1)[1]
+    env = {
+        **private_broker.env,
+        "DATABASE_URL": f"postgresql+asyncpg://nosuchrole:db-secret-pw@{host}",
+        "LOG_FORMAT": "json",
+    }
+    with WorkerProcess(env, include=TEST_TASK_MODULES) as worker:
+        result = private_broker.app.send_task("tests.record", kwargs={"key": uuid.uuid4().hex})
+        with pytest.raises(Exception, match="nosuchrole"):
+            result.get(timeout=TIMEOUT)
+        log = worker.log()
+    assert 'role \\"nosuchrole\\" does not exist' in log  # the database's own words
+    assert "will retry" not in log
+    assert log.count('"reason": "non-retriable"') == 1
+    assert "db-secret-pw" not in log

@@ -55,7 +55,9 @@ class TaskDiscoveryError(ImportError):
 # reach us as a plain DBAPIError, so the type alone cannot tell a lost
 # connection (retry) from a bad query.
 _RETRIABLE_SQLSTATE_PREFIXES = ("08", "40001", "40P01", "53", "57P")
-_NON_RETRIABLE_SQLSTATE_PREFIXES = ("23",)
+# Constraint violations (23), and configuration the next attempt will meet too:
+# a refused login or unknown role (28), a database that does not exist (3D000).
+_NON_RETRIABLE_SQLSTATE_PREFIXES = ("23", "28", "3D000")
 
 NON_RETRIABLE_ERRORS: tuple[type[BaseException], ...] = (NonRetriableTaskError, IntegrityError)
 
@@ -75,9 +77,12 @@ def sqlstate_of(exc: BaseException) -> str | None:
 def is_retriable(exc: BaseException) -> bool:
     """Whether the retry policy applies to ``exc``.
 
-    Non-retriable: the ``NonRetriableTaskError`` family and constraint
-    violations (``IntegrityError``, SQLSTATE class 23). Retriable: everything
-    else, including ``OperationalError``, ``TimeoutError`` and unknown errors.
+    Non-retriable: the ``NonRetriableTaskError`` family, constraint
+    violations (``IntegrityError``, SQLSTATE class 23) and database
+    configuration errors (a refused login, SQLSTATE class 28; an unknown
+    database, 3D000), which fail at once with the database's own message.
+    Retriable: everything else, including ``OperationalError``,
+    ``TimeoutError`` and unknown errors.
     """
     if isinstance(exc, NON_RETRIABLE_ERRORS):
         return False
