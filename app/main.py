@@ -18,7 +18,7 @@ from app.core.background import (
     render_metrics,
 )
 from app.core.config import Settings, get_settings
-from app.core.database import create_tables, engine_from_settings
+from app.core.engine import create_tables, engine_from_settings
 from app.entities.api import router as entities_router
 from app.notifications.api import router as notifications_router
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from app.core.database import TaskSessionDep
+from app.api.deps import TaskSessionDep
 from app.entities.models import Entity
 from app.entities.tasks import process_entity
 from app.main import create_app

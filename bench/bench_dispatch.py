@@ -48,7 +48,7 @@ async def run(n: int) -> None:
     from app.core.background import TaskSession, celery_app, relay_outbox
     from app.core.background.celery_app import _record_sent
     from app.core.config import get_settings
-    from app.core.database import create_tables, engine_from_settings
+    from app.core.engine import create_tables, engine_from_settings
     from app.entities.models import Entity
     from app.entities.tasks import process_entity
 

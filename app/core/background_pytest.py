@@ -10,13 +10,15 @@ test, with no import or conftest line:
 - ``background_task_context``: a fresh ``TaskTestContext`` (a ``@db_task``
   gets a mock session).
 - ``background_db_session``: a real ``AsyncSession`` on the configured
-  database, rolled back when the test ends; ``background_db_context`` is a
-  ``TaskTestContext`` on it.
+  database, rolled back when the test ends, with the project's tables
+  created in it when they are missing (``background_db_tables``);
+  ``background_db_context`` is a ``TaskTestContext`` on it.
 - ``background_worker``: a real Celery worker for the configured broker,
   started once per test session and stopped at its end.
 
-Override ``background_database_url`` or ``background_worker_options`` in a
-``conftest.py`` to change what they use. Nothing is imported or started here
+Override ``background_database_url``, ``background_db_tables`` or
+``background_worker_options`` in a ``conftest.py`` to change what they
+use. Nothing is imported or started here
 until a test asks for one of these fixtures: the application reads its
 settings on first import, which must come after the project's conftest has
 set its environment.
@@ -50,6 +52,25 @@ def background_database_url() -> str | None:
     return None
 
 
+@pytest.fixture(scope="session")
+def background_db_tables() -> Any:
+    """The tables ``background_db_session`` creates when missing (a ``MetaData`` or a list).
+
+    Default: every table of the project's model registry ``app/models.py``
+    (the application's and the framework's), or none if there is no registry.
+    They are created inside the test's transaction, so they are gone after it.
+    """
+    import importlib
+
+    try:
+        importlib.import_module("app.models")
+    except ModuleNotFoundError:
+        return None
+    from app.core.database import Base
+
+    return Base.metadata
+
+
 try:
     import pytest_asyncio
 except ImportError:  # pragma: no cover - the fixture then explains what is missing
@@ -63,13 +84,15 @@ else:
 
     @pytest_asyncio.fixture
     async def background_db_session(
-        background_database_url: str | None,
+        background_database_url: str | None, background_db_tables: Any
     ) -> AsyncIterator[AsyncSession]:
         """A real ``AsyncSession``: the task's commits are seen by the test, then rolled back."""
         import app.core.background  # noqa: F401 - configures the database from the settings
         from app.core.background.internals.testing_db import task_db_session
 
-        async with task_db_session(background_database_url) as session:
+        async with task_db_session(
+            background_database_url, create_tables=background_db_tables
+        ) as session:
             yield session
 
 

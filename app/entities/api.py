@@ -6,7 +6,7 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 
-from app.core.database import SessionDep, TaskSessionDep
+from app.api.deps import SessionDep, TaskSessionDep
 from app.entities.crud import entity_crud
 from app.entities.tasks import bulk_mark_processed, process_entity
 

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from app.core.background import celery_app, relay_outbox
 from app.core.config import get_settings
-from app.core.database import engine_from_settings
+from app.core.engine import engine_from_settings
 from tests.support import tasks_fastapi
 from tests.support.db import fetchval
 from tests.support.models import Record
@@ -32,7 +32,7 @@ COMMIT_THEN_DIE = textwrap.dedent(
     import asyncio, os, signal, sys
 
     from app.core.config import get_settings
-    from app.core.database import engine_from_settings
+    from app.core.engine import engine_from_settings
     from sqlalchemy.ext.asyncio import async_sessionmaker
     from tests.support import tasks_fastapi
     from tests.support.models import Record

@@ -12,7 +12,7 @@ import time
 import uuid
 
 from app.core.config import get_settings
-from app.core.database import create_tables, engine_from_settings
+from app.core.engine import create_tables, engine_from_settings
 from app.entities.crud import entity_crud
 from app.entities.tasks import process_entity
 from app.notifications.tasks import send_notification
