@@ -1,0 +1,110 @@
+"""The lease stores' one promise: a holder changes only its own lease, never a newer holder's.
+
+The trap the module names: a worker whose lease expired (a slow task, a long
+queue wait) releases, extends or marks the id after another caller has taken
+it; an unconditional ``DELETE`` would free the newer holder's id and let a
+third caller run the task at the same time. Each store (Redis, SQLite,
+PostgreSQL) is driven through that sequence for real.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.core.background.internals.lease_stores import (
+    REVOKED,
+    DatabaseLeaseStore,
+    LeaseStore,
+    RedisLeaseStore,
+)
+from tests.support.services import Services
+
+SHORT = 0.3  # seconds: a lease that expires during the test
+LONG = 60.0
+
+
+@pytest.fixture(scope="module", params=["redis", "sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, stack: Services) -> Iterator[LeaseStore]:
+    if request.param == "redis":
+        db = stack.claim_redis_db()
+        try:
+            yield RedisLeaseStore(stack.redis_url_for(db))
+        finally:
+            stack.release_redis_db(db)
+        return
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp(prefix='leases-'))}/leases.db"
+    else:
+        url = stack.postgres_url
+    database_store = DatabaseLeaseStore(url)
+    try:
+        yield database_store
+    finally:
+        database_store.close()
+
+
+def key() -> str:
+    return f"lease-{uuid.uuid4().hex}"
+
+
+def expired_then_taken(store: LeaseStore) -> tuple[str, str, str]:
+    """(key, stale token, new holder's token): the first lease expired and another took it."""
+    k, stale, new = key(), uuid.uuid4().hex, uuid.uuid4().hex
+    assert store.acquire(k, stale, SHORT) == stale
+    time.sleep(SHORT + 0.2)
+    assert store.acquire(k, new, LONG) == new  # an expired lease is taken over
+    return k, stale, new
+
+
+def test_a_live_lease_is_not_taken(store: LeaseStore) -> None:
+    k, first, second = key(), uuid.uuid4().hex, uuid.uuid4().hex
+    assert store.acquire(k, first, LONG) == first
+    assert store.acquire(k, second, LONG) == first
+
+
+def test_release_with_a_stale_token_leaves_the_new_holder(store: LeaseStore) -> None:
+    k, stale, new = expired_then_taken(store)
+    assert not store.release(k, stale)
+    assert store.holder(k) == new
+    assert store.acquire(k, uuid.uuid4().hex, LONG) == new  # still refused to a third caller
+
+
+def test_release_by_the_holder_frees_the_id(store: LeaseStore) -> None:
+    k, token = key(), uuid.uuid4().hex
+    store.acquire(k, token, LONG)
+    assert store.release(k, token)
+    assert store.holder(k) is None
+
+
+def test_extend_with_a_stale_token_does_not_extend(store: LeaseStore) -> None:
+    k, stale, new = expired_then_taken(store)
+    assert not store.extend(k, stale, LONG)
+    assert store.holder(k) == new
+
+
+def test_extend_by_the_holder_outlives_the_first_lifetime(store: LeaseStore) -> None:
+    k, token = key(), uuid.uuid4().hex
+    store.acquire(k, token, SHORT)
+    assert store.extend(k, token, LONG)
+    time.sleep(SHORT + 0.2)
+    assert store.holder(k) == token
+
+
+def test_marking_revoked_with_a_stale_token_leaves_the_new_holder(store: LeaseStore) -> None:
+    k, stale, new = expired_then_taken(store)
+    assert not store.mark_revoked(k, stale, LONG)
+    assert store.holder(k) == new
+
+
+def test_the_holder_marks_its_id_revoked(store: LeaseStore) -> None:
+    k, token = key(), uuid.uuid4().hex
+    store.acquire(k, token, LONG)
+    assert store.mark_revoked(k, token, LONG)
+    assert store.holder(k) == REVOKED
+    assert store.acquire(k, uuid.uuid4().hex, LONG) == REVOKED
