@@ -88,9 +88,14 @@ def test_integrity_error_is_not_retried(stack: Services) -> None:
     assert executions(stack, k) == 1
 
 
+def json_lines(log: str) -> list[dict[str, Any]]:
+    """The worker's JSON log lines (LOG_FORMAT=json), parsed."""
+    return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+
+
 @pytest.mark.parametrize("error", ["RuntimeError", "TimeoutError", "asyncio.TimeoutError"])
 def test_retriable_error_is_retried_by_policy_then_fails_with_original_error(
-    stack: Services, error: str
+    stack: Services, worker: Any, error: str
 ) -> None:
     k = key()
     result = tasks.always_fails.delay(key=k, error=error)
@@ -99,6 +104,12 @@ def test_retriable_error_is_retried_by_policy_then_fails_with_original_error(
     assert executions(stack, k) == 4
     assert type(failure).__name__ == error.rsplit(".", 1)[-1]
     assert "attempt 3 failed" in str(failure)
+    # The framework said so: three retries, then one final failure, retries exhausted.
+    lines = [line for line in json_lines(worker.log()) if line.get("task_id") == result.id]
+    retries = [line for line in lines if line["event"] == "Task failed, will retry"]
+    finals = [line for line in lines if line["event"] == "Task failed"]
+    assert [line["attempt"] for line in retries] == [0, 1, 2]
+    assert [(line["attempt"], line["reason"]) for line in finals] == [(3, "retries exhausted")]
 
 
 def test_retried_task_succeeds_when_error_goes_away(stack: Services) -> None:
