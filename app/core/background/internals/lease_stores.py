@@ -222,7 +222,7 @@ class DatabaseLeaseStore:
             now = time.time()
             row = self._run(_SQL_ACQUIRE, key=key, token=token, expires=now + ttl, now=now)
             if row is not None:
-                return str(row[0])
+                return str(row.token)
             holder = self.holder(key)
             if holder is not None:
                 return holder
@@ -240,4 +240,4 @@ class DatabaseLeaseStore:
 
     def holder(self, key: str) -> str | None:
         row = self._run(_SQL_HOLDER, key=key, now=time.time())
-        return None if row is None else str(row[0])
+        return None if row is None else str(row.token)

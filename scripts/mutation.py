@@ -1,0 +1,268 @@
+"""Mutation testing of the modules that carry the framework's safety claims (cosmic-ray).
+
+    scripts/mutation.sh                 # every target below
+    scripts/mutation.sh lease_stores    # some of them, by name
+    scripts/mutation.sh --list          # the targets and their tests
+
+Each target is a module (optionally some of its functions) and the tests that
+must catch a change to it. For every target the working tree is copied to a
+temporary folder (cosmic-ray changes files in place, and the tests start real
+workers that import the code from disk), cosmic-ray makes its mutants there,
+and each mutant runs the target's tests against the test run's own services.
+
+Not every mutant is worth a run: changes inside type annotations (they are
+strings under ``from __future__ import annotations``) are skipped, and so are
+the operators that only multiply the same question (all twelve replacements
+of one binary operator: one is kept). A survivor is printed with its diff;
+either a test is missing, or the mutant behaves the same (say why next to the
+code with ``# pragma: no mutate``, which cosmic-ray honours).
+
+Not part of CI: a full run takes a long time (minutes per target). Run it
+before saying that a change to one of these modules is safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERNALS = "app/core/background/internals"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    module: str
+    tests: tuple[str, ...]
+    # Only mutate inside these functions or classes (empty: the whole module).
+    definitions: tuple[str, ...] = field(default=())
+    timeout: float = 180.0
+
+
+TARGETS = (
+    Target("lease_stores", f"{INTERNALS}/lease_stores.py",
+           ("tests/integration/test_lease_stores.py",)),
+    Target("dedup", f"{INTERNALS}/dedup.py",
+           ("tests/unit/test_dedup_keys.py", "tests/integration/test_dedup.py"), timeout=400),
+    Target("completions", f"{INTERNALS}/completions.py",
+           ("tests/integration/test_completions.py",)),
+    Target("after_commit", f"{INTERNALS}/after_commit.py",
+           ("tests/unit/test_after_commit.py", "tests/integration/test_fastapi_integration.py")),
+    Target("outbox", f"{INTERNALS}/outbox.py", ("tests/integration/test_outbox.py",)),
+    Target("exceptions", f"{INTERNALS}/exceptions.py",
+           ("tests/unit/test_error_classification.py",
+            "tests/integration/test_postgres_errors.py")),
+    Target("retry", f"{INTERNALS}/retry.py", ("tests/unit/test_retry_policies.py",)),
+    Target("run_decision", f"{INTERNALS}/base.py",
+           ("tests/integration/test_worker_redis_postgres.py",),
+           definitions=("_after_failure", "_run_in_transaction", "execute"), timeout=300),
+)  # fmt: skip
+
+# One replacement per binary operator and the comparisons that move a boundary
+# or flip a test; the other variants ask the same question again.
+KEPT_BINARY = {"Add_Sub", "Sub_Add", "Mul_Div", "Div_Mul", "FloorDiv_Mul", "Mod_Mul", "Pow_Mul",
+               "BitOr_BitAnd", "BitAnd_BitOr"}  # fmt: skip
+KEPT_COMPARISON = {"Eq_NotEq", "NotEq_Eq", "Lt_LtE", "LtE_Lt", "Gt_GtE", "GtE_Gt", "Is_IsNot",
+                   "IsNot_Is", "In_NotIn", "NotIn_In"}  # fmt: skip
+
+
+def worth_running(operator: str) -> bool:
+    name = operator.split("/")[-1]
+    if name.startswith("ReplaceBinaryOperator_"):
+        return name.removeprefix("ReplaceBinaryOperator_") in KEPT_BINARY
+    if name.startswith("ReplaceComparisonOperator_"):
+        return name.removeprefix("ReplaceComparisonOperator_") in KEPT_COMPARISON
+    return True
+
+
+def annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions of every annotation in ``source`` (rows 1-based)."""
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        annotations: list[ast.expr | None] = []
+        if isinstance(node, ast.arg):
+            annotations.append(node.annotation)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            annotations.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+        for annotation in annotations:
+            if annotation is not None and annotation.end_lineno is not None:
+                start = (annotation.lineno, annotation.col_offset)
+                end = (annotation.end_lineno, annotation.end_col_offset or 0)
+                spans.append((start, end))
+    return spans
+
+
+def definition_spans(source: str, names: Sequence[str]) -> list[tuple[int, int]]:
+    """Row ranges of the functions or classes called ``names``."""
+    return [
+        (node.lineno, node.end_lineno or node.lineno)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        and node.name in names
+    ]
+
+
+def skip_uninteresting(session: Path, module: Path, target: Target) -> tuple[int, int]:
+    """Mark mutants not worth a test run as skipped; (kept, skipped)."""
+    from cosmic_ray.work_db import use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    source = module.read_text()
+    annotations = annotation_spans(source)
+    definitions = definition_spans(source, target.definitions) if target.definitions else None
+    kept = skipped = 0
+    with use_db(str(session)) as db:
+        for item in list(db.pending_work_items):
+            mutation = item.mutations[0]
+            start, end = tuple(mutation.start_pos), tuple(mutation.end_pos)
+            reason = None
+            if not worth_running(mutation.operator_name):
+                reason = "operator variant"
+            elif any(a <= start and end <= b for a, b in annotations):
+                reason = "inside an annotation"
+            elif definitions is not None and not any(a <= start[0] <= b for a, b in definitions):
+                reason = "outside the target's functions"
+            if reason is None:
+                kept += 1
+                continue
+            skipped += 1
+            db.set_result(
+                item.job_id, WorkResult(output=reason, worker_outcome=WorkerOutcome.SKIPPED)
+            )
+    return kept, skipped
+
+
+@dataclass
+class Outcome:
+    target: Target
+    mutants: int = 0
+    killed: int = 0
+    survived: list[str] = field(default_factory=list)
+    skipped: int = 0
+    incompetent: int = 0
+    error: str | None = None
+
+
+def copy_tree(destination: Path) -> None:
+    """The working tree's tracked and new files (uncommitted changes included)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True,
+    ).stdout.split(b"\0")  # fmt: skip
+    for raw in listed:
+        if not raw:
+            continue
+        path = Path(raw.decode())
+        if not (ROOT / path).is_file():
+            continue
+        (destination / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / path, destination / path)
+
+
+def run_target(target: Target, python: str) -> Outcome:
+    from cosmic_ray.work_db import use_db
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    outcome = Outcome(target)
+    work = Path(tempfile.mkdtemp(prefix=f"mutation-{target.name}-"))
+    try:
+        copy_tree(work)
+        tests = " ".join(target.tests)
+        config = work / "cosmic-ray.toml"
+        config.write_text(textwrap.dedent(f"""\
+            [cosmic-ray]
+            module-path = "{target.module}"
+            timeout = {target.timeout}
+            excluded-modules = []
+            test-command = "{python} -m pytest -x -q -p no:cacheprovider {tests}"
+
+            [cosmic-ray.distributor]
+            name = "local"
+        """))  # fmt: skip
+        session = work / "session.sqlite"
+        env = {**os.environ, "PYTHONPATH": str(work)}
+        cosmic = [python, "-m", "cosmic_ray.cli"]
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*cosmic, *args], cwd=work, env=env, capture_output=True, text=True
+            )
+
+        if (init := run("init", str(config), str(session))).returncode:
+            outcome.error = init.stderr[-2000:]
+            return outcome
+        kept, outcome.skipped = skip_uninteresting(session, work / target.module, target)
+        outcome.mutants = kept
+        if (baseline := run("baseline", str(config))).returncode:
+            outcome.error = "the tests fail without any mutant:\n" + baseline.stdout[-3000:]
+            return outcome
+        run("exec", str(config), str(session))
+        with use_db(str(session)) as db:
+            for item, result in db.completed_work_items:
+                if result.worker_outcome == WorkerOutcome.SKIPPED:
+                    continue
+                if result.test_outcome == TestOutcome.KILLED:
+                    outcome.killed += 1
+                elif result.test_outcome == TestOutcome.INCOMPETENT:
+                    outcome.incompetent += 1
+                else:
+                    mutation = item.mutations[0]
+                    where = f"{mutation.module_path}:{mutation.start_pos[0]}"
+                    outcome.survived.append(f"{where} {mutation.operator_name}\n{result.diff}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return outcome
+
+
+def report(outcomes: Sequence[Outcome]) -> Iterator[str]:
+    yield "| target | module | mutants run | killed | survived | not viable | skipped |"
+    yield "|---|---|---|---|---|---|---|"
+    for o in outcomes:
+        yield (
+            f"| {o.target.name} | {o.target.module.removeprefix(INTERNALS + '/')} | {o.mutants} "
+            f"| {o.killed} | {len(o.survived)} | {o.incompetent} | {o.skipped} |"
+        )
+    for o in outcomes:
+        if o.error:
+            yield f"\n## {o.target.name}: could not run\n{o.error}"
+        for survivor in o.survived:
+            yield f"\n## survivor in {o.target.name}: {survivor}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("targets", nargs="*", help="target names (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the targets and exit")
+    parser.add_argument("--jobs", type=int, default=2, help="targets run at the same time")
+    args = parser.parse_args(argv)
+    by_name = {target.name: target for target in TARGETS}
+    if args.list:
+        for target in TARGETS:
+            print(f"{target.name:14} {target.module}  <- {' '.join(target.tests)}")
+        return 0
+    unknown = [name for name in args.targets if name not in by_name]
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; --list shows them")
+    chosen = [by_name[name] for name in args.targets] or list(TARGETS)
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        outcomes = list(pool.map(lambda t: run_target(t, sys.executable), chosen))
+    for line in report(outcomes):
+        print(line)
+    return 1 if any(o.survived or o.error for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
