@@ -164,16 +164,36 @@ class TaskRun:
         self.prefix, self.keys = run_keys(count)
         # Dispatched with a task_id each (deduplicated, and run once by the worker).
         self.with_task_ids = with_task_ids
+        # Keys whose task writes its pool process's pid to a file, then holds.
+        self.pid_files: dict[str, Path] = {}
+        self.marker_hold = 0.0
+
+    def mark(self, positions: Sequence[int], pid_dir: Path, hold: float = 3.0) -> list[Path]:
+        """Make the tasks at ``positions`` announce their pid, then hold ``hold`` seconds.
+
+        A test that must kill a pool process *while it runs a task* kills the pid
+        a marked task wrote: a child killed between two tasks proves nothing.
+        """
+        self.marker_hold = hold
+        for position in positions:
+            self.pid_files[self.keys[position]] = pid_dir / f"{self.keys[position]}.pid"
+        return list(self.pid_files.values())
 
     def send(self, keys: Sequence[str] | None = None, *, ignore_result: bool = True) -> None:
         """Send the tasks of ``keys`` (default: all of this run's)."""
         from tests.support.tasks_reliability import complete
 
-        calls = ({"key": key, "hold": self.hold} for key in (self.keys if keys is None else keys))
+        calls = (self._call(key) for key in (self.keys if keys is None else keys))
         send(
             self.broker_url, complete, calls,
             with_task_ids=self.with_task_ids, ignore_result=ignore_result,
         )  # fmt: skip
+
+    def _call(self, key: str) -> dict[str, Any]:
+        pid_file = self.pid_files.get(key)
+        if pid_file is None:
+            return {"key": key, "hold": self.hold}
+        return {"key": key, "hold": self.marker_hold, "pid_file": str(pid_file)}
 
     def completed(self) -> int:
         return completed_count(self.dsn, self.prefix)
@@ -249,6 +269,15 @@ def pool_children(worker: WorkerProcess) -> list[int]:
     with contextlib.suppress(OSError):
         return [int(pid) for pid in path.read_text().split()]
     return []
+
+
+def kill_the_child_running(pid_file: Path, timeout: float = 60) -> int | None:
+    """SIGKILL the pool process that wrote ``pid_file`` (a marked task, mid-hold)."""
+    if not wait_until(pid_file.exists, timeout, interval=0.02):
+        return None
+    pid = int(pid_file.read_text())
+    os.kill(pid, signal.SIGKILL)
+    return pid
 
 
 def kill_one_child(worker: WorkerProcess) -> int | None:

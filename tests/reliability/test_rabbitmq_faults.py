@@ -10,10 +10,16 @@ the durable queue keeps its messages, as a restarted node would.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.reliability.support import RabbitVhost, TaskRun, kill_one_child, reliability_worker
+from tests.reliability.support import (
+    RabbitVhost,
+    TaskRun,
+    kill_the_child_running,
+    reliability_worker,
+)
 from tests.support.services import Services
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
@@ -24,13 +30,15 @@ HOLD = 0.005
 
 @pytest.mark.parametrize("dispatch", ["plain", "task_id"])
 def test_pool_child_killed_mid_task(
-    completions_db: Services, rabbit: RabbitVhost, dispatch: str
+    completions_db: Services, rabbit: RabbitVhost, dispatch: str, tmp_path: Path
 ) -> None:
     """With a task_id per task, a run killed after its commit is not completed twice."""
     with_ids = dispatch == "task_id"
     scenario = "rabbitmq: pool child SIGKILL" + (", tasks sent with task_id" if with_ids else "")
     run = TaskRun(scenario, rabbit.url, completions_db.postgres_dsn, TASKS, HOLD,
                   with_task_ids=with_ids)  # fmt: skip
+    # Three tasks announce their pool process and hold it: each kill lands mid-task.
+    markers = run.mark((150, 400, 650), tmp_path)
     # The worker releases the leases where this process takes them.
     leases = {"BACKGROUND_DEDUP_BACKEND": "redis",
               "BACKGROUND_DEDUP_REDIS_URL": completions_db.redis_url}  # fmt: skip
@@ -39,11 +47,9 @@ def test_pool_child_killed_mid_task(
         extra_env=leases,
     ) as worker:  # fmt: skip
         run.send()
-        killed = []
-        for target in (150, 400, 650):
-            assert run.wait_completed(target, 60)
-            killed.append(kill_one_child(worker))
+        killed = [kill_the_child_running(pid_file) for pid_file in markers]
         assert run.wait_all(90), worker.log()[-3000:]
+        assert worker.log().count("WorkerLostError") >= len(markers)
     tally = run.tally()
     assert None not in killed
     assert tally.lost == 0

@@ -7,6 +7,8 @@ twice is visible; ``attempts`` lists the attempt numbers that committed.
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 from sqlalchemy import text
 
@@ -20,9 +22,23 @@ _RECORD = text(
 )
 
 
+def _announce_pid(pid_file: str) -> None:
+    if not os.path.exists(pid_file):
+        Path(pid_file + ".tmp").write_text(str(os.getpid()))
+        os.replace(pid_file + ".tmp", pid_file)  # the test never reads half a pid
+
+
 @db_task(name="reliability.complete", retry_policy="standard")
-async def complete(ctx: TaskContext, key: str, hold: float = 0.0) -> None:
-    """Record one completion of ``key``; ``hold`` seconds of work first."""
+async def complete(
+    ctx: TaskContext, key: str, hold: float = 0.0, pid_file: str | None = None
+) -> None:
+    """Record one completion of ``key``; ``hold`` seconds of work first.
+
+    ``pid_file``: write this process's pid there first, so that a test can kill
+    the pool process while it holds (only on the first delivery: the file exists after).
+    """
+    if pid_file is not None:
+        _announce_pid(pid_file)
     if hold:
         await asyncio.sleep(hold)
     await ctx.session.execute(_RECORD, {"key": key, "attempt": str(ctx.attempt)})
