@@ -44,6 +44,17 @@ class Settings(BaseSettings):
 
     background_retry_delay_scale: float = Field(default=1.0, ge=0)
 
+    # Seconds a dispatch may take before it fails with TaskDispatchError: the
+    # broker's (and the result backend's) connect and reply timeouts, and no
+    # retry of a failed publish starts after it. A request never hangs on a
+    # broker that accepts connections and does not answer.
+    background_dispatch_timeout: float = Field(default=5.0, gt=0)
+    # What a task registered with delay_on_commit becomes when the broker
+    # refuses it after the commit: "outbox" (a row the relay sends later; the
+    # change is committed, so its task must not be lost) or "error" (logged as
+    # lost, with a metric, and raised from TaskSession.commit()).
+    background_after_commit_fallback: Literal["outbox", "error"] = "outbox"
+
     # Task deduplication by custom task_id (see app/core/background/README.md).
     # Where the leases live: "redis", "database", or "auto" = redis when the
     # broker is Redis, else database. The rule is this setting, not a guess.

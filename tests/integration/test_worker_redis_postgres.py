@@ -257,3 +257,21 @@ def test_progress_of_an_async_retry_is_stored_with_its_attempt(stack: Services) 
     assert status.progress == {"done": 1, "total": 2, "percent": 50.0}
     stack.redis().set(f"release:{k}", 1)
     assert result.get(timeout=RESULT_TIMEOUT)["attempt"] == 1
+
+
+@pytest.mark.parametrize("task", [tasks.record_then_return_unstorable, tasks.return_unstorable])
+def test_a_result_that_cannot_be_stored_fails_once_before_any_success(
+    stack: Services, worker: Any, task: Any
+) -> None:
+    """No "Task succeeded" then an EncodeError: a non-retriable failure, nothing committed."""
+    k = key()
+    result = task.delay(key=k)
+    error = wait_failure(result)
+    assert type(error).__name__ == "TaskResultError"
+    assert "cannot be stored as JSON" in str(error)
+    assert executions(stack, k) == 1
+    assert fetchval(stack, "SELECT count(*) FROM test_records WHERE key = $1", k) == 0
+    lines = [line for line in json_lines(worker.log()) if line.get("task_id") == result.id]
+    assert "Task succeeded" not in [line["event"] for line in lines]
+    (failed,) = [line for line in lines if line["event"] == "Task failed"]
+    assert failed["reason"] == "non-retriable"

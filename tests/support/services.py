@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -91,6 +93,16 @@ class Services:
     def release_redis_db(self, db: int) -> None:
         self.redis(db).flushdb()
         self._free_redis_dbs.append(db)
+
+    @contextmanager
+    def private_database(self) -> Iterator[str]:
+        """A PostgreSQL database of one test's own (async URL), dropped after it."""
+        name = f"bgtest_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        asyncio.run(_create_database(name))
+        try:
+            yield self.postgres_url.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            asyncio.run(_drop_database(name))
 
     def _create_postgres(self) -> None:
         name = f"bgtest_{os.getpid()}_{uuid.uuid4().hex[:6]}"

@@ -188,3 +188,17 @@ async def progress_after_retry(ctx: TaskContext, key: str) -> dict[str, Any]:
             break
         await asyncio.sleep(0.05)
     return ctx.success_result(attempt=ctx.attempt)
+
+
+@db_task(name="tests.record_then_return_unstorable", retry_policy="aggressive")
+async def record_then_return_unstorable(ctx: TaskContext, key: str) -> Any:
+    """Writes a row, then returns a value JSON cannot hold (a set)."""
+    count(key)
+    ctx.session.add(Record(key=key))
+    return {"keys": {key}}
+
+
+@simple_task(name="tests.return_unstorable", retry_policy="aggressive")
+def return_unstorable(ctx: TaskContext, key: str) -> Any:
+    count(key)
+    return object()

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 
 from app.core.background import TaskArgumentError, TaskSession, pending_dispatches
 from app.core.background.internals import after_commit
+from app.core.background.internals.outbox import outbox_table
 from tests.support.tasks_fastapi import note_row
 
 
@@ -97,7 +98,7 @@ async def test_bad_arguments_fail_at_registration(sessions: Any, sent: list[str]
         assert pending_dispatches(session) == []
 
 
-async def test_failed_send_is_logged_and_the_rest_still_go_out(
+async def test_a_failed_send_goes_to_the_outbox_and_the_rest_still_go_out(
     sessions: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     sent: list[str] = []
@@ -109,8 +110,13 @@ async def test_failed_send_is_logged_and_the_rest_still_go_out(
 
     monkeypatch.setattr(after_commit.Dispatch, "send", send)
     async with sessions() as session:
-        for k in ("a", "boom", "c"):
-            note_row.delay_on_commit(session, key=k)
-        await session.commit()  # committed: the failure is reported, not raised
+        await session.run_sync(lambda s: outbox_table.create(s.connection()))
+        await session.commit()
+        ids = {k: note_row.delay_on_commit(session, key=k).id for k in ("a", "boom", "c")}
+        await session.commit()  # committed: the failed one is kept, not raised
+        pending = (await session.execute(outbox_table.select())).all()
     assert sent == ["a", "c"]
-    assert [r.message for r in caplog.records] == ["Dispatch after commit failed"]
+    assert [row.task_id for row in pending] == [ids["boom"]]
+    (record,) = caplog.records
+    assert record.message.startswith("Dispatch after commit failed")
+    assert record.fields["task_id"] == ids["boom"]  # type: ignore[attr-defined]

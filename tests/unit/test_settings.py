@@ -47,7 +47,12 @@ def test_visibility_timeout_must_exceed_retry_delays_and_time_limits() -> None:
             embedded(celery_broker_url="redis://127.0.0.1:6379/0", celery_visibility_timeout=600)
         )
     config = build_celery_config(embedded(celery_broker_url="redis://127.0.0.1:6379/0"))
-    assert config["broker_transport_options"] == {"visibility_timeout": 3600}
+    assert config["broker_transport_options"] == {
+        "visibility_timeout": 3600,
+        # A dispatch to a Redis that never answers times out (publish.py).
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 5.0,
+    }
 
 
 def test_retry_delay_scale_must_not_be_negative() -> None:

@@ -26,8 +26,10 @@ from .internals.exceptions import (
     TaskConfigurationError,
     TaskDefinitionError,
     TaskDiscoveryError,
+    TaskDispatchError,
     TaskError,
     TaskNotFoundError,
+    TaskResultError,
     TaskValidationError,
     is_retriable,
 )
@@ -70,11 +72,13 @@ __all__ = (
     # errors
     "NonRetriableTaskError",
     "TaskArgumentError",
+    "TaskDispatchError",
     "TaskConfigurationError",
     "TaskDefinitionError",
     "TaskDiscoveryError",
     "TaskError",
     "TaskNotFoundError",
+    "TaskResultError",
     "TaskValidationError",
     "is_retriable",
     # policies, queues and task classes

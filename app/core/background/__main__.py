@@ -34,7 +34,10 @@ def _relay(args: argparse.Namespace) -> int:
     import asyncio
 
     from .celery_app import celery_app, settings
+    from .internals.logging import configure_logging
     from .internals.outbox import serve_relay
+
+    configure_logging(settings.log_format, settings.log_level)
 
     try:
         sent = asyncio.run(
@@ -48,6 +51,9 @@ def _relay(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's answer: the reason, and a failing status
+        print(f"relay: not every pending task was sent: {exc}", file=sys.stderr)
+        return 1
     print(f"relayed {sent} task(s)")
     return 0
 

@@ -16,6 +16,7 @@ from kombu import Queue
 from app.core.config import DATA_DIR, Settings, get_settings
 
 from .internals.base import route_to_declared_queue
+from .internals.deadline import stop_after_deadline
 from .internals.dedup import connect_worker_signals as connect_dedup_signals
 from .internals.dedup import deduplicator, store_from_settings
 from .internals.discovery import find_task_modules
@@ -83,6 +84,20 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,
         "background_retry_delay_scale": settings.background_retry_delay_scale,
+        # Bounded dispatch (internals/publish.py): a failed publish is retried
+        # (a broker restart of a second or two is ridden out) until the
+        # dispatch timeout, never longer; each attempt's sockets time out too.
+        "background_dispatch_timeout": settings.background_dispatch_timeout,
+        "background_after_commit_fallback": settings.background_after_commit_fallback,
+        "task_publish_retry_policy": {
+            "max_retries": None,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 1,
+            "errback": stop_after_deadline,
+        },
+        "broker_connection_timeout": settings.background_dispatch_timeout,
+        "redis_socket_connect_timeout": settings.background_dispatch_timeout,
     }
     if settings.is_embedded_broker:
         config["broker_transport"] = "app.core.background.internals.file_broker:Transport"
@@ -98,6 +113,13 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         # kombu's Redis transport, fixed to survive a broker restart under a
         # running worker (internals/redis_broker.py).
         config["broker_transport"] = "app.core.background.internals.redis_broker:Transport"
+        # kombu's Redis default is no timeout: a publish to a server that
+        # accepts the connection and never answers would wait forever. The
+        # worker's BRPOP polls (1 s) well inside it.
+        config["broker_transport_options"].update(
+            socket_timeout=settings.background_dispatch_timeout,
+            socket_connect_timeout=settings.background_dispatch_timeout,
+        )
     if settings.celery_result_backend.startswith("db+sqlite"):
         config["database_engine_options"] = {"connect_args": {"timeout": 30}}
     return config
@@ -107,6 +129,7 @@ def create_celery_app(settings: Settings) -> Celery:
     app = Celery(
         "app",
         loader="app.core.background.internals.discovery:TaskModuleLoader",
+        amqp="app.core.background.internals.publish:BoundedAMQP",
         include=find_task_modules(APP_PACKAGE_DIR, "app"),
     )
     app.conf.update(build_celery_config(settings))

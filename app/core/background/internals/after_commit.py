@@ -20,7 +20,9 @@ Who sends the due dispatches, and on which thread:
   in a worker process or a script; in an endpoint use a ``TaskSession``).
 
 Arguments are checked (signature and JSON) when the dispatch is registered, so
-a bad call fails in the endpoint before anything is committed.
+a bad call fails in the endpoint before anything is committed. A task the
+broker does not take after the commit goes to the outbox, or is reported lost
+(``keep_unsent``).
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
-from kombu.utils.json import dumps
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from .dedup import CLAIMED_OPTION
-from .exceptions import TaskArgumentError
+from .exceptions import TaskDispatchError
+from .monitoring import record_dispatch_failure
+from .publish import check_dispatch
 
 if TYPE_CHECKING:
     from .base import BackgroundTask
@@ -71,17 +74,6 @@ class Dispatch:
             # A fresh uuid of ours needs no deduplication lease (one Redis round trip less).
             options[CLAIMED_OPTION] = True
         self.task.apply_async(self.args, self.kwargs, task_id=self.task_id, **options)
-
-
-def check_dispatch(
-    task: BackgroundTask[Any, Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
-) -> str:
-    """Check the arguments as ``apply_async`` would; the JSON the broker would carry."""
-    task.check_arguments(args, kwargs)
-    try:
-        return dumps([list(args), dict(kwargs)])
-    except TypeError as exc:
-        raise TaskArgumentError(f"{task.name}: arguments must be JSON-serializable: {exc}") from exc
 
 
 def enqueue_after_commit(
@@ -129,19 +121,106 @@ async def send_due(session: AsyncSession) -> None:
     """Send, in a worker thread, what the last commit made due."""
     due = take_due(session)
     if due:
-        await anyio.to_thread.run_sync(send_all, due)
+        failed = await anyio.to_thread.run_sync(send_all, due)
+        if failed:
+            await session.run_sync(keep_unsent, failed)
 
 
-def send_all(dispatches: list[Dispatch]) -> None:
-    """Send in order; a failed send is logged and the others still go out."""
+def send_all(dispatches: list[Dispatch]) -> list[Unsent]:
+    """Send in order; the ones the broker did not take (the others still go out)."""
+    failed = []
     for dispatch in dispatches:
         try:
             dispatch.send()
-        except Exception:
-            logger.exception(
-                "Dispatch after commit failed",
-                extra={"task_name": dispatch.task.name, "task_id": dispatch.task_id},
-            )
+        except Exception as exc:  # noqa: BLE001 - every one is kept or reported: keep_unsent
+            failed.append(Unsent(dispatch, exc))
+    return failed
+
+
+# -- when the broker does not take them --------------------------------------
+#
+# The change is committed, so its task must not vanish. By default the task
+# becomes an outbox row (written in a transaction of its own, on the session's
+# database), which the relay sends once the broker is back: the change keeps
+# its task, and the caller carries on. If that fails too, or the fallback is
+# "error", the task is reported lost (an ERROR line with its id, name and the
+# keys of its arguments, and a metric) and TaskDispatchError is raised from
+# the commit: the change is committed, the caller must not say all is well.
+
+
+@dataclass(frozen=True, slots=True)
+class Unsent:
+    dispatch: Dispatch
+    error: Exception
+
+
+def keep_unsent(session: Session, failed: list[Unsent]) -> None:
+    """Write ``failed`` to the outbox, or report them lost and raise ``TaskDispatchError``."""
+    app = failed[0].dispatch.task.app
+    reason: Exception | None = None
+    if app.conf.get("background_after_commit_fallback", "outbox") == "outbox":
+        try:
+            _write_to_outbox(session, failed)
+        except Exception as exc:  # noqa: BLE001 - reported below, with the send's own error
+            reason = exc
+        else:
+            for unsent in failed:
+                _report(unsent, logging.WARNING, "deferred", "Dispatch after commit failed: "
+                        "the task is in the outbox, the relay sends it")  # fmt: skip
+            return
+    for unsent in failed:
+        _report(unsent, logging.ERROR, "lost", "Task lost: dispatch after commit failed",
+                outbox_error=None if reason is None else repr(reason))  # fmt: skip
+    first = failed[0]
+    raise TaskDispatchError(
+        f"{len(failed)} task(s) registered with delay_on_commit were not sent after the commit "
+        f"(first: {first.dispatch.task.name} [{first.dispatch.task_id}]: {first.error})"
+        + ("" if reason is None else f"; writing them to the outbox failed too: {reason!r}"),
+        task_name=first.dispatch.task.name,
+        task_ids=tuple(unsent.dispatch.task_id for unsent in failed),
+    )
+
+
+def _write_to_outbox(session: Session, failed: list[Unsent]) -> None:
+    from sqlalchemy import Connection, insert
+
+    from .outbox import outbox_row, outbox_table
+
+    rows = [
+        outbox_row(d.task, d.task_id, d.args, d.kwargs, d.options)
+        for d in (unsent.dispatch for unsent in failed)
+    ]
+    bind = session.get_bind()
+    if isinstance(bind, Connection):
+        # A session bound to one connection (a test's outer transaction): stay in it.
+        with bind.begin_nested() if bind.in_transaction() else bind.begin():
+            bind.execute(insert(outbox_table), rows)
+    else:
+        with bind.begin() as connection:
+            connection.execute(insert(outbox_table), rows)
+
+
+def _report(unsent: Unsent, level: int, outcome: str, message: str, **more: Any) -> None:
+    dispatch = unsent.dispatch
+    queue = str(dispatch.options.get("queue") or dispatch.task.background_queue)
+    record_dispatch_failure(dispatch.task.name, queue, outcome)
+    logger.log(
+        level,
+        message,
+        extra={
+            "fields": {
+                "task_id": dispatch.task_id,
+                "task_name": dispatch.task.name,
+                "queue": queue,
+                "outcome": outcome,
+                # The keys only: argument values stay out of logs (README).
+                "argument_keys": sorted(dispatch.kwargs),
+                "positional_arguments": len(dispatch.args),
+                "error": repr(unsent.error),
+                **{key: value for key, value in more.items() if value is not None},
+            }
+        },
+    )
 
 
 # -- session events --------------------------------------------------------
@@ -170,8 +249,8 @@ def _after_commit(session: Session) -> None:
         return
     if session.info.get(_DEFERRED):
         session.info.setdefault(_DUE, []).extend(due)
-    else:
-        send_all(due)
+    elif failed := send_all(due):
+        keep_unsent(session, failed)
 
 
 def _after_soft_rollback(session: Session, previous_transaction: SessionTransaction) -> None:

@@ -19,7 +19,9 @@ from typing import Any, ClassVar, Generic, ParamSpec, TypeVar, Unpack
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult
+from celery.utils import uuid
 from kombu.exceptions import EncodeError
+from kombu.utils.json import dumps
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -30,10 +32,17 @@ from .context import TaskContext
 from .dedup import CLAIMED_OPTION, PERIOD_OPTION, deduplicator, run_once_key
 from .dispatch import DispatchOptions, TaskOptions
 from .event_loop import worker_loop
-from .exceptions import TaskArgumentError, TaskValidationError, is_retriable
+from .exceptions import (
+    TaskArgumentError,
+    TaskDispatchError,
+    TaskResultError,
+    TaskValidationError,
+    is_retriable,
+)
 from .hooks import hooks
-from .monitoring import Timer, record_dispatch
+from .monitoring import Timer, record_dispatch, record_dispatch_failure
 from .outbox import enqueue_via_outbox
+from .publish import bounded_dispatch
 from .retry import RetryPolicy
 from .session import database
 
@@ -65,6 +74,8 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
     body_signature: inspect.Signature
     policy: RetryPolicy
     background_queue: str = "default"
+    # DatabaseTask checks the result inside its transaction, before the commit.
+    checks_result_before_commit: ClassVar[bool] = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``task(ctx, ...)`` runs the body with that context (tests); otherwise Celery's call."""
@@ -102,24 +113,31 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
         **options: Any,
     ) -> Any:
         self.check_arguments(tuple(args or ()), kwargs or {})
-        if (task_id is not None or PERIOD_OPTION in options) and not options.pop(
-            CLAIMED_OPTION, False
-        ):
-            # A custom id: deduplicated (dedup.py); comes back here once the lease is taken.
-            return deduplicator.send(
-                self,
-                task_id,
-                options,
-                lambda tid, opts: self.apply_async(args, kwargs, tid, *extra, **opts),
-            )
+        queue = str(getattr(options.get("queue"), "name", options.get("queue")) or "")
+        queue = queue or self.background_queue
+        deduplicated = task_id is not None or PERIOD_OPTION in options
         try:
-            sent = super().apply_async(tuple(args or ()), kwargs, task_id, *extra, **options)
+            if deduplicated and not options.pop(CLAIMED_OPTION, False):
+                # A custom id: deduplicated (dedup.py); comes back here once the lease is taken.
+                with bounded_dispatch(self.app, self.name, [task_id] if task_id else []):
+                    return deduplicator.send(
+                        self,
+                        task_id,
+                        options,
+                        lambda tid, opts: self.apply_async(args, kwargs, tid, *extra, **opts),
+                    )
+            # The id is chosen here so that a failed dispatch can name it.
+            task_id = task_id or uuid()
+            with bounded_dispatch(self.app, self.name, [task_id]):
+                sent = super().apply_async(tuple(args or ()), kwargs, task_id, *extra, **options)
         except EncodeError as exc:
             raise TaskArgumentError(
                 f"{self.name}: arguments must be JSON-serializable: {exc}"
             ) from exc
-        queue = options.get("queue") or self.background_queue
-        record_dispatch(self.name, str(getattr(queue, "name", queue)))
+        except TaskDispatchError:
+            record_dispatch_failure(self.name, queue, "raised")
+            raise
+        record_dispatch(self.name, queue)
         return sent
 
     def delay_many(
@@ -167,12 +185,31 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
             hooks.before_run(ctx)
             outcome = self.run_with_context(ctx, args, kwargs)
             result = worker_loop.run(outcome) if self.is_async else outcome
+            if not self.checks_result_before_commit:
+                self.check_result(result)
         except _CELERY_CONTROL:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is classified, then re-raised
             raise self._after_failure(ctx, exc, timer.stop()) from None
         hooks.on_success(ctx, result, timer.stop())
         return result
+
+    def check_result(self, result: Any) -> None:
+        """Raise ``TaskResultError`` if the result backend could not store ``result``.
+
+        Celery would find out only when storing it, after the success hooks
+        (a "Task succeeded" line and metric for a task that then fails) and
+        after a db task's commit. Checked with the encoder the backend uses.
+        """
+        if result is None or self.ignore_result or self.request.ignore_result:
+            return
+        try:
+            dumps(result)
+        except (TypeError, ValueError) as exc:
+            raise TaskResultError(
+                f"{self.name} returned a {type(result).__name__} that cannot be stored as "
+                f"JSON ({exc}); return JSON types (dict, list, str, number, bool, None)"
+            ) from None
 
     def _context_for_request(self) -> TaskContext:
         request = self.request
@@ -236,6 +273,7 @@ class DatabaseTask(BackgroundTask[P, R]):
     """A ``@db_task``: one ``AsyncSession`` per run, committed on success, rolled back on error."""
 
     is_async = True
+    checks_result_before_commit = True
 
     def _context_for_request(self) -> TaskContext:
         ctx = super()._context_for_request()
@@ -264,6 +302,7 @@ class DatabaseTask(BackgroundTask[P, R]):
                 # it) after this run's work had committed: see completions.py.
                 return self._already_completed(ctx)
             result = await self.body(ctx, *args, **kwargs)
+            self.check_result(result)
             if once is not None and not await completion_log.record(
                 session, once[0], ctx.task_id, once[1]
             ):

@@ -26,8 +26,9 @@ from celery.result import AsyncResult
 from celery.utils import uuid
 from kombu.exceptions import EncodeError
 
-from .exceptions import TaskArgumentError
-from .monitoring import record_dispatch
+from .exceptions import TaskArgumentError, TaskDispatchError
+from .monitoring import record_dispatch, record_dispatch_failure
+from .publish import bounded_dispatch
 from .status import buffered_sent_records
 
 if TYPE_CHECKING:
@@ -68,29 +69,42 @@ def dispatch_many(
     task_defaults: dict[str, Any] = getattr(task, "_get_exec_options")()  # noqa: B009 - untyped
     exec_options = {key: value for key, value in task_defaults.items() if value is not None}
     results: list[AsyncResult[Any]] = []
-    with app.producer_or_acquire() as producer:
-        deferred = bool(getattr(producer, "supports_batch_publish", False))
-        for start in range(0, len(prepared), batch_size):
-            chunk = prepared[start : start + batch_size]
-            # Exits run inner first: the chunk's SENT records are written, then
-            # its messages published, so a worker never finds SENT after its
-            # own state. Where publishes are not deferred (RabbitMQ), the SENT
-            # records are not either.
-            sent_records = buffered_sent_records(app) if deferred else contextlib.nullcontext()
-            with _pipelined(producer, 2 * len(chunk) + 16), sent_records:
-                for kwargs in chunk:
-                    results.append(_send_one(task, producer, kwargs, exec_options, options))
+    # The ids of the chunk being sent: not confirmed until its pipeline is.
+    unconfirmed: list[str] = []
+    try:
+        with bounded_dispatch(app, task.name, unconfirmed), app.producer_or_acquire() as producer:
+            deferred = bool(getattr(producer, "supports_batch_publish", False))
+            for start in range(0, len(prepared), batch_size):
+                chunk = prepared[start : start + batch_size]
+                # Exits run inner first: the chunk's SENT records are written, then
+                # its messages published, so a worker never finds SENT after its
+                # own state. Where publishes are not deferred (RabbitMQ), the SENT
+                # records are not either.
+                sent_records = buffered_sent_records(app) if deferred else contextlib.nullcontext()
+                with _pipelined(producer, 2 * len(chunk) + 16), sent_records:
+                    for kwargs in chunk:
+                        unconfirmed.append(task_id := uuid())
+                        results.append(
+                            _send_one(task, producer, task_id, kwargs, exec_options, options)
+                        )
+                unconfirmed.clear()
+    except TaskDispatchError as exc:
+        queue = str(options.get("queue") or task.background_queue)
+        for _ in exc.task_ids:
+            record_dispatch_failure(task.name, queue, "raised")
+        raise
     return results
 
 
 def _send_one(
     task: BackgroundTask[Any, Any],
     producer: Any,
+    task_id: str,
     kwargs: dict[str, Any],
     exec_options: Mapping[str, Any],
     options: Mapping[str, Any],
 ) -> AsyncResult[Any]:
-    app, task_id = task.app, uuid()
+    app = task.app
     amqp = app.amqp
     routed = amqp.router.route(
         {**exec_options, **options},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kombu.exceptions import OperationalError
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 
@@ -39,12 +40,32 @@ class TaskConfigurationError(NonRetriableTaskError):
     """The task or its environment is misconfigured."""
 
 
+class TaskResultError(NonRetriableTaskError):
+    """The task returned a value the result backend cannot store (not JSON)."""
+
+
 class TaskDefinitionError(ValueError):
     """A task was declared wrongly (raised at import time, never at run time)."""
 
 
 class TaskArgumentError(TypeError):
     """A task was called with arguments that cannot be sent (raised before sending)."""
+
+
+class TaskDispatchError(OperationalError):
+    """A task was not handed to the broker in time (raised by ``delay()`` and friends).
+
+    A kombu ``OperationalError``, so code that catches Celery's "broker down"
+    error keeps working. The message names the broker and result backend
+    (passwords masked) and what to check. The broker may still have received a
+    message whose confirmation was lost: sending again may run the task twice
+    unless it has a ``task_id`` (deduplicated).
+    """
+
+    def __init__(self, message: str, *, task_name: str, task_ids: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.task_name = task_name
+        self.task_ids = task_ids
 
 
 class TaskDiscoveryError(ImportError):

@@ -111,6 +111,13 @@ class TaskMetrics:
         self.dispatched = Counter(
             "background_tasks_dispatched", "Tasks sent to the broker", labels, registry=reg
         )
+        self.dispatch_failures = Counter(
+            "background_dispatch_failures",
+            "Dispatches the broker did not take, by what became of the task: "
+            "raised (to the caller), deferred (to the outbox), lost",
+            (*labels, "outcome"),
+            registry=reg,
+        )
         self.duration = Histogram(
             "background_task_duration_seconds",
             "Duration of task runs, by outcome",
@@ -148,6 +155,11 @@ def task_metrics() -> TaskMetrics:
 def record_dispatch(task_name: str, queue: str) -> None:
     """Count one task sent (called by ``BackgroundTask.apply_async``)."""
     task_metrics().dispatched.labels(task_name, queue).inc()
+
+
+def record_dispatch_failure(task_name: str, queue: str, outcome: str) -> None:
+    """Count a dispatch the broker did not take (``raised``, ``deferred`` or ``lost``)."""
+    task_metrics().dispatch_failures.labels(task_name, queue, outcome).inc()
 
 
 def breaker_state_changed(name: str, state: str) -> None:

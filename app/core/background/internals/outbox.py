@@ -36,8 +36,8 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from .after_commit import check_dispatch
 from .monitoring import record_dispatch
+from .publish import bounded_dispatch, check_dispatch
 
 if TYPE_CHECKING:
     from .base import BackgroundTask
@@ -86,14 +86,25 @@ def enqueue_via_outbox(
     kwargs = dict(kwargs or {})
     check_dispatch(task, args, kwargs)
     task_id = str(options.pop("task_id", None) or uuid.uuid4())
+    session.add(OutboxMessage(**outbox_row(task, task_id, args, kwargs, options)))
+    return task_id
+
+
+def outbox_row(
+    task: BackgroundTask[Any, Any],
+    task_id: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> dict[str, str]:
+    """The outbox columns of one task (arguments already checked)."""
     # The relay may not import the task's module: keep the queue it routes to.
-    options.setdefault("queue", task.background_queue)
+    options = {"queue": task.background_queue, **options}
     try:
-        payload = dumps([list(args), kwargs, options])
+        payload = dumps([list(args), dict(kwargs), options])
     except TypeError as exc:
         raise ValueError(f"{task.name}: options must be JSON-serializable: {exc}") from exc
-    session.add(OutboxMessage(task_id=task_id, task_name=task.name, payload=payload))
-    return task_id
+    return {"task_id": task_id, "task_name": task.name, "payload": payload}
 
 
 SessionFactory = Callable[[], AsyncSession]
@@ -101,6 +112,17 @@ SessionFactory = Callable[[], AsyncSession]
 
 async def relay_outbox(sessions: SessionFactory, app: Celery, batch_size: int = 100) -> int:
     """Send up to ``batch_size`` pending rows in order and mark them sent; how many were sent.
+
+    A row the broker did not take stays pending (see ``_relay_pass``).
+    """
+    sent, _failure = await _relay_pass(sessions, app, batch_size)
+    return sent
+
+
+async def _relay_pass(
+    sessions: SessionFactory, app: Celery, batch_size: int
+) -> tuple[int, Exception | None]:
+    """One pass: how many rows were sent, and why the first unsent one was not.
 
     Rows are locked with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL), so several
     relays can run at once; SQLite has no row locks and serialises writers.
@@ -119,7 +141,7 @@ async def relay_outbox(sessions: SessionFactory, app: Celery, batch_size: int = 
             )
         ).all()
         if not rows:
-            return 0
+            return 0, None
         sent, failure = await anyio.to_thread.run_sync(_publish, app, rows)
         if sent:
             await session.execute(
@@ -127,27 +149,34 @@ async def relay_outbox(sessions: SessionFactory, app: Celery, batch_size: int = 
             )
         if failure is not None:
             row_id, error = failure
+            last_error = f"{type(error).__name__}: {error}"
             await session.execute(
                 update(table)
                 .where(table.c.id == row_id)
-                .values(attempts=table.c.attempts + 1, last_error=error)
+                .values(attempts=table.c.attempts + 1, last_error=last_error)
             )
-    return len(sent)
+    return len(sent), None if failure is None else failure[1]
 
 
-def _publish(app: Celery, rows: Sequence[Any]) -> tuple[list[int], tuple[int, str] | None]:
+def _publish(app: Celery, rows: Sequence[Any]) -> tuple[list[int], tuple[int, Exception] | None]:
     sent: list[int] = []
     for row in rows:
         args, kwargs, options = loads(row.payload)
+        queue = str(options.get("queue") or "default")
         try:
             # By name: the relay need not import every task module. (A custom id
             # is therefore not deduplicated here, unlike .delay(); the writer's
             # transaction decides whether the task exists at all.)
-            app.send_task(row.task_name, args, kwargs, task_id=row.task_id, **options)
-            record_dispatch(row.task_name, str(options.get("queue") or "default"))
+            with bounded_dispatch(app, row.task_name, [row.task_id]):
+                app.send_task(row.task_name, args, kwargs, task_id=row.task_id, **options)
         except Exception as exc:  # noqa: BLE001 - kept in the row and retried by the next pass
-            logger.warning("Outbox send failed", extra={"task_id": row.task_id, "error": repr(exc)})
-            return sent, (row.id, f"{type(exc).__name__}: {exc}")
+            logger.warning(
+                "Outbox send failed",
+                extra={"fields": {"task_id": row.task_id, "task_name": row.task_name,
+                                  "queue": queue, "error": repr(exc)}},
+            )  # fmt: skip
+            return sent, (row.id, exc)
+        record_dispatch(row.task_name, queue)
         sent.append(row.id)
     return sent, None
 
@@ -160,20 +189,27 @@ async def run_relay(
     batch_size: int = 100,
     once: bool = False,
 ) -> int:
-    """Relay until cancelled (or one drain with ``once``); the number of rows sent."""
+    """Relay until cancelled (or one drain with ``once``); the number of rows sent.
+
+    With ``once``, a row the broker did not take raises its error after the
+    rows before it are marked sent (``relay --once`` exits non-zero); without,
+    the row is tried again on the next pass.
+    """
     total = 0
     while True:
         try:
-            sent = await relay_outbox(sessions, app, batch_size)
+            sent, failure = await _relay_pass(sessions, app, batch_size)
         except Exception as exc:  # a database blip must not stop the relay
             if once:
                 raise
-            logger.warning("Outbox relay pass failed", extra={"error": repr(exc)})
+            logger.warning("Outbox relay pass failed", extra={"fields": {"error": repr(exc)}})
             await anyio.sleep(interval)
             continue
         total += sent
         if sent:
-            logger.info("Outbox relayed", extra={"sent": sent})
+            logger.info("Outbox relayed", extra={"fields": {"sent": sent}})
+        if failure is not None and once:
+            raise failure
         if sent == batch_size:
             continue
         if once:

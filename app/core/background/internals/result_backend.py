@@ -27,6 +27,8 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from celery.utils.serialization import bytes_to_str
 
+from .deadline import past_deadline
+
 # KEYS[1]: the task's key. ARGV[1]: the encoded meta, ARGV[2]: expiry in
 # seconds (0: none). Returns 0 when a stored SUCCESS is kept, 1 when written.
 # The plain find is a cheap filter; cjson decides, so a result that merely
@@ -58,6 +60,13 @@ class AtomicRedisBackend(RedisBackend):
     failure_expires: int | None
     _get_result_meta: Callable[..., dict[str, Any]]
     _store_script: Any = None
+
+    def on_connection_error(self, max_retries: Any, exc: Any, intervals: Any, retries: Any) -> Any:
+        # Celery reconnects 20 times over 19 s; a dispatch (the SUBSCRIBE of
+        # ``.delay()``) gives up at its deadline instead (``publish.py``).
+        if past_deadline():
+            raise exc
+        return super().on_connection_error(max_retries, exc, intervals, retries)
 
     def _store_result(
         self,

@@ -9,6 +9,7 @@ through this app, or its result expired (``result_expires``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -22,6 +23,8 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import TaskRevokedError
 
 from .result_backend import AtomicRedisBackend
+
+_logger = logging.getLogger("app.core.background.dispatch")
 
 SENT = "SENT"
 PROGRESS = "PROGRESS"
@@ -78,6 +81,42 @@ def record_sent(app: Celery, task_id: str) -> None:
         "task_id": task_id,
     }
     _store(app, task_id, meta, SENT)
+
+
+# Deletes the key only while it still holds SENT: a message whose publish
+# reply was lost may have reached a worker, whose own state must stay.
+_FORGET_IF_SENT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and meta['status'] == 'SENT' then
+    return redis.call('DEL', KEYS[1])
+  end
+end
+return 0
+"""
+
+
+def forget_unsent(app: Celery, task_ids: list[str]) -> None:
+    """Remove the ``SENT`` records of tasks whose publish failed (best effort)."""
+    backend = app.backend
+    for task_id in task_ids:
+        try:
+            if isinstance(backend, RedisBackend):
+                backend.client.eval(_FORGET_IF_SENT, 1, backend.get_key_for_task(task_id))
+            elif isinstance(backend, BaseKeyValueStoreBackend):
+                meta = raw_meta(app, task_id)
+                if meta is not None and meta.get("status") == SENT:
+                    backend.delete(backend.get_key_for_task(task_id))
+            elif (meta := backend.get_task_meta(task_id)).get("status") == SENT:
+                # The database backend: forget() deletes the row.
+                backend.forget(task_id)
+        except Exception as exc:  # noqa: BLE001 - the dispatch error is what the caller gets
+            # The backend is down too: then the SENT write most likely failed as well.
+            _logger.warning(
+                "Could not remove the SENT record of an unsent task",
+                extra={"fields": {"task_id": task_id, "error": repr(exc)}},
+            )
 
 
 def record_revoked(app: Celery, task_id: str, reason: str) -> None:

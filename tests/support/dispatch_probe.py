@@ -1,0 +1,110 @@
+"""A process that dispatches one task against the servers its environment names.
+
+    python -m tests.support.dispatch_probe delay          # notify.delay(...)
+    python -m tests.support.dispatch_probe on_commit      # delay_on_commit + TaskSession.commit()
+    python -m tests.support.dispatch_probe on_commit_plain  # the same with a plain AsyncSession
+
+It prints one JSON object (the last line of stdout): what the call returned or
+raised, how long it took, the framework's dispatch-failure counters, and for
+the commit scenarios the rows committed and the outbox's pending task ids.
+The app reads its settings at import, so each configuration is a process of
+its own (``tests/integration/test_dispatch_failures.py``).
+
+``PROBE_DROP_OUTBOX=1``: the database has no outbox table (the fallback fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from prometheus_client import REGISTRY
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from app.core.background import TaskContext, TaskSession, configure_logging, simple_task
+from app.core.background.internals.outbox import outbox_table
+
+# An argument value that must never reach a log line.
+SECRET = "probe-secret-7f3a"
+
+
+@simple_task(name="probe.notify")
+def notify(ctx: TaskContext, order_id: int, secret: str) -> None:
+    """Never run here: the probe only dispatches."""
+
+
+def failures(outcome: str) -> float:
+    labels = {"task": "probe.notify", "queue": "default", "outcome": outcome}
+    return REGISTRY.get_sample_value("background_dispatch_failures_total", labels) or 0.0
+
+
+def outcome_of(call: Any) -> dict[str, Any]:
+    started = time.monotonic()
+    try:
+        out: dict[str, Any] = {"returned": call()}
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        out = {
+            "raised": type(exc).__name__,
+            "message": str(exc),
+            "task_ids": list(getattr(exc, "task_ids", ())),
+        }
+    out["seconds"] = time.monotonic() - started
+    return out
+
+
+def delay() -> dict[str, Any]:
+    return outcome_of(lambda: notify.delay(order_id=1, secret=SECRET).id)
+
+
+async def on_commit(session_class: type[AsyncSession]) -> dict[str, Any]:
+    engine = create_async_engine(os.environ["DATABASE_URL"])
+    async with engine.begin() as connection:
+        await connection.execute(text("CREATE TABLE probe_orders (id INTEGER PRIMARY KEY)"))
+        if not os.environ.get("PROBE_DROP_OUTBOX"):
+            await connection.run_sync(outbox_table.create)
+    sessions = async_sessionmaker(engine, class_=session_class, expire_on_commit=False)
+    task_id = None
+    started = time.monotonic()
+    async with sessions() as session:
+        await session.execute(text("INSERT INTO probe_orders (id) VALUES (1)"))
+        task_id = notify.delay_on_commit(session, order_id=1, secret=SECRET).id
+        try:
+            await session.commit()
+            out: dict[str, Any] = {"returned": task_id}
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out = {"raised": type(exc).__name__, "message": str(exc)}
+    out["seconds"] = time.monotonic() - started
+    out["task_id"] = task_id
+    async with engine.connect() as connection:
+        orders = await connection.execute(text("SELECT count(*) FROM probe_orders"))
+        out["orders"] = orders.scalar()
+        if not os.environ.get("PROBE_DROP_OUTBOX"):
+            rows = await connection.execute(
+                outbox_table.select().where(outbox_table.c.sent_at.is_(None))
+            )
+            out["outbox"] = [row.task_id for row in rows]
+    await engine.dispose()
+    return out
+
+
+def main(scenario: str) -> None:
+    configure_logging("json")  # as the API does at start-up
+    if scenario == "delay":
+        out = delay()
+    elif scenario == "on_commit":
+        out = asyncio.run(on_commit(TaskSession))
+    elif scenario == "on_commit_plain":
+        out = asyncio.run(on_commit(AsyncSession))
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    out["metrics"] = {name: failures(name) for name in ("raised", "deferred", "lost")}
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
