@@ -41,7 +41,7 @@ from .dedup import CLAIMED_OPTION
 from .exceptions import TaskArgumentError
 
 if TYPE_CHECKING:
-    from .base import BackgroundTask
+    from .base import BaseTask
 
 logger = logging.getLogger("app.core.background.dispatch")
 
@@ -55,7 +55,7 @@ _LISTENING = "background_listening"
 class Dispatch:
     """One task to send: its arguments and Celery options, with its id chosen up front."""
 
-    task: BackgroundTask[Any, Any]
+    task: BaseTask[Any, Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
@@ -74,7 +74,7 @@ class Dispatch:
 
 
 def check_dispatch(
-    task: BackgroundTask[Any, Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    task: BaseTask[Any, Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> str:
     """Check the arguments as ``apply_async`` would; the JSON the broker would carry."""
     task.check_arguments(args, kwargs)
@@ -86,7 +86,7 @@ def check_dispatch(
 
 def enqueue_after_commit(
     session: AsyncSession | Session,
-    task: BackgroundTask[Any, Any],
+    task: BaseTask[Any, Any],
     args: tuple[Any, ...] = (),
     kwargs: Mapping[str, Any] | None = None,
     **options: Any,

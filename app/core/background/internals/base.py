@@ -1,6 +1,6 @@
 """The Celery task classes behind ``@simple_task`` and ``@db_task``.
 
-``BackgroundTask`` is a ``celery.Task``: everything Celery offers (``delay``,
+``BaseTask`` is a ``celery.Task``: everything Celery offers (``delay``,
 ``apply_async``, signatures, canvas, its options) works unchanged. What it
 adds happens in ``execute``, the body Celery runs on the worker: build a
 ``TaskContext``, run the user's function (on the process's event loop when it
@@ -53,7 +53,7 @@ def route_to_declared_queue(
 _CELERY_CONTROL = (Retry, Ignore, Reject)
 
 
-class BackgroundTask(Task[P, R], Generic[P, R]):
+class BaseTask(Task[P, R], Generic[P, R]):
     """Base of every framework task. Subclasses say how the body is run."""
 
     # We check arguments ourselves (without the context parameter) and name the task.
@@ -222,17 +222,17 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
             return retry
 
 
-class SyncTask(BackgroundTask[P, R]):
+class SyncTask(BaseTask[P, R]):
     """A ``@simple_task`` on a plain function."""
 
 
-class AsyncTask(BackgroundTask[P, R]):
+class AsyncTask(BaseTask[P, R]):
     """A ``@simple_task`` on an ``async def``: runs on the process's event loop."""
 
     is_async = True
 
 
-class DatabaseTask(BackgroundTask[P, R]):
+class DatabaseTask(BaseTask[P, R]):
     """A ``@db_task``: one ``AsyncSession`` per run, committed on success, rolled back on error."""
 
     is_async = True

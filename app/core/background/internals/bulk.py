@@ -31,7 +31,7 @@ from .monitoring import record_dispatch
 from .status import buffered_sent_records
 
 if TYPE_CHECKING:
-    from .base import BackgroundTask
+    from .base import BaseTask
 
 # Messages per pipeline: large enough to amortise the round trip, small enough
 # to keep the client's buffer and the broker's reply modest.
@@ -42,7 +42,7 @@ _PER_CALL_OPTIONS = ("task_id", "args", "kwargs", "producer", "connection")
 
 
 def dispatch_many(
-    task: BackgroundTask[Any, Any],
+    task: BaseTask[Any, Any],
     calls: Iterable[Mapping[str, Any]],
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -84,7 +84,7 @@ def dispatch_many(
 
 
 def _send_one(
-    task: BackgroundTask[Any, Any],
+    task: BaseTask[Any, Any],
     producer: Any,
     kwargs: dict[str, Any],
     exec_options: Mapping[str, Any],

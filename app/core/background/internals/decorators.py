@@ -8,7 +8,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overloa
 
 from celery import Celery, Task
 
-from .base import AsyncTask, BackgroundTask, DatabaseTask, SyncTask
+from .base import AsyncTask, BaseTask, DatabaseTask, SyncTask
 from .context import TaskContext
 from .exceptions import TaskDefinitionError
 from .retry import QueueName, RetryPolicyName, check_queue, get_retry_policy
@@ -98,7 +98,7 @@ def _app() -> Celery:
 
 def _build_task(
     fn: Callable[..., Any],
-    base: type[BackgroundTask[Any, Any]],
+    base: type[BaseTask[Any, Any]],
     name: str,
     retry_policy: str,
     queue: str,
@@ -141,7 +141,7 @@ def _build_task(
         "policy": policy,
     }
 
-    def run(self: BackgroundTask[Any, Any], *args: Any, **kwargs: Any) -> Any:
+    def run(self: BaseTask[Any, Any], *args: Any, **kwargs: Any) -> Any:
         return self.execute(args, kwargs)
 
     run.__name__ = fn.__name__

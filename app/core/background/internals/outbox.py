@@ -40,7 +40,7 @@ from .after_commit import check_dispatch
 from .monitoring import record_dispatch
 
 if TYPE_CHECKING:
-    from .base import BackgroundTask
+    from .base import BaseTask
 
 logger = logging.getLogger("app.core.background.outbox")
 
@@ -77,7 +77,7 @@ outbox_table = cast(Table, OutboxMessage.__table__)
 
 def enqueue_via_outbox(
     session: AsyncSession | Session,
-    task: BackgroundTask[Any, Any],
+    task: BaseTask[Any, Any],
     args: tuple[Any, ...] = (),
     kwargs: Mapping[str, Any] | None = None,
     **options: Any,
