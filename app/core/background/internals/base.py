@@ -31,7 +31,7 @@ from .dedup import CLAIMED_OPTION, PERIOD_OPTION, deduplicator, run_once_key
 from .dispatch import DispatchOptions, TaskOptions
 from .event_loop import worker_loop
 from .exceptions import TaskArgumentError, TaskValidationError, is_retriable
-from .hooks import hooks
+from .hooks import hooks, lifecycle
 from .monitoring import Timer, record_dispatch
 from .outbox import enqueue_via_outbox
 from .retry import RetryPolicy
@@ -77,6 +77,50 @@ class BaseTask(Task[P, R], Generic[P, R]):
     ) -> Any:
         """Run the body with ``ctx``: its result, or a coroutine for async tasks."""
         return self.body(ctx, *args, **kwargs)
+
+    def run_directly(
+        self, ctx: TaskContext, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """Run the body with ``ctx`` in this process (``task(ctx, ...)``, in a test).
+
+        The result, or a coroutine for async tasks. ``ctx`` also gets the
+        lifecycle records a worker writes for the run (success; retry with its
+        delay; final failure with its reason), so a test sees what the worker's
+        log would say. The error itself reaches the caller: nothing is retried.
+        """
+        timer = Timer()
+        if self.is_async:
+            return self._run_directly_async(ctx, args, kwargs, timer)
+        try:
+            result = self.run_with_context(ctx, args, kwargs)
+        except _CELERY_CONTROL:
+            raise
+        except Exception as exc:
+            self._record_direct_failure(ctx, exc, timer.stop())
+            raise
+        lifecycle.on_success(ctx, result, timer.stop())
+        return result
+
+    async def _run_directly_async(
+        self, ctx: TaskContext, args: tuple[Any, ...], kwargs: Mapping[str, Any], timer: Timer
+    ) -> Any:
+        try:
+            result = await self.run_with_context(ctx, args, kwargs)
+        except _CELERY_CONTROL:
+            raise
+        except Exception as exc:
+            self._record_direct_failure(ctx, exc, timer.stop())
+            raise
+        lifecycle.on_success(ctx, result, timer.stop())
+        return result
+
+    def _record_direct_failure(self, ctx: TaskContext, exc: Exception, duration: float) -> None:
+        # Called inside the ``except`` block: the failure record carries the traceback.
+        reason, delay = self._failure_outcome(exc, ctx.attempt)
+        if reason is None:
+            lifecycle.on_retry(ctx, exc, delay, duration)
+        else:
+            lifecycle.on_failure(ctx, exc, reason, duration)
 
     # -- dispatch ---------------------------------------------------------
 
@@ -201,20 +245,24 @@ class BaseTask(Task[P, R], Generic[P, R]):
         if (error := self.argument_error(args, kwargs)) is not None:
             raise TaskValidationError(error)
 
-    def _after_failure(self, ctx: TaskContext, exc: Exception, duration: float) -> BaseException:
-        """The exception to raise: ``Retry`` for a retry, ``exc`` for a final failure."""
+    def _failure_outcome(self, exc: Exception, retries: int) -> tuple[str | None, float]:
+        """``(None, delay)``: retry after ``retries`` retries; ``(reason, 0)``: a final failure."""
         if not is_retriable(exc):
-            hooks.on_failure(ctx, exc, "non-retriable", duration)
-            return exc
-        retries = self.request.retries or 0
+            return "non-retriable", 0.0
         if self.max_retries is not None and retries >= self.max_retries:
-            hooks.on_failure(ctx, exc, "retries exhausted", duration)
-            return exc
+            return "retries exhausted", 0.0
         delay = self.policy.delay_for(
             retries, self.app.conf.get("background_retry_delay_scale", 1.0)
         )
         # An error may say how long to wait at least (an open circuit breaker).
-        delay = max(delay, float(getattr(exc, "retry_after", 0) or 0))
+        return None, max(delay, float(getattr(exc, "retry_after", 0) or 0))
+
+    def _after_failure(self, ctx: TaskContext, exc: Exception, duration: float) -> BaseException:
+        """The exception to raise: ``Retry`` for a retry, ``exc`` for a final failure."""
+        reason, delay = self._failure_outcome(exc, self.request.retries or 0)
+        if reason is not None:
+            hooks.on_failure(ctx, exc, reason, duration)
+            return exc
         hooks.on_retry(ctx, exc, delay, duration)
         try:
             return self.retry(exc=exc, countdown=delay)

@@ -84,7 +84,7 @@ class TaskContext:
 
         ``TaskTestContext`` overrides it to fill its defaults from the task.
         """
-        return task.run_with_context(self, args, kwargs)
+        return task.run_directly(self, args, kwargs)
 
     # -- logging ----------------------------------------------------------
 
