@@ -25,12 +25,17 @@ from sqlalchemy.orm import Session
 
 from .after_commit import enqueue_after_commit
 from .bulk import DEFAULT_BATCH_SIZE, dispatch_many
-from .completions import completion_log
+from .completions import AlreadyCompleted, CompletionMarker, completion_log
 from .context import TaskContext
 from .dedup import CLAIMED_OPTION, PERIOD_OPTION, deduplicator, run_once_key
 from .dispatch import DispatchOptions, TaskOptions
 from .event_loop import worker_loop
-from .exceptions import TaskArgumentError, TaskValidationError, is_retriable
+from .exceptions import (
+    NonRetriableTaskError,
+    TaskArgumentError,
+    TaskValidationError,
+    is_retriable,
+)
 from .hooks import hooks, lifecycle
 from .monitoring import Timer, record_dispatch
 from .outbox import enqueue_via_outbox
@@ -306,30 +311,58 @@ class DatabaseTask(BaseTask[P, R]):
             ctx._session = database.session_factory()()
         session = ctx.session
         once = ctx._run_once
+        marker: CompletionMarker | None = None
         try:
-            if once is not None and await completion_log.completed(session, once[0]):
-                # The message came back (its worker died before acknowledging
-                # it) after this run's work had committed: see completions.py.
-                return self._already_completed(ctx)
+            if once is not None:
+                if await completion_log.completed(session, once[0]):
+                    # The message came back (its worker died before acknowledging
+                    # it) after this run's work had committed: see completions.py.
+                    return self._already_completed(ctx)
+                # The row goes with the first commit, the body's own included;
+                # a batch commit of a bulk job does not complete the run.
+                marker = CompletionMarker(
+                    session, once[0], ctx.task_id, once[1], skip=lambda: ctx._committing_batch
+                )
             result = await self.body(ctx, *args, **kwargs)
-            if once is not None and not await completion_log.record(
-                session, once[0], ctx.task_id, once[1]
-            ):
-                # Another delivery of this message committed while this one ran.
-                await session.rollback()
-                return self._already_completed(ctx)
+            if marker is not None and marker.duplicate:
+                raise AlreadyCompleted  # the body swallowed it around its own commit
             await session.commit()
             return result
-        except BaseException:
+        except AlreadyCompleted:
+            # Another delivery of this message committed while this one ran.
+            with contextlib.suppress(Exception):
+                await session.rollback()
+            return self._already_completed(ctx)
+        except BaseException as exc:
             # A rollback that fails too (the connection is gone) must not replace
             # the task's own error: that error decides whether the task is retried.
             with contextlib.suppress(Exception):
                 await session.rollback()
+            if marker is not None and marker.committed and isinstance(exc, Exception):
+                await self._undo_completion(session, marker.token, exc)
             raise
         finally:
+            if marker is not None:
+                marker.detach()
             if owns_session:
                 with contextlib.suppress(Exception):
                     await session.close()
+
+    @staticmethod
+    async def _undo_completion(session: AsyncSession, token: str, exc: Exception) -> None:
+        """The body failed after an explicit commit wrote the row: delete it, so a retry runs."""
+        try:
+            await completion_log.forget(session, token)
+        except Exception as undo_error:  # noqa: BLE001 - reported as the task's failure
+            with contextlib.suppress(Exception):
+                await session.rollback()
+            # A retry would find the row and report success without running:
+            # fail for good instead, saying what happened.
+            raise NonRetriableTaskError(
+                "the task failed after committing part of its work, and its completion "
+                f"row could not be removed ({type(undo_error).__name__}: {undo_error}); "
+                f"not retried: {type(exc).__name__}: {exc}"
+            ) from exc
 
     @staticmethod
     def _already_completed(ctx: TaskContext) -> dict[str, Any]:
