@@ -145,7 +145,7 @@ def run(url: str, folder: str, calls: int, rounds: int) -> None:
     for name, seconds in figures.items():
         print(f"  {name:40s} {seconds * 1e6:9.1f} us   {seconds / base:5.2f}x plain .delay()")
     # What a call without task_id pays for this feature: the one test in
-    # BackgroundTask.apply_async that sends it past the deduplicator.
+    # BaseTask.apply_async that sends it past the deduplicator.
     check = timeit.repeat(
         "(task_id is not None or PERIOD_OPTION in options) and not options.pop(CLAIMED, False)",
         setup="task_id = None; options = {'queue': 'default'}; "

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from app.core.background.internals import completions
-from app.core.background.internals.completions import CompletionLog
+from app.core.background.internals.completions import CompletionLog, CompletionMarker
 from app.core.background.internals.session import create_table
 from tests.support.services import Services
 
@@ -60,6 +60,59 @@ def test_a_recorded_run_is_seen_only_once_committed(database_url: str) -> None:
         async with AsyncSession(engine) as session:
             assert await log.completed(session, committed)
             assert not await log.completed(session, rolled_back)
+
+    on_engine(database_url, scenario)
+
+
+def test_the_marker_writes_the_row_with_the_first_commit_only(database_url: str) -> None:
+    async def scenario(engine: AsyncEngine) -> None:
+        log = CompletionLog()
+        tok, batch = token(), {"now": True}
+        async with AsyncSession(engine) as session:
+            assert not await log.completed(session, tok)
+            marker = CompletionMarker(session, tok, "update-1", 60, lambda: batch["now"], log)
+            await session.commit()  # a batch commit: not the run's completion
+            assert not marker.committed
+            batch["now"] = False
+            await session.commit()  # the body's explicit commit: the row goes with it
+            assert marker.committed
+            await session.commit()  # later commits add nothing (no duplicate key)
+            marker.detach()
+        async with AsyncSession(engine) as session:
+            assert await log.completed(session, tok)
+            await log.forget(session, tok)
+            assert not await log.completed(session, tok)
+
+    on_engine(database_url, scenario)
+
+
+def test_a_commit_that_finds_another_deliverys_row_commits_nothing(database_url: str) -> None:
+    async def scenario(engine: AsyncEngine) -> None:
+        log = CompletionLog()
+        tok, key = token(), f"k-{token()}"
+        async with AsyncSession(engine) as session:
+            await log.completed(session, tok)
+            await session.execute(text("CREATE TABLE IF NOT EXISTS marker_probe (key TEXT)"))
+            await session.commit()
+        async with AsyncSession(engine) as first, AsyncSession(engine) as second:
+            await log.completed(first, tok)
+            await log.completed(second, tok)
+            await first.rollback()
+            await second.rollback()
+            marker = CompletionMarker(second, tok, "update-1", 60, log=log)
+            await log.record(first, tok, "update-1", ttl=60)
+            await first.commit()  # the other delivery got there first
+            await second.execute(text("INSERT INTO marker_probe VALUES (:k)"), {"k": key})
+            with pytest.raises(completions.AlreadyCompleted):
+                await second.commit()
+            assert marker.duplicate
+            await second.rollback()
+            with pytest.raises(completions.AlreadyCompleted):
+                await second.commit()  # stays refused, even if someone caught it
+            marker.detach()
+        async with AsyncSession(engine) as session:
+            probe = text("SELECT count(*) FROM marker_probe WHERE key = :k")
+            assert await session.scalar(probe, {"k": key}) == 0
 
     on_engine(database_url, scenario)
 

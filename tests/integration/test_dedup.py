@@ -354,6 +354,41 @@ def test_db_task_killed_after_its_commit_is_not_run_again(
     wait_for(lambda: redis_leases.store.holder(task_id) is None)
 
 
+def test_db_task_killed_after_its_own_explicit_commit_is_not_run_again(
+    stack: Services, redis_leases: Target
+) -> None:
+    """The completion row goes with the body's own ``await ctx.session.commit()``."""
+    k = new_key()
+    task_id = f"update-{k}"
+    result = redis_leases.send(tasks_dedup.commit_explicitly_then_die, k, task_id=task_id)
+    outcome = result.get(timeout=RESULT_TIMEOUT)
+    assert outcome == {"status": "success", "task_id": task_id, "already_completed": True}
+    assert executions(stack, k) == 1
+    wait_for(lambda: redis_leases.store.holder(task_id) is None)
+
+
+def test_db_task_failing_after_an_explicit_commit_is_retried_and_runs_again(
+    stack: Services, redis_leases: Target
+) -> None:
+    """The run did not complete: its row is removed, so the retry is not skipped."""
+    k = new_key()
+    task_id = f"update-{k}"
+    result = redis_leases.send(tasks_dedup.commit_explicitly_then_fail, k, task_id=task_id)
+    assert result.get(timeout=RESULT_TIMEOUT) == 1
+    assert executions(stack, k) == 2  # attempt 0 committed its row, then attempt 1 its own
+
+
+def test_a_bulk_job_killed_after_a_batch_runs_again_from_the_start(
+    stack: Services, redis_leases: Target
+) -> None:
+    """``ctx.commit_batch()`` does not complete the run: only the body's return does."""
+    k = new_key()
+    task_id = f"update-{k}"
+    result = redis_leases.send(tasks_dedup.batch_then_die, k, task_id=task_id)
+    assert result.get(timeout=RESULT_TIMEOUT) == 1
+    assert executions(stack, k) == 2
+
+
 def test_without_task_id_the_same_death_completes_the_work_twice(
     stack: Services, redis_leases: Target
 ) -> None:

@@ -175,3 +175,46 @@ def test_a_refused_database_login_fails_at_once_with_the_databases_message(
     assert "will retry" not in log
     assert log.count('"reason": "non-retriable"') == 1
     assert "db-secret-pw" not in log
+
+
+# -- the log level: LOG_LEVEL unless -l/--loglevel is given ---------------------
+
+
+def _task_lines(worker: WorkerProcess, task_id: str) -> list[str]:
+    """The worker's log lines about one task (its id is in each of them)."""
+    return [line for line in worker.log().splitlines() if task_id in line]
+
+
+def _wait_for_line(worker: WorkerProcess, task_id: str, text: str) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if any(text in line for line in _task_lines(worker, task_id)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no {text!r} line for {task_id}:\n{worker.log()[-4000:]}")
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_a_worker_started_without_loglevel_logs_at_log_level(
+    private_broker: PrivateBroker, pool: str
+) -> None:
+    """``celery -A app.core.background.celery_app worker`` as the README shows it: no -l."""
+    env = {**private_broker.env, "LOG_LEVEL": "DEBUG"}
+    worker = WorkerProcess(env, pool=pool, loglevel=None, include=TEST_TASK_MODULES)
+    assert not {"-l", "--loglevel"} & set(worker.command)
+    # Celery's default level (WARNING) would hide even its " ready." line.
+    with worker:
+        result = private_broker.app.send_task("tests.where_am_i", queue="default")
+        assert result.get(timeout=TIMEOUT) == "default"
+        _wait_for_line(worker, result.id, "Task succeeded")
+        # DEBUG, from LOG_LEVEL: the framework's "started" line is there too.
+        assert any("Task started" in line for line in _task_lines(worker, result.id))
+
+
+def test_an_explicit_loglevel_wins_over_log_level(private_broker: PrivateBroker) -> None:
+    env = {**private_broker.env, "LOG_LEVEL": "DEBUG"}
+    with WorkerProcess(env, loglevel="INFO", include=TEST_TASK_MODULES) as worker:
+        result = private_broker.app.send_task("tests.where_am_i", queue="default")
+        assert result.get(timeout=TIMEOUT) == "default"
+        _wait_for_line(worker, result.id, "Task succeeded")
+        assert not any("Task started" in line for line in _task_lines(worker, result.id))

@@ -105,3 +105,33 @@ class _DieAfterFirstCommit(TaskHook):
 
 
 hooks.register(_DieAfterFirstCommit())
+
+
+@db_task(name="tests.dedup.commit_explicitly_then_die", retry_policy="aggressive")
+async def commit_explicitly_then_die(ctx: TaskContext, key: str) -> int:
+    """Commits its write itself; its first run's process dies right after that commit."""
+    ctx.session.add(Record(key=f"{key}:{ctx.attempt}", attempt=ctx.attempt, worker_pid=os.getpid()))
+    await ctx.session.commit()
+    if ctx.attempt == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return ctx.attempt
+
+
+@db_task(name="tests.dedup.commit_explicitly_then_fail", retry_policy="aggressive")
+async def commit_explicitly_then_fail(ctx: TaskContext, key: str) -> int:
+    """Commits its write itself, then its first run fails with a retriable error."""
+    ctx.session.add(Record(key=f"{key}:{ctx.attempt}", attempt=ctx.attempt, worker_pid=os.getpid()))
+    await ctx.session.commit()
+    if ctx.attempt == 0:
+        raise ConnectionError("upstream went away after the commit")
+    return ctx.attempt
+
+
+@db_task(name="tests.dedup.batch_then_die", retry_policy="aggressive")
+async def batch_then_die(ctx: TaskContext, key: str) -> int:
+    """A bulk job: its first run's process dies after its first batch."""
+    ctx.session.add(Record(key=f"{key}:{ctx.attempt}", attempt=ctx.attempt, worker_pid=os.getpid()))
+    await ctx.commit_batch()
+    if ctx.attempt == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return ctx.attempt

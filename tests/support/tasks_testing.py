@@ -1,7 +1,7 @@
 """Tasks for the tests of the testing helpers (issue 3): one of each kind.
 
-``my_db_task`` is the task of the specification's "Testing" example, so that
-the example runs exactly as written.
+``my_db_task`` is the specification's ``@db_task`` example, the task of its
+"Testing" example, both copied exactly as written.
 """
 
 from __future__ import annotations
@@ -15,12 +15,32 @@ from app.core.background import TaskContext, db_task, simple_task
 from tests.support.models import Record
 
 
-@db_task(name="tests.testing.my_db_task")
-async def my_db_task(ctx: TaskContext, entity_id: str) -> dict[str, Any]:
-    ctx.log_info("Processing", entity_id=entity_id)
-    await ctx.session.flush()
-    ctx.log_success("Processed", entity_id=entity_id)
+class _SomeCrud:
+    """The specification's ``some_crud``: any CRUD object with ``get(session, id)``."""
+
+    async def get(self, session: Any, entity_id: str) -> Any:
+        return await session.get(Record, entity_id)
+
+
+some_crud = _SomeCrud()
+
+
+# The specification's "@db_task" example, as written (it logs nothing itself).
+@db_task(
+    name="module.db_task_name",
+    retry_policy="standard",
+    queue="default"
+)  # fmt: skip
+async def my_db_task(ctx: TaskContext, entity_id: str):  # type: ignore[no-untyped-def]
+    result = await some_crud.get(ctx.session, entity_id)  # noqa: F841 - as the spec has it
+    # Auto-commits on success, auto-rollbacks on error
     return ctx.success_result(entity_id=entity_id)
+
+
+@db_task(name="tests.testing.flaky", retry_policy="standard")
+async def flaky(ctx: TaskContext, key: str) -> None:
+    """Fails with a retriable error (a retry on a worker, while retries are left)."""
+    raise ConnectionError(f"upstream unavailable for {key}")
 
 
 @db_task(name="tests.testing.write_then_fail")

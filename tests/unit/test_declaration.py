@@ -96,10 +96,109 @@ def test_duplicate_name_names_both_functions(task_name: str) -> None:
 
 
 def test_task_without_context_parameter_is_refused(task_name: str) -> None:
-    with pytest.raises(TaskDefinitionError, match="must take a TaskContext first"):
+    with pytest.raises(TaskDefinitionError, match="first parameter must be the TaskContext") as e:
 
         @simple_task(name=task_name)  # type: ignore[arg-type]
         def body() -> None: ...
+
+    assert "got no parameter" in str(e.value)
+    assert "def body(ctx: TaskContext)" in str(e.value)
+
+
+def test_first_parameter_that_is_not_the_context_is_refused_with_the_right_form(
+    task_name: str,
+) -> None:
+    with pytest.raises(TaskDefinitionError) as raised:
+
+        @simple_task(name=task_name)
+        def f(x: int, y: str = "a") -> None: ...
+
+    message = str(raised.value)
+    assert "first parameter must be the TaskContext" in message
+    assert "got (x: int, y: str = 'a')" in message
+    assert "def f(ctx: TaskContext, x: int, y: str = 'a')" in message
+    assert task_name not in celery_app.tasks  # nothing was registered
+
+
+def test_db_task_first_parameter_is_checked_too(task_name: str) -> None:
+    with pytest.raises(TaskDefinitionError, match=r"def g\(ctx: TaskContext, entity_id: str\)"):
+
+        @db_task(name=task_name)
+        async def g(entity_id: str) -> None: ...
+
+
+def test_keyword_only_context_is_refused(task_name: str) -> None:
+    with pytest.raises(TaskDefinitionError, match="first parameter must be the TaskContext"):
+
+        @simple_task(name=task_name)
+        def a(*, ctx: TaskContext) -> None: ...
+
+
+def test_var_positional_context_is_refused(task_name: str) -> None:
+    with pytest.raises(TaskDefinitionError, match="first parameter must be the TaskContext"):
+
+        @simple_task(name=task_name)
+        def b(*ctx: TaskContext) -> None: ...
+
+
+class _MyContext(TaskContext):
+    pass
+
+
+def _annotated_ctx(ctx: TaskContext, x: int) -> None: ...
+# This module's annotations are text (``from __future__ import annotations``),
+# as in most task modules: the decorator resolves them, or judges them by name.
+def _dotted_annotation(c: bg.TaskContext) -> None: ...  # type: ignore[name-defined]  # noqa: F821
+def _other_name(task_ctx: TaskContext) -> None: ...
+def _subclass(c: _MyContext) -> None: ...
+def _unannotated_ctx(ctx, x):  # type: ignore[no-untyped-def]
+    ...
+def _unannotated_context(context, x):  # type: ignore[no-untyped-def]
+    ...
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        _annotated_ctx,
+        _dotted_annotation,
+        _other_name,
+        _subclass,
+        _unannotated_ctx,
+        _unannotated_context,
+    ],
+)
+def test_the_accepted_forms_of_the_context_parameter(task_name: str, fn: Any) -> None:
+    """Annotated TaskContext (or a subclass, or its name as text), or named ctx/context."""
+    assert simple_task(name=task_name)(fn).name == task_name
+
+
+def test_an_evaluated_annotation_is_checked_by_type(task_name: str) -> None:
+    namespace: dict[str, Any] = {"TaskContext": TaskContext, "int": int}
+    exec("def h(job: TaskContext) -> None: ...\ndef i(job: int) -> None: ...", namespace)
+    assert simple_task(name=task_name)(namespace["h"]).name == task_name
+    with pytest.raises(TaskDefinitionError, match=r"got \(job: int\)"):
+        simple_task(name=f"{task_name}.i")(namespace["i"])
+
+
+@pytest.mark.parametrize("decorator", [simple_task, db_task])
+def test_decorator_without_parentheses_shows_the_right_form(decorator: Any) -> None:
+    with pytest.raises(TaskDefinitionError) as raised:
+
+        @decorator
+        async def notify(ctx: TaskContext, user_id: str) -> None: ...
+
+    message = str(raised.value)
+    name = decorator.__name__
+    assert f"@{name} needs its arguments" in message
+    assert f'@{name}(name="module.task_name"' in message
+    assert "notify" in message
+
+
+@pytest.mark.parametrize("decorator", [simple_task, db_task])
+def test_decorator_without_a_name_shows_the_right_form(decorator: Any) -> None:
+    with pytest.raises(TaskDefinitionError, match=r"name is required: @\w+\(name="):
+        decorator(retry_policy="standard")
 
 
 def test_unknown_celery_option_is_refused(task_name: str) -> None:

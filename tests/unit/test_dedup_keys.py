@@ -75,8 +75,9 @@ def test_lease_lifetime_covers_every_attempt_and_retry_delay() -> None:
     def task(ctx: object) -> None: ...
 
     # standard: 3 retries, delays 60/120/240, time limit 330; 4 attempts.
-    assert lease_lifetime(task, 1.0, 100) == 330 * 4 + 420 + 100
-    assert lease_lifetime(task, 0.5, 0) == 330 * 4 + 210
+    # (60 + 120 + 240) s of nominal delays, each with up to 25% jitter on top.
+    assert lease_lifetime(task, 1.0, 100) == 330 * 4 + 525 + 100
+    assert lease_lifetime(task, 0.5, 0) == 330 * 4 + 262.5
 
 
 def test_periodic_adds_a_beat_entry_with_its_period() -> None:

@@ -161,3 +161,24 @@ def test_unregistered_task_line_does_not_dump_the_message() -> None:
     line = render_json(made)
     assert "4111-secret" not in json.dumps(line)
     assert "Received unregistered task of type 'x.y'" in line["event"]
+
+
+# -- which level a Celery command logs at -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "explicitly", "expected"),
+    [
+        ("WARNING", False, "DEBUG"),  # no -l: Celery's default gives way to LOG_LEVEL
+        (30, False, "DEBUG"),
+        ("WARNING", True, "WARNING"),  # -l WARNING on the command line
+        ("INFO", True, "INFO"),
+        (None, None, "DEBUG"),
+        (30, None, "DEBUG"),  # a pool process that does not know: Celery's default
+        (10, None, 10),  # ...or a level someone asked for
+    ],
+)
+def test_loglevel_if_given_else_log_level(given: Any, explicitly: Any, expected: Any) -> None:
+    from app.core.background.internals.logging import worker_log_level
+
+    assert worker_log_level(given, explicitly, "DEBUG") == expected

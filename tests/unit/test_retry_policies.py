@@ -28,28 +28,74 @@ def test_every_policy_is_in_the_table() -> None:
     assert set(RETRY_POLICIES) == set(SPEC_TABLE)
 
 
-@pytest.mark.parametrize("name", ["standard", "aggressive", "high_priority", "long_running"])
-def test_delays_start_at_the_initial_delay_grow_and_keep_a_floor(name: str) -> None:
+# The README's table: (initial delay, growth factor, cap, documented longest
+# wait of any retry) per policy. Growth: each retry waits twice the previous
+# nominal delay; the jitter adds up to 25% on top, never takes anything off.
+README_TABLE = {
+    "standard": (60, 2, 900, 300),
+    "aggressive": (30, 2, 900, 600),
+    "high_priority": (120, 2, 900, 600),
+    "long_running": (300, 2, 900, 750),
+}
+
+
+@pytest.mark.parametrize(("name", "row"), README_TABLE.items())
+def test_every_delay_is_at_least_nominal_and_at_most_the_documented_maximum(
+    name: str, row: tuple[int, int, int, int]
+) -> None:
+    initial, growth, cap, longest = row
     policy = get_retry_policy(name)
+    assert (policy.initial_delay, policy.backoff, policy.max_delay) == (initial, growth, cap)
+    assert policy.longest_delay == longest
     rng = random.Random(7)
     for retries in range(policy.max_retries):
-        nominal = min(policy.initial_delay * 2**retries, policy.max_delay)
-        delays = [policy.delay_for(retries, rng=rng) for _ in range(500)]
-        # Half fixed, half random: never below half the nominal delay, never above it.
-        assert min(delays) >= nominal / 2
-        assert max(delays) <= nominal
-        assert max(delays) - min(delays) > nominal / 4  # there is jitter
+        nominal = min(initial * growth**retries, cap)
+        delays = [policy.delay_for(retries, rng=rng) for _ in range(2000)]
+        # The stated delay is a floor: the first retry never comes before "Initial Delay".
+        assert min(delays) >= nominal
+        assert max(delays) <= nominal * 1.25 <= longest
+        assert max(delays) - min(delays) > nominal / 8  # there is jitter
+
+
+def test_the_extremes_of_the_jitter_are_the_bounds() -> None:
+    """A random draw of 0 gives the nominal delay, one close to 1 the maximum."""
+
+    class Fixed(random.Random):
+        def __init__(self, value: float) -> None:
+            super().__init__()
+            self.value = value
+
+        def random(self) -> float:
+            return self.value
+
+    policy = get_retry_policy("standard")
+    assert policy.delay_for(0, rng=Fixed(0.0)) == 60
+    assert policy.delay_for(0, rng=Fixed(0.999999)) == pytest.approx(75)
+    assert policy.longest_delay_for(0) == 75
 
 
 def test_delays_are_capped() -> None:
     policy = get_retry_policy("aggressive")
-    assert policy.delay_for(20) <= policy.max_delay
+    assert policy.nominal_delay(20) == policy.max_delay
+    assert policy.delay_for(20) <= policy.max_delay * 1.25
 
 
 def test_scale_multiplies_and_zero_retries_at_once() -> None:
     policy = get_retry_policy("standard")
     assert policy.delay_for(0, scale=0) == 0
-    assert 0.3 <= policy.delay_for(0, scale=0.01) <= 0.6
+    assert 0.6 <= policy.delay_for(0, scale=0.01) <= 0.75
+
+
+def test_the_visibility_timeout_check_counts_the_jitter() -> None:
+    """Redis re-delivers a retry that waits longer than the timeout: the check uses the maximum."""
+    from app.core.background.celery_app import build_celery_config
+    from app.core.config import Settings
+
+    # long_running's second retry may wait 600 s x 1.25 = 750 s (its time limit is 1860 s).
+    base = {"celery_broker_url": "redis://127.0.0.1:6379/0", "background_retry_delay_scale": 3}
+    with pytest.raises(ValueError, match="longest retry delay"):
+        build_celery_config(Settings(**{**base, "celery_visibility_timeout": 2200}))
+    build_celery_config(Settings(**{**base, "celery_visibility_timeout": 2300}))
 
 
 def test_longest_delay_stays_below_the_default_visibility_timeout() -> None:

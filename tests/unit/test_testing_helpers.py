@@ -27,6 +27,7 @@ from app.core.background import (
 from tests.support.models import Record
 from tests.support.tasks_testing import (
     count_down,
+    flaky,
     my_db_task,
     peek_session,
     shout,
@@ -37,13 +38,68 @@ from tests.support.tasks_testing import (
 # -- the specification's example, exactly as written ---------------------------
 
 
+# fmt: off
 async def test_my_db_task():
-    ctx = TaskTestContext(task_id="test-123", session=mock_task_session())
+    ctx = TaskTestContext(
+        task_id="test-123",
+        session=mock_task_session()
+    )
 
     result = await my_db_task(ctx, entity_id="uuid-here")
 
     assert result["status"] == "success"
     ctx.assert_logged_success()
+# fmt: on
+
+
+# -- the lifecycle records a worker writes, on the test's context ----------------
+
+
+async def test_success_is_recorded_as_on_a_worker() -> None:
+    ctx = TaskTestContext()
+    await my_db_task(ctx, entity_id="e1")
+    ctx.assert_logged_success("Task succeeded")
+    assert ctx.logger.fields["outcome"] == "success"
+    assert ctx.messages == ["Task succeeded"]  # my_db_task logs nothing itself
+
+
+def test_success_of_a_sync_task_is_recorded() -> None:
+    ctx = TaskTestContext()
+    shout(ctx, "hi")
+    assert ctx.messages == ["Shouting", "Task succeeded"]
+
+
+async def test_a_non_retriable_failure_is_recorded_with_its_classification() -> None:
+    ctx = TaskTestContext()
+    with pytest.raises(TaskValidationError):
+        await write_then_fail(ctx, key="k")
+    ctx.assert_logged(
+        "error",
+        "Task failed",
+        reason="non-retriable",
+        error_type="TaskValidationError",
+    )
+    assert ctx.logger.fields["outcome"] == "failure"
+    ctx.assert_not_logged("success")
+    ctx.assert_not_logged("warning", "will retry")
+
+
+async def test_a_retriable_failure_is_recorded_as_a_retry_with_its_delay() -> None:
+    ctx = TaskTestContext()
+    with pytest.raises(ConnectionError):  # reaches the test: nothing is retried here
+        await flaky(ctx, key="k")
+    record = ctx.assert_logged("warning", "Task failed, will retry", error_type="ConnectionError")
+    # standard: 60 s x BACKGROUND_RETRY_DELAY_SCALE (0.01 in these tests), + up to 25%.
+    assert 0.6 <= record.fields["retry_in"] <= 0.75
+    ctx.assert_not_logged("error")
+
+
+async def test_the_last_attempt_is_recorded_as_retries_exhausted() -> None:
+    ctx = TaskTestContext(attempt=3)  # standard allows 3 retries: this was the last
+    with pytest.raises(ConnectionError):
+        await flaky(ctx, key="k")
+    ctx.assert_logged("error", "Task failed", reason="retries exhausted")
+    ctx.assert_not_logged("warning")
 
 
 # -- calling a task with a context ----------------------------------------------
@@ -186,7 +242,8 @@ def test_assertions_pass_and_return_the_record() -> None:
     record = ctx.assert_logged("info", contains="Shouting", length=3)
     assert record.fields == {"length": 3}
     ctx.assert_logged("INFO")
-    ctx.assert_not_logged("success")
+    ctx.assert_not_logged("success", contains="Whisper")
+    ctx.assert_not_logged("warning")
     ctx.assert_not_logged("info", contains="Whisper")
     ctx.assert_no_errors()
 
@@ -201,12 +258,25 @@ def _shouted() -> TaskTestContext:
 
 
 def test_assert_logged_success_fails_and_shows_the_log() -> None:
-    ctx = _shouted()
+    ctx = TaskTestContext()
+    with pytest.raises(TaskValidationError):
+        shout(ctx, "")
     with pytest.raises(AssertionError) as raised:
         ctx.assert_logged_success()
     message = str(raised.value)
     assert "expected a 'success' record" in message
+    assert "WARNING Nothing to shout" in message
+    assert "ERROR   Task failed" in message
+
+
+def test_assert_logged_success_with_text_fails_and_shows_the_log() -> None:
+    ctx = _shouted()
+    with pytest.raises(AssertionError) as raised:
+        ctx.assert_logged_success("Lift-off")
+    message = str(raised.value)
+    assert "expected a 'success' record containing 'Lift-off'" in message
     assert "INFO    Shouting length=3" in message
+    assert "SUCCESS Task succeeded" in message
 
 
 def test_assert_logged_success_fails_on_an_empty_log() -> None:

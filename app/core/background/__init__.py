@@ -7,7 +7,7 @@ Import everything from here (and optional pieces from ``.extras``)::
 
 from .celery_app import celery_app
 from .internals.after_commit import TaskSession, enqueue_after_commit, pending_dispatches
-from .internals.base import AsyncTask, BackgroundTask, DatabaseTask, SyncTask
+from .internals.base import AsyncTask, BaseTask, DatabaseTask, SyncTask
 from .internals.bulk import dispatch_many
 from .internals.context import TaskContext
 from .internals.decorators import db_task, simple_task
@@ -87,7 +87,7 @@ __all__ = (
     "RetryPolicy",
     "RetryPolicyName",
     "AsyncTask",
-    "BackgroundTask",
+    "BaseTask",
     "DatabaseTask",
     "SyncTask",
     # extension points

@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import click
 from celery import Celery, signals
+from click.core import ParameterSource
 from kombu import Queue
 
 from app.core.config import DATA_DIR, Settings, get_settings
@@ -23,7 +25,7 @@ from .internals.discovery import find_task_modules
 from .internals.event_loop import worker_loop
 from .internals.file_broker import broker_folders
 from .internals.hooks import hooks
-from .internals.logging import configure_logging
+from .internals.logging import configure_logging, worker_log_level
 from .internals.metrics import (
     MetricsHook,
     enable_multiprocess,
@@ -179,11 +181,29 @@ def _record_sent(headers: Any = None, routing_key: Any = None, **_: Any) -> None
     on_before_publish(celery_app, headers, routing_key)
 
 
+# Whether this Celery command was given -l/--loglevel, decided in the main
+# process (which runs inside click) and inherited by forked pool processes.
+_loglevel_given: dict[str, bool] = {}
+
+
+def _loglevel_on_command_line() -> bool | None:
+    """Whether ``-l``/``--loglevel`` was on the command line; None outside a Celery command."""
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if "loglevel" in ctx.params:
+            return ctx.get_parameter_source("loglevel") not in (None, ParameterSource.DEFAULT)
+        ctx = ctx.parent
+    return None
+
+
 @signals.setup_logging.connect
 def _setup_logging(loglevel: Any = None, **_: Any) -> None:
+    # Celery passes WARNING when -l is absent: LOG_LEVEL decides then (README: LOG_LEVEL).
+    if (given := _loglevel_on_command_line()) is not None:
+        _loglevel_given["explicit"] = given
     configure_logging(
         settings.log_format,
-        loglevel or settings.log_level,
+        worker_log_level(loglevel, _loglevel_given.get("explicit"), settings.log_level),
         log_task_arguments=settings.background_log_task_arguments,
     )
 

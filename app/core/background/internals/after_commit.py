@@ -44,7 +44,7 @@ from .monitoring import record_dispatch_failure
 from .publish import check_dispatch
 
 if TYPE_CHECKING:
-    from .base import BackgroundTask
+    from .base import BaseTask
 
 logger = logging.getLogger("app.core.background.dispatch")
 
@@ -58,7 +58,7 @@ _LISTENING = "background_listening"
 class Dispatch:
     """One task to send: its arguments and Celery options, with its id chosen up front."""
 
-    task: BackgroundTask[Any, Any]
+    task: BaseTask[Any, Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
@@ -78,7 +78,7 @@ class Dispatch:
 
 def enqueue_after_commit(
     session: AsyncSession | Session,
-    task: BackgroundTask[Any, Any],
+    task: BaseTask[Any, Any],
     args: tuple[Any, ...] = (),
     kwargs: Mapping[str, Any] | None = None,
     **options: Any,

@@ -1,6 +1,6 @@
 """The Celery task classes behind ``@simple_task`` and ``@db_task``.
 
-``BackgroundTask`` is a ``celery.Task``: everything Celery offers (``delay``,
+``BaseTask`` is a ``celery.Task``: everything Celery offers (``delay``,
 ``apply_async``, signatures, canvas, its options) works unchanged. What it
 adds happens in ``execute``, the body Celery runs on the worker: build a
 ``TaskContext``, run the user's function (on the process's event loop when it
@@ -27,19 +27,20 @@ from sqlalchemy.orm import Session
 
 from .after_commit import enqueue_after_commit
 from .bulk import DEFAULT_BATCH_SIZE, dispatch_many
-from .completions import completion_log
+from .completions import AlreadyCompleted, CompletionMarker, completion_log
 from .context import TaskContext
 from .dedup import CLAIMED_OPTION, PERIOD_OPTION, deduplicator, run_once_key
 from .dispatch import DispatchOptions, TaskOptions
 from .event_loop import worker_loop
 from .exceptions import (
+    NonRetriableTaskError,
     TaskArgumentError,
     TaskDispatchError,
     TaskResultError,
     TaskValidationError,
     is_retriable,
 )
-from .hooks import hooks
+from .hooks import hooks, lifecycle
 from .monitoring import Timer, record_dispatch, record_dispatch_failure
 from .outbox import enqueue_via_outbox
 from .publish import bounded_dispatch
@@ -62,7 +63,7 @@ def route_to_declared_queue(
 _CELERY_CONTROL = (Retry, Ignore, Reject)
 
 
-class BackgroundTask(Task[P, R], Generic[P, R]):
+class BaseTask(Task[P, R], Generic[P, R]):
     """Base of every framework task. Subclasses say how the body is run."""
 
     # We check arguments ourselves (without the context parameter) and name the task.
@@ -88,6 +89,50 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
     ) -> Any:
         """Run the body with ``ctx``: its result, or a coroutine for async tasks."""
         return self.body(ctx, *args, **kwargs)
+
+    def run_directly(
+        self, ctx: TaskContext, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """Run the body with ``ctx`` in this process (``task(ctx, ...)``, in a test).
+
+        The result, or a coroutine for async tasks. ``ctx`` also gets the
+        lifecycle records a worker writes for the run (success; retry with its
+        delay; final failure with its reason), so a test sees what the worker's
+        log would say. The error itself reaches the caller: nothing is retried.
+        """
+        timer = Timer()
+        if self.is_async:
+            return self._run_directly_async(ctx, args, kwargs, timer)
+        try:
+            result = self.run_with_context(ctx, args, kwargs)
+        except _CELERY_CONTROL:
+            raise
+        except Exception as exc:
+            self._record_direct_failure(ctx, exc, timer.stop())
+            raise
+        lifecycle.on_success(ctx, result, timer.stop())
+        return result
+
+    async def _run_directly_async(
+        self, ctx: TaskContext, args: tuple[Any, ...], kwargs: Mapping[str, Any], timer: Timer
+    ) -> Any:
+        try:
+            result = await self.run_with_context(ctx, args, kwargs)
+        except _CELERY_CONTROL:
+            raise
+        except Exception as exc:
+            self._record_direct_failure(ctx, exc, timer.stop())
+            raise
+        lifecycle.on_success(ctx, result, timer.stop())
+        return result
+
+    def _record_direct_failure(self, ctx: TaskContext, exc: Exception, duration: float) -> None:
+        # Called inside the ``except`` block: the failure record carries the traceback.
+        reason, delay = self._failure_outcome(exc, ctx.attempt)
+        if reason is None:
+            lifecycle.on_retry(ctx, exc, delay, duration)
+        else:
+            lifecycle.on_failure(ctx, exc, reason, duration)
 
     # -- dispatch ---------------------------------------------------------
 
@@ -238,20 +283,24 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
         if (error := self.argument_error(args, kwargs)) is not None:
             raise TaskValidationError(error)
 
-    def _after_failure(self, ctx: TaskContext, exc: Exception, duration: float) -> BaseException:
-        """The exception to raise: ``Retry`` for a retry, ``exc`` for a final failure."""
+    def _failure_outcome(self, exc: Exception, retries: int) -> tuple[str | None, float]:
+        """``(None, delay)``: retry after ``retries`` retries; ``(reason, 0)``: a final failure."""
         if not is_retriable(exc):
-            hooks.on_failure(ctx, exc, "non-retriable", duration)
-            return exc
-        retries = self.request.retries or 0
+            return "non-retriable", 0.0
         if self.max_retries is not None and retries >= self.max_retries:
-            hooks.on_failure(ctx, exc, "retries exhausted", duration)
-            return exc
+            return "retries exhausted", 0.0
         delay = self.policy.delay_for(
             retries, self.app.conf.get("background_retry_delay_scale", 1.0)
         )
         # An error may say how long to wait at least (an open circuit breaker).
-        delay = max(delay, float(getattr(exc, "retry_after", 0) or 0))
+        return None, max(delay, float(getattr(exc, "retry_after", 0) or 0))
+
+    def _after_failure(self, ctx: TaskContext, exc: Exception, duration: float) -> BaseException:
+        """The exception to raise: ``Retry`` for a retry, ``exc`` for a final failure."""
+        reason, delay = self._failure_outcome(exc, self.request.retries or 0)
+        if reason is not None:
+            hooks.on_failure(ctx, exc, reason, duration)
+            return exc
         hooks.on_retry(ctx, exc, delay, duration)
         try:
             return self.retry(exc=exc, countdown=delay)
@@ -259,17 +308,17 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
             return retry
 
 
-class SyncTask(BackgroundTask[P, R]):
+class SyncTask(BaseTask[P, R]):
     """A ``@simple_task`` on a plain function."""
 
 
-class AsyncTask(BackgroundTask[P, R]):
+class AsyncTask(BaseTask[P, R]):
     """A ``@simple_task`` on an ``async def``: runs on the process's event loop."""
 
     is_async = True
 
 
-class DatabaseTask(BackgroundTask[P, R]):
+class DatabaseTask(BaseTask[P, R]):
     """A ``@db_task``: one ``AsyncSession`` per run, committed on success, rolled back on error."""
 
     is_async = True
@@ -296,31 +345,59 @@ class DatabaseTask(BackgroundTask[P, R]):
             ctx._session = database.session_factory()()
         session = ctx.session
         once = ctx._run_once
+        marker: CompletionMarker | None = None
         try:
-            if once is not None and await completion_log.completed(session, once[0]):
-                # The message came back (its worker died before acknowledging
-                # it) after this run's work had committed: see completions.py.
-                return self._already_completed(ctx)
+            if once is not None:
+                if await completion_log.completed(session, once[0]):
+                    # The message came back (its worker died before acknowledging
+                    # it) after this run's work had committed: see completions.py.
+                    return self._already_completed(ctx)
+                # The row goes with the first commit, the body's own included;
+                # a batch commit of a bulk job does not complete the run.
+                marker = CompletionMarker(
+                    session, once[0], ctx.task_id, once[1], skip=lambda: ctx._committing_batch
+                )
             result = await self.body(ctx, *args, **kwargs)
             self.check_result(result)
-            if once is not None and not await completion_log.record(
-                session, once[0], ctx.task_id, once[1]
-            ):
-                # Another delivery of this message committed while this one ran.
-                await session.rollback()
-                return self._already_completed(ctx)
+            if marker is not None and marker.duplicate:
+                raise AlreadyCompleted  # the body swallowed it around its own commit
             await session.commit()
             return result
-        except BaseException:
+        except AlreadyCompleted:
+            # Another delivery of this message committed while this one ran.
+            with contextlib.suppress(Exception):
+                await session.rollback()
+            return self._already_completed(ctx)
+        except BaseException as exc:
             # A rollback that fails too (the connection is gone) must not replace
             # the task's own error: that error decides whether the task is retried.
             with contextlib.suppress(Exception):
                 await session.rollback()
+            if marker is not None and marker.committed and isinstance(exc, Exception):
+                await self._undo_completion(session, marker.token, exc)
             raise
         finally:
+            if marker is not None:
+                marker.detach()
             if owns_session:
                 with contextlib.suppress(Exception):
                     await session.close()
+
+    @staticmethod
+    async def _undo_completion(session: AsyncSession, token: str, exc: Exception) -> None:
+        """The body failed after an explicit commit wrote the row: delete it, so a retry runs."""
+        try:
+            await completion_log.forget(session, token)
+        except Exception as undo_error:  # noqa: BLE001 - reported as the task's failure
+            with contextlib.suppress(Exception):
+                await session.rollback()
+            # A retry would find the row and report success without running:
+            # fail for good instead, saying what happened.
+            raise NonRetriableTaskError(
+                "the task failed after committing part of its work, and its completion "
+                f"row could not be removed ({type(undo_error).__name__}: {undo_error}); "
+                f"not retried: {type(exc).__name__}: {exc}"
+            ) from exc
 
     @staticmethod
     def _already_completed(ctx: TaskContext) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from .publish import bounded_dispatch
 from .status import buffered_sent_records
 
 if TYPE_CHECKING:
-    from .base import BackgroundTask
+    from .base import BaseTask
 
 # Messages per pipeline: large enough to amortise the round trip, small enough
 # to keep the client's buffer and the broker's reply modest.
@@ -43,7 +43,7 @@ _PER_CALL_OPTIONS = ("task_id", "args", "kwargs", "producer", "connection")
 
 
 def dispatch_many(
-    task: BackgroundTask[Any, Any],
+    task: BaseTask[Any, Any],
     calls: Iterable[Mapping[str, Any]],
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -97,7 +97,7 @@ def dispatch_many(
 
 
 def _send_one(
-    task: BackgroundTask[Any, Any],
+    task: BaseTask[Any, Any],
     producer: Any,
     task_id: str,
     kwargs: dict[str, Any],

@@ -8,6 +8,14 @@ framework writes a completion row keyed by that token *in the task's own
 transaction*: the task's writes and the row commit together or not at all. A
 redelivered message finds the row and is skipped, so its work is done once.
 
+The row goes with the run's *first* commit (a ``before_commit`` listener on
+the session, ``CompletionMarker``): the framework's commit after the body, or
+an earlier ``await ctx.session.commit()`` of the body itself, so a
+redelivery after an explicit commit is skipped too. ``ctx.commit_batch()``
+does not write it: a batch is part of a bulk job, which stays incomplete (and
+runs again from the start) until its body returns. If the body fails after
+the row committed, the row is deleted again so that the retry runs the body.
+
 A later dispatch with the same ``task_id`` has a new token and runs normally.
 Rows are kept for the lease lifetime (the longest a message with that token
 can still be delivered) and deleted afterwards, at most once an hour per
@@ -22,9 +30,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
 
 from .session import create_table
 
@@ -45,6 +56,7 @@ _INSERT = text(
     "ON CONFLICT (token) DO NOTHING"
 )
 _DELETE_EXPIRED = text(f"DELETE FROM {TABLE} WHERE expires_at < :now")
+_DELETE_TOKEN = text(f"DELETE FROM {TABLE} WHERE token = :token")
 # Any constant: the advisory lock that serializes the table's creation.
 _CREATE_LOCK_ID = 0x6267_636F_6D70_6C  # "bgcompl"
 
@@ -70,14 +82,23 @@ class CompletionLog:
         False if another delivery of the same message committed it meanwhile:
         the caller rolls back and reports the run as already completed.
         """
+        return await session.run_sync(self.record_sync, token, task_id, ttl)
+
+    def record_sync(self, session: Session, token: str, task_id: str, ttl: float) -> bool:
+        """``record`` on the sync session under an ``AsyncSession`` (a session event's)."""
         now = time.time()
         if now - self._last_cleanup > CLEANUP_INTERVAL:
             self._last_cleanup = now
-            await session.execute(_DELETE_EXPIRED, {"now": now})
-        inserted = await session.execute(
+            session.execute(_DELETE_EXPIRED, {"now": now})
+        inserted = session.execute(
             _INSERT, {"token": token, "task_id": task_id, "expires_at": now + ttl}
         )
         return bool(getattr(inserted, "rowcount", 1))
+
+    async def forget(self, session: AsyncSession, token: str) -> None:
+        """Delete the row of ``token`` and commit: the run did not complete after all."""
+        await session.execute(_DELETE_TOKEN, {"token": token})
+        await session.commit()
 
     async def _ensure_table(self, session: AsyncSession) -> None:
         bind = session.bind
@@ -92,3 +113,69 @@ class CompletionLog:
 
 
 completion_log = CompletionLog()
+
+
+class AlreadyCompleted(BaseException):
+    """Another delivery of this message committed its completion row first.
+
+    Raised from the commit that would have written the row, which is then
+    not made. A ``BaseException``, so that a body's ``except Exception``
+    around its own ``commit()`` does not swallow it.
+    """
+
+
+class CompletionMarker:
+    """Writes a run's completion row with the first commit of its session.
+
+    A ``before_commit`` listener on the ``AsyncSession``'s sync session adds
+    the row to whichever commit comes first, the body's own or the
+    framework's after the body; ``skip()`` true means "not this commit"
+    (a batch of a bulk job). A commit that fails rolls the row back with it,
+    and the next commit writes it again.
+    """
+
+    def __init__(
+        self,
+        session: AsyncSession,
+        token: str,
+        task_id: str,
+        ttl: float,
+        skip: Callable[[], bool] = lambda: False,
+        log: CompletionLog = completion_log,
+    ) -> None:
+        self.token, self._task_id, self._ttl, self._skip, self._log = token, task_id, ttl, skip, log
+        self._session = session.sync_session
+        # The row is in the transaction being committed / in a committed one.
+        self._pending = False
+        self.committed = False
+        # Another delivery's row was found: this run must not commit anything.
+        self.duplicate = False
+        self._listeners: list[tuple[str, Callable[..., Any]]] = [
+            ("before_commit", self._before_commit),
+            ("after_commit", self._after_commit),
+            ("after_rollback", self._after_rollback),
+        ]
+        for name, listener in self._listeners:
+            event.listen(self._session, name, listener)
+
+    def detach(self) -> None:
+        for name, listener in self._listeners:
+            if event.contains(self._session, name, listener):
+                event.remove(self._session, name, listener)
+
+    def _before_commit(self, session: Session) -> None:
+        if self.duplicate:
+            raise AlreadyCompleted
+        if self._pending or self.committed or self._skip():
+            return
+        self._pending = True
+        if not self._log.record_sync(session, self.token, self._task_id, self._ttl):
+            self.duplicate = True
+            raise AlreadyCompleted
+
+    def _after_commit(self, _session: Session) -> None:
+        if self._pending:
+            self.committed, self._pending = True, False
+
+    def _after_rollback(self, _session: Session) -> None:
+        self._pending = False

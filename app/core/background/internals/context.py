@@ -63,6 +63,8 @@ class TaskContext:
         # (lease token, lease lifetime) of a run dispatched with a custom
         # task_id: lets a db task skip a redelivery of work it committed.
         self._run_once: tuple[str, float] | None = None
+        # True while ``commit_batch`` commits: that commit does not complete the run.
+        self._committing_batch = False
 
     # -- database ---------------------------------------------------------
 
@@ -84,7 +86,7 @@ class TaskContext:
 
         ``TaskTestContext`` overrides it to fill its defaults from the task.
         """
-        return task.run_with_context(self, args, kwargs)
+        return task.run_directly(self, args, kwargs)
 
     # -- logging ----------------------------------------------------------
 
@@ -195,7 +197,11 @@ class TaskContext:
         detached: changing them no longer writes to the database.
         """
         session = self.session
-        await session.commit()
+        self._committing_batch = True
+        try:
+            await session.commit()
+        finally:
+            self._committing_batch = False
         session.expunge_all()
 
     def log_progress(self, **metrics: Any) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Coroutine
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import Any, Concatenate, NoReturn, ParamSpec, Protocol, TypeVar, cast, overload
 
 from celery import Celery, Task
 
-from .base import AsyncTask, BackgroundTask, DatabaseTask, SyncTask
+from .base import AsyncTask, BaseTask, DatabaseTask, SyncTask
 from .context import TaskContext
 from .exceptions import TaskDefinitionError
 from .retry import QueueName, RetryPolicyName, check_queue, get_retry_policy
@@ -96,9 +96,69 @@ def _app() -> Celery:
     return celery_app
 
 
+# Names that say "this is the context" even without an annotation (``lambda ctx: ...``).
+_CONTEXT_NAMES = frozenset({"ctx", "context"})
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _is_context_annotation(annotation: Any, namespace: dict[str, Any]) -> bool:
+    if isinstance(annotation, str):
+        # ``from __future__ import annotations`` leaves the annotation as text.
+        # Look the name up where the function was defined; text that does not
+        # resolve at import time (``"bg.TaskContext"``) is judged by its name.
+        text = annotation.strip("'\" ")
+        head, *attributes = text.split(".")
+        resolved = namespace.get(head)
+        for attribute in attributes:
+            resolved = getattr(resolved, attribute, None)
+        if resolved is None:
+            return text.rsplit(".", 1)[-1] in ("TaskContext", "TaskTestContext")
+        annotation = resolved
+    return isinstance(annotation, type) and issubclass(annotation, TaskContext)
+
+
+def _param_text(param: inspect.Parameter) -> str:
+    """``x: int = 1`` as written, also when the annotation is a string."""
+    annotation = param.annotation
+    if not isinstance(annotation, str):
+        return str(param)
+    text = str(param.replace(annotation=inspect.Parameter.empty))
+    head, eq, default = text.partition("=")
+    return f"{head}: {annotation}" + (f" = {default}" if eq else "")
+
+
+def _check_context_parameter(
+    fn: Callable[..., Any], name: str, signature: inspect.Signature
+) -> None:
+    """The first parameter must receive the context: annotated TaskContext, or named ctx/context.
+
+    The worker passes the context positionally before the task's own
+    arguments; a body declared otherwise would fail on every run, or take the
+    context for its first argument.
+    """
+    params = list(signature.parameters.values())
+    first = params[0] if params else None
+    if (
+        first is not None
+        and first.kind in _POSITIONAL
+        and (
+            first.name in _CONTEXT_NAMES
+            or _is_context_annotation(first.annotation, getattr(fn, "__globals__", {}))
+        )
+    ):
+        return
+    rest = params if first is None or first.name not in _CONTEXT_NAMES else params[1:]
+    right = ", ".join(["ctx: TaskContext", *(_param_text(p) for p in rest)])
+    got = f"got ({', '.join(_param_text(p) for p in params)})" if params else "got no parameter"
+    raise TaskDefinitionError(
+        f"{name}: the task function's first parameter must be the TaskContext ({got}); "
+        f"declare it as: def {fn.__name__}({right})"
+    )
+
+
 def _build_task(
     fn: Callable[..., Any],
-    base: type[BackgroundTask[Any, Any]],
+    base: type[BaseTask[Any, Any]],
     name: str,
     retry_policy: str,
     queue: str,
@@ -116,8 +176,7 @@ def _build_task(
         if not hasattr(Task, option):
             raise TaskDefinitionError(f"{name}: {option!r} is not a Celery task option")
     signature = inspect.signature(fn)
-    if not signature.parameters:
-        raise TaskDefinitionError(f"{name}: the task function must take a TaskContext first")
+    _check_context_parameter(fn, name, signature)
 
     app = _app()
     if not registry.claim(name, fn):
@@ -141,7 +200,7 @@ def _build_task(
         "policy": policy,
     }
 
-    def run(self: BackgroundTask[Any, Any], *args: Any, **kwargs: Any) -> Any:
+    def run(self: BaseTask[Any, Any], *args: Any, **kwargs: Any) -> Any:
         return self.execute(args, kwargs)
 
     run.__name__ = fn.__name__
@@ -156,9 +215,39 @@ def _build_task(
         raise
 
 
+_DECORATOR_USAGE = '@{decorator}(name="module.task_name", retry_policy="standard")'
+
+
+def _check_called_with_arguments(decorator: str, fn: object, name: str | None) -> str:
+    """The task name, or a TaskDefinitionError showing the right form of the decorator."""
+    if fn is not None:
+        # ``@simple_task`` with no parentheses: Python passed the function itself.
+        what = getattr(fn, "__qualname__", repr(fn))
+        usage = _DECORATOR_USAGE.format(decorator=decorator)
+        raise TaskDefinitionError(
+            f"{what}: @{decorator} needs its arguments: write {usage} above the function"
+        )
+    if name is None:
+        usage = _DECORATOR_USAGE.format(decorator=decorator)
+        raise TaskDefinitionError(f"name is required: {usage}")
+    return name
+
+
+@overload
+def simple_task(fn: Callable[..., Any], /) -> NoReturn: ...
+@overload
 def simple_task(
     *,
     name: str,
+    retry_policy: RetryPolicyName = "standard",
+    queue: QueueName = "default",
+    **celery_options: Any,
+) -> _SimpleTaskDecorator: ...
+def simple_task(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
     retry_policy: RetryPolicyName = "standard",
     queue: QueueName = "default",
     **celery_options: Any,
@@ -168,26 +257,40 @@ def simple_task(
     Extra keyword arguments are Celery task options (``time_limit``,
     ``rate_limit``, ``ignore_result``...) and behave as in Celery.
     """
+    task_name = _check_called_with_arguments("simple_task", fn, name)
 
     def decorate(fn: Callable[..., Any]) -> Any:
         base = AsyncTask if inspect.iscoroutinefunction(fn) else SyncTask
-        return _build_task(fn, base, name, retry_policy, queue, celery_options)
+        return _build_task(fn, base, task_name, retry_policy, queue, celery_options)
 
     return decorate
 
 
+@overload
+def db_task(fn: Callable[..., Any], /) -> NoReturn: ...
+@overload
 def db_task(
     *,
     name: str,
     retry_policy: RetryPolicyName = "standard",
     queue: QueueName = "default",
     **celery_options: Any,
+) -> _DbTaskDecorator: ...
+def db_task(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retry_policy: RetryPolicyName = "standard",
+    queue: QueueName = "default",
+    **celery_options: Any,
 ) -> _DbTaskDecorator:
     """A task with an ``AsyncSession`` at ``ctx.session``: commit on success, rollback on error."""
+    task_name = _check_called_with_arguments("db_task", fn, name)
 
     def decorate(fn: Callable[..., Any]) -> Any:
         if not inspect.iscoroutinefunction(fn):
-            raise TaskDefinitionError(f"{name}: @db_task needs an 'async def' function")
-        return _build_task(fn, DatabaseTask, name, retry_policy, queue, celery_options)
+            raise TaskDefinitionError(f"{task_name}: @db_task needs an 'async def' function")
+        return _build_task(fn, DatabaseTask, task_name, retry_policy, queue, celery_options)
 
     return decorate

@@ -88,16 +88,14 @@ def lease_lifetime(task: Any, scale: float, queue_margin: float) -> float:
     """Seconds a lease on one of ``task``'s ids may live without a release.
 
     Every attempt may run to the hard time limit, every retry may wait the
-    policy's longest delay for that retry (scaled), plus the time the message
-    may wait in the queue. A worker extends the lease when the task starts
+    policy's longest delay for that retry (jitter included, scaled), plus the
+    time the message may wait in the queue. A worker extends the lease when the task starts
     and on each retry, so the margin is counted from the latest of those.
     """
     policy = task.policy
     time_limit = float(task.time_limit or policy.time_limit)
     retries = policy.max_retries
-    delays = sum(
-        min(policy.initial_delay * policy.backoff**n, policy.max_delay) for n in range(retries)
-    )
+    delays = sum(policy.longest_delay_for(n) for n in range(retries))
     return float(time_limit * (retries + 1) + delays * scale + queue_margin)
 
 

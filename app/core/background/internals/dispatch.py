@@ -21,7 +21,7 @@ from .outbox import enqueue_via_outbox
 from .retry import QueueName
 
 if TYPE_CHECKING:
-    from .base import BackgroundTask
+    from .base import BaseTask
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -42,7 +42,7 @@ class DispatchOptions(TypedDict, total=False):
 class TaskOptions(Generic[P, R]):
     """A task bound to Celery options; dispatch it with its own typed parameters."""
 
-    def __init__(self, task: BackgroundTask[P, R], options: DispatchOptions) -> None:
+    def __init__(self, task: BaseTask[P, R], options: DispatchOptions) -> None:
         self.task = task
         self.celery_options: dict[str, Any] = dict(options)
 

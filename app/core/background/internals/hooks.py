@@ -116,4 +116,7 @@ def _guarded(method: Any, *args: Any) -> None:
 
 
 hooks = HookRegistry()
-hooks.register(LifecycleLogger())
+# Also called on its own for a run in a test (``task(ctx, ...)``, see
+# ``BaseTask.run_directly``), where the other hooks (metrics, the users') stay out.
+lifecycle = LifecycleLogger()
+hooks.register(lifecycle)

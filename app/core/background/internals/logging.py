@@ -200,6 +200,33 @@ class _FrameworkHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._stream = value
 
 
+def worker_log_level(
+    given: int | str | None, given_explicitly: bool | None, configured: int | str
+) -> int | str:
+    """The level of a Celery command's logs: ``-l``/``--loglevel`` if given, else ``LOG_LEVEL``.
+
+    ``given`` is what Celery passes to its ``setup_logging`` signal: the
+    option's value, or its default (WARNING) when the option is absent, which
+    would hide every task line of a worker started as ``celery -A ... worker``.
+    ``given_explicitly`` says whether the option was on the command line;
+    ``None`` when that is unknown (a pool process started without the
+    parent's state), where a level other than Celery's default must have been
+    asked for.
+    """
+    if not given:
+        return configured
+    if given_explicitly is None:
+        given_explicitly = _level_number(given) != logging.WARNING
+    return given if given_explicitly else configured
+
+
+def _level_number(level: int | str) -> int:
+    if isinstance(level, int):
+        return level
+    number = logging.getLevelName(level.upper())
+    return number if isinstance(number, int) else logging.WARNING
+
+
 def configure_logging(
     log_format: Literal["console", "json"],
     level: int | str = "INFO",

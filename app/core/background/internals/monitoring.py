@@ -153,7 +153,7 @@ def task_metrics() -> TaskMetrics:
 
 
 def record_dispatch(task_name: str, queue: str) -> None:
-    """Count one task sent (called by ``BackgroundTask.apply_async``)."""
+    """Count one task sent (called by ``BaseTask.apply_async``)."""
     task_metrics().dispatched.labels(task_name, queue).inc()
 
 

@@ -40,7 +40,7 @@ from .monitoring import record_dispatch
 from .publish import bounded_dispatch, check_dispatch
 
 if TYPE_CHECKING:
-    from .base import BackgroundTask
+    from .base import BaseTask
 
 logger = logging.getLogger("app.core.background.outbox")
 
@@ -77,7 +77,7 @@ outbox_table = cast(Table, OutboxMessage.__table__)
 
 def enqueue_via_outbox(
     session: AsyncSession | Session,
-    task: BackgroundTask[Any, Any],
+    task: BaseTask[Any, Any],
     args: tuple[Any, ...] = (),
     kwargs: Mapping[str, Any] | None = None,
     **options: Any,
@@ -91,7 +91,7 @@ def enqueue_via_outbox(
 
 
 def outbox_row(
-    task: BackgroundTask[Any, Any],
+    task: BaseTask[Any, Any],
     task_id: str,
     args: Sequence[Any],
     kwargs: Mapping[str, Any],

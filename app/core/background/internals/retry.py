@@ -13,15 +13,19 @@ QueueName = Literal["high_priority", "default", "low_priority"]
 
 QUEUE_NAMES: Final[tuple[QueueName, ...]] = get_args(QueueName)
 
+# The random part of a retry delay, as a fraction of its nominal delay, added on top.
+JITTER: Final = 0.25
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How often and how late a failed task is tried again, and how long it may run.
 
-    The n-th retry (n = 0, 1, ...) waits ``initial_delay * backoff**n`` seconds,
-    capped at ``max_delay``; half of that is fixed and half random, so a
-    policy never retries sooner than half its nominal delay and many failing
-    tasks do not retry in lockstep.
+    The n-th retry (n = 0, 1, ...) waits at least its nominal delay,
+    ``initial_delay * backoff**n`` capped at ``max_delay``, and at most
+    ``JITTER`` (a quarter) more: the stated delay is a floor (the first retry of
+    a 60 s policy never comes before 60 s), and the random part on top keeps
+    many failing tasks from retrying in lockstep.
     """
 
     name: RetryPolicyName
@@ -32,20 +36,27 @@ class RetryPolicy:
     time_limit: float
     backoff: float = 2.0
 
+    def nominal_delay(self, retries: int) -> float:
+        """The least wait before the retry that follows ``retries`` earlier retries."""
+        return float(min(self.initial_delay * self.backoff**retries, self.max_delay))
+
+    def longest_delay_for(self, retries: int) -> float:
+        """The most that same retry can wait: its nominal delay plus the whole jitter."""
+        return self.nominal_delay(retries) * (1 + JITTER)
+
     def delay_for(
         self, retries: int, scale: float = 1.0, rng: random.Random | None = None
     ) -> float:
         """Seconds to wait before the retry that follows ``retries`` earlier retries."""
-        nominal = min(self.initial_delay * self.backoff**retries, self.max_delay) * scale
-        jitter = (rng or random).random()
-        return nominal / 2 + jitter * nominal / 2
+        nominal = self.nominal_delay(retries) * scale
+        return nominal + (rng or random).random() * JITTER * nominal
 
     @property
     def longest_delay(self) -> float:
-        """The longest wait this policy can produce (before scaling)."""
+        """The longest wait this policy can produce (before scaling), jitter included."""
         if self.max_retries == 0:
             return 0.0
-        return min(self.initial_delay * self.backoff ** (self.max_retries - 1), self.max_delay)
+        return self.longest_delay_for(self.max_retries - 1)
 
 
 RETRY_POLICIES: Final[dict[RetryPolicyName, RetryPolicy]] = {

@@ -37,7 +37,7 @@ class WorkerProcess:
         concurrency: int = 2,
         queues: Sequence[str] = (),
         include: Sequence[str] = (),
-        loglevel: str = "INFO",
+        loglevel: str | None = "INFO",
         extra_args: Sequence[str] = (),
         cwd: str | Path | None = None,
     ) -> None:
@@ -46,7 +46,9 @@ class WorkerProcess:
         self.cwd = cwd
         self.command = [
             sys.executable, "-m", "celery", "-A", CELERY_APP, "worker",
-            "--pool", pool, "--concurrency", str(concurrency), "--loglevel", loglevel,
+            "--pool", pool, "--concurrency", str(concurrency),
+            # None: no --loglevel, as ``celery -A ... worker`` is started by hand.
+            *(["--loglevel", loglevel] if loglevel is not None else []),
             "--hostname", self.name, "--without-gossip", "--without-mingle",
             *(["--queues", ",".join(queues)] if queues else []),
             *(["--include", ",".join(include)] if include else []),
