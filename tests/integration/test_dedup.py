@@ -341,6 +341,11 @@ def test_worker_death_runs_the_task_again_once_under_the_same_lease(
     wait_for(lambda: redis_leases.store.holder(task_id) is None)
 
 
+def entered(stack: Services, key: str) -> int:
+    """How many times a body ran at all (rows of its own connection, never rolled back)."""
+    return executions(stack, f"{key}-entered")
+
+
 def test_db_task_killed_after_its_commit_is_not_run_again(
     stack: Services, redis_leases: Target
 ) -> None:
@@ -351,6 +356,9 @@ def test_db_task_killed_after_its_commit_is_not_run_again(
     outcome = result.get(timeout=RESULT_TIMEOUT)
     assert outcome == {"status": "success", "task_id": task_id, "already_completed": True}
     assert executions(stack, k) == 1
+    # Skipped before the body, not run and rolled back: a side effect outside
+    # the transaction (an e-mail) happens once.
+    assert entered(stack, k) == 1
     wait_for(lambda: redis_leases.store.holder(task_id) is None)
 
 
@@ -397,6 +405,27 @@ def test_without_task_id_the_same_death_completes_the_work_twice(
     result = redis_leases.send(tasks_dedup.commit_then_die, k)
     assert result.get(timeout=RESULT_TIMEOUT) == 1
     assert executions(stack, k) == 2
+    assert entered(stack, k) == 2
+
+
+def test_two_deliveries_running_at_once_commit_once(stack: Services, redis_leases: Target) -> None:
+    """The same run-once message delivered twice, both bodies inside their transaction at once.
+
+    Both run (they started before either committed); the completion row lets
+    only the first commit through, and the second rolls back its writes.
+    """
+    k = new_key()
+    task_id = f"update-{k}"
+    # Two copies of one message: the headers a deduplicated send gives it, twice.
+    headers = {dedup.TOKEN_HEADER: uuid.uuid4().hex, dedup.TTL_HEADER: 600.0}
+    for _ in range(2):
+        redis_leases.send(
+            tasks_dedup.hold_then_write, k, 2.0, task_id=task_id, headers=headers,
+            **{dedup.CLAIMED_OPTION: True},
+        )  # fmt: skip
+    wait_for(lambda: executions(stack, f"{k}-done") == 2, timeout=RESULT_TIMEOUT)
+    assert entered(stack, k) == 2
+    assert executions(stack, k) == 1
 
 
 def test_worker_death_without_retries_left_frees_the_id(

@@ -142,6 +142,27 @@ def test_delay_with_broker_and_result_backend_down_fails_in_bounded_time(
     assert "check that the broker" in out["message"]
 
 
+@pytest.mark.parametrize("broker_up", [False, True], ids=["broker down", "control"])
+def test_a_failed_send_with_a_task_id_gives_its_lease_back(
+    broker_up: bool, refused_port: int, backend: RedisServer
+) -> None:
+    """Else the id stays taken for the lease's lifetime and every resend is "deduplicated"."""
+    broker = backend.url() if broker_up else f"redis://127.0.0.1:{refused_port}/0"
+    out, _lines, _output = probe(
+        "delay_with_id",
+        CELERY_BROKER_URL=broker,
+        CELERY_RESULT_BACKEND=backend.url(1),
+        BACKGROUND_DEDUP_BACKEND="redis",
+        BACKGROUND_DEDUP_REDIS_URL=backend.url(2),
+    )
+    if broker_up:
+        assert out["returned"] == out["task_id"]
+        assert out["lease_holder"] is not None  # the sent task holds its id
+    else:
+        assert out["raised"] == "TaskDispatchError"
+        assert out["lease_holder"] is None
+
+
 def test_delay_to_a_live_broker_is_sent_and_recorded(backend: RedisServer) -> None:
     """The control of the two above: the same probe, the same checks, a broker that works."""
     out, _lines, _output = probe(

@@ -1,6 +1,7 @@
 """A process that dispatches one task against the servers its environment names.
 
     python -m tests.support.dispatch_probe delay          # notify.delay(...)
+    python -m tests.support.dispatch_probe delay_with_id  # the same with a task_id (a lease)
     python -m tests.support.dispatch_probe on_commit      # delay_on_commit + TaskSession.commit()
     python -m tests.support.dispatch_probe on_commit_plain  # the same with a plain AsyncSession
 
@@ -61,6 +62,17 @@ def delay() -> dict[str, Any]:
     return outcome_of(lambda: notify.delay(order_id=1, secret=SECRET).id)
 
 
+def delay_with_id() -> dict[str, Any]:
+    from app.core.background.internals.dedup import deduplicator
+
+    task_id = f"probe-{time.time_ns()}"
+    out = outcome_of(lambda: notify.options(task_id=task_id).delay(order_id=1, secret=SECRET).id)
+    out["task_id"] = task_id
+    # Who holds the id now: nobody, if a failed send gave its lease back.
+    out["lease_holder"] = deduplicator.store.holder(task_id)
+    return out
+
+
 async def on_commit(session_class: type[AsyncSession]) -> dict[str, Any]:
     engine = create_async_engine(os.environ["DATABASE_URL"])
     async with engine.begin() as connection:
@@ -96,6 +108,8 @@ def main(scenario: str) -> None:
     configure_logging("json")  # as the API does at start-up
     if scenario == "delay":
         out = delay()
+    elif scenario == "delay_with_id":
+        out = delay_with_id()
     elif scenario == "on_commit":
         out = asyncio.run(on_commit(TaskSession))
     elif scenario == "on_commit_plain":

@@ -91,7 +91,11 @@ async def die_always(ctx: TaskContext, key: str) -> None:
 
 @db_task(name="tests.dedup.commit_then_die", retry_policy="aggressive")
 async def commit_then_die(ctx: TaskContext, key: str) -> int:
-    """Writes through ctx.session; its first run's process dies right after the commit."""
+    """Writes through ctx.session; its first run's process dies right after the commit.
+
+    ``{key}-entered`` rows (their own connection) count how often the body ran.
+    """
+    await mark(f"{key}-entered", ctx.attempt)
     ctx.session.add(Record(key=f"{key}:{ctx.attempt}", attempt=ctx.attempt, worker_pid=os.getpid()))
     return ctx.attempt
 
@@ -135,3 +139,26 @@ async def batch_then_die(ctx: TaskContext, key: str) -> int:
     if ctx.attempt == 0:
         os.kill(os.getpid(), signal.SIGKILL)
     return ctx.attempt
+
+
+@db_task(name="tests.dedup.hold_then_write", retry_policy="aggressive")
+async def hold_then_write(ctx: TaskContext, key: str, seconds: float) -> int:
+    """Enters (counted), holds ``seconds`` inside its transaction, then writes through it."""
+    await mark(f"{key}-entered", ctx.attempt)
+    await asyncio.sleep(seconds)
+    ctx.session.add(
+        Record(key=f"{key}:{uuid.uuid4().hex}", attempt=ctx.attempt, worker_pid=os.getpid())
+    )
+    return ctx.attempt
+
+
+class _MarkHoldThenWriteDone(TaskHook):
+    """``{key}-done``: a delivery of ``hold_then_write`` ended (committed, or skipped)."""
+
+    def on_success(self, ctx: TaskContext, result: object, duration: float) -> None:
+        if ctx.task_name == hold_then_write.name:
+            # After the run's commit, outside its loop: a short loop of its own.
+            asyncio.run(mark(f"{ctx.task_id.removeprefix('update-')}-done", ctx.attempt))
+
+
+hooks.register(_MarkHoldThenWriteDone())

@@ -107,6 +107,11 @@ def pending_dispatches(session: AsyncSession | Session) -> list[Dispatch]:
     return list(_sync(session).info.get(_PENDING, ()))
 
 
+def discard_pending(session: AsyncSession | Session) -> None:
+    """Drop every dispatch waiting for a commit (the session rolled back)."""
+    _sync(session).info.pop(_PENDING, None)
+
+
 def defer_sending(session: AsyncSession) -> None:
     """Let the caller send due dispatches (``send_due``) instead of the commit itself."""
     _listen(session).info[_DEFERRED] = True
@@ -287,6 +292,13 @@ class TaskSession(AsyncSession):
     async def commit(self) -> None:
         await super().commit()
         await send_due(self)
+
+    async def rollback(self) -> None:
+        await super().rollback()
+        # Dispatches registered before the session's first statement belong to
+        # no transaction yet, and SQLAlchemy has none to roll back (no event
+        # fires): they go too, or the next commit would send them.
+        discard_pending(self)
 
     async def close(self) -> None:
         # Dispatches made due by ``async with session.begin():`` (which commits
