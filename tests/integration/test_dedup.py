@@ -40,6 +40,7 @@ from app.core.background.internals.worker_process import WorkerProcess
 from tests.support import tasks_dedup
 from tests.support.db import fetchval
 from tests.support.dedup_race import race
+from tests.support.publishes import recorded_publishes
 from tests.support.redis_server import RedisServer
 from tests.support.services import Services, unavailable
 
@@ -169,11 +170,13 @@ def test_parallel_callers_run_once(stack: Services, target: Target) -> None:
     ]
     for process in racers:
         process.start()
-    ids = [task_id for _ in racers for task_id in out.get(timeout=90)]
+    reports = [out.get(timeout=90) for _ in racers]
     for process in racers:
         process.join(30)
         assert process.exitcode == 0
-    assert ids == [task_id] * 24
+    assert [given for ids, _ in reports for given in ids] == [task_id] * 24
+    # One call of the 24 published; the others were deduplicated.
+    assert sum(published for _, published in reports) == 1
     celery_app.AsyncResult(task_id).get(timeout=RESULT_TIMEOUT)
     wait_for(lambda: target.store.holder(task_id) is None)
     assert executions(stack, k) == 1
@@ -210,8 +213,10 @@ def test_second_call_while_running_is_deduplicated_and_id_freed_after_success(
     task_id = f"notify-{k}"
     first = target.send(tasks_dedup.run, k, 1.0, task_id=task_id)
     wait_for(lambda: executions(stack, k) == 1)
-    second = target.send(tasks_dedup.run, k, task_id=task_id)
+    with recorded_publishes() as published:
+        second = target.send(tasks_dedup.run, k, task_id=task_id)
     assert second.id == first.id == task_id
+    assert published == []  # deduplicated: no second message
     logged = [r for r in framework_log.records if r.getMessage() == "Task deduplicated"]
     assert logged
     assert logged[0].fields["task_id"] == task_id  # type: ignore[attr-defined]
@@ -219,7 +224,9 @@ def test_second_call_while_running_is_deduplicated_and_id_freed_after_success(
     wait_for(lambda: target.store.holder(task_id) is None)
     assert executions(stack, k) == 1
 
-    target.send(tasks_dedup.run, k, task_id=task_id)
+    with recorded_publishes() as published:
+        target.send(tasks_dedup.run, k, task_id=task_id)
+    assert published == ["tests.dedup.run"]  # the id is free again: sent
     wait_for(lambda: executions(stack, k) == 2)
     wait_for(lambda: target.store.holder(task_id) is None)
 

@@ -16,6 +16,7 @@ from app.core.background import TaskArgumentError, pending_dispatches
 from app.main import create_app
 from tests.support import tasks, tasks_fastapi
 from tests.support.models import Record
+from tests.support.publishes import recorded_publishes
 from tests.support.services import Services
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -122,14 +123,16 @@ def test_wrong_arguments_fail_at_registration_naming_the_task(client: TestClient
 
 
 def test_wrong_arguments_fail_before_sending(stack: Services) -> None:
-    before = stack.redis().llen("default")
-    with pytest.raises(TaskArgumentError, match=r"fastapi\.note_row: .*wrong"):
-        tasks_fastapi.note_row.delay(key="k", wrong=1)  # type: ignore[call-arg]
-    with pytest.raises(TaskArgumentError, match=r"fastapi\.note_row: "):
-        tasks_fastapi.note_row.apply_async(kwargs={"wrong": 1})
-    with pytest.raises(TaskArgumentError, match=r"fastapi\.note_row: .*JSON"):
-        tasks_fastapi.note_row.options(countdown=1).delay(key=object())  # type: ignore[arg-type]
-    assert stack.redis().llen("default") == before
+    with recorded_publishes() as published:
+        with pytest.raises(TaskArgumentError, match=r"fastapi\.note_row: .*wrong"):
+            tasks_fastapi.note_row.delay(key="k", wrong=1)  # type: ignore[call-arg]
+        with pytest.raises(TaskArgumentError, match=r"fastapi\.note_row: "):
+            tasks_fastapi.note_row.apply_async(kwargs={"wrong": 1})
+        with pytest.raises(TaskArgumentError, match=r"fastapi\.note_row: .*JSON"):
+            tasks_fastapi.note_row.options(countdown=1).delay(key=object())  # type: ignore[arg-type]
+        assert published == []
+        tasks_fastapi.note_row.delay(key=key())  # the control: a valid call is seen
+    assert published == ["fastapi.note_row"]
 
 
 # -- task status API ----------------------------------------------------------
@@ -140,14 +143,22 @@ def test_unknown_id_is_404(client: TestClient) -> None:
     assert client.delete(f"/tasks/{uuid.uuid4()}").status_code == 404
 
 
-def test_scheduled_task_is_pending_then_revoked(client: TestClient, stack: Services) -> None:
+def test_scheduled_task_is_pending_then_revoked(
+    client: TestClient, stack: Services, worker: Any
+) -> None:
     k = key()
-    task_id = tasks_fastapi.note_row.options(countdown=60).delay(key=k).id
+    task_id = tasks_fastapi.note_row.options(countdown=2).delay(key=k).id
     assert client.get(f"/tasks/{task_id}").json()["state"] == "pending"
     revoked = client.delete(f"/tasks/{task_id}").json()
     assert revoked == {"task_id": task_id, "state": "revoked", "terminated": False}
     body = client.get(f"/tasks/{task_id}").json()
     assert (body["state"], body["error_type"]) == ("revoked", "TaskRevokedError")
+    # The worker holds the message until its ETA, then drops it: only then does
+    # "never ran" mean something.
+    deadline = time.monotonic() + 30
+    while f"Discarding revoked task: fastapi.note_row[{task_id}]" not in worker.log():
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.1)
     assert executions(stack, k) == 0
 
 

@@ -14,6 +14,7 @@ from celery.result import AsyncResult
 from app.core.background import TaskArgumentError, TaskNotFoundError, TaskValidationError
 from tests.support import tasks
 from tests.support.db import fetchval
+from tests.support.publishes import recorded_publishes
 from tests.support.services import Services
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -170,10 +171,12 @@ def test_success_result_keeps_callers_status_under_result_status() -> None:
 
 
 def test_non_json_argument_fails_at_delay_and_sends_nothing(stack: Services) -> None:
-    before = stack.redis().llen("default")
-    with pytest.raises(TaskArgumentError, match=r"tests\.echo: arguments must be JSON"):
-        tasks.echo.delay(value=object())
-    assert stack.redis().llen("default") == before
+    with recorded_publishes() as published:
+        with pytest.raises(TaskArgumentError, match=r"tests\.echo: arguments must be JSON"):
+            tasks.echo.delay(value=object())
+        assert published == []
+        tasks.echo.delay(value=1)  # the control: a valid call is seen
+    assert published == ["tests.echo"]
 
 
 def test_missing_argument_fails_at_delay_naming_the_task() -> None:
