@@ -366,7 +366,8 @@ def test_progress_is_visible_while_the_task_runs_and_watch_follows_it(
         watcher.kill()
         watcher.wait()
     assert watcher.returncode == 0, errors
-    assert "SUCCESS" in rest
+    # The API's state names, not Celery's SUCCESS.
+    assert "success\n" in rest.splitlines(keepends=True), rest
     assert '"processed": 8' in rest
     assert '"missing": 1' in rest
 
@@ -386,4 +387,21 @@ def test_watch_prints_the_error_of_a_failed_task(stack: Services, worker: Any) -
         timeout=60,
     )
     assert done.returncode == 1, done.stderr
-    assert "FAILURE  RuntimeError: batch 0 fails" in done.stdout
+    assert "failure  RuntimeError: batch 0 fails" in done.stdout
+
+
+def test_watch_gives_up_on_an_id_the_api_does_not_know(stack: Services, worker: Any) -> None:
+    task_id = str(uuid.uuid4())
+    assert call_api("GET", f"/tasks/{task_id}").status_code == 404
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "app.core.background", "watch", task_id, "--unknown-timeout", "1"],
+        cwd=REPO,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    assert f"unknown task id {task_id}: never dispatched" in done.stderr
+    assert time.monotonic() - began < 30
