@@ -67,13 +67,15 @@ def metric(samples: dict[Any, float], name: str, **labels: str) -> float:
 
 CLIENT_SCRIPT = f"""
 import json
-from tests.support.tasks_observability import fail, flaky, ok, rendezvous
+from tests.support.tasks_observability import bad_uuid, fail, flaky, missing, ok, rendezvous
 
 sent = {{
     "ok0": ok.delay(0, secret={ARG_SECRET!r}),
     "ok1": ok.delay(1, secret={ARG_SECRET!r}),
     "ok2": ok.delay(2, secret={ARG_SECRET!r}),
     "fail": fail.delay(secret={ARG_SECRET!r}),
+    "bad_uuid": bad_uuid.delay({ARG_SECRET!r}),
+    "missing": missing.delay({ARG_SECRET!r}),
     "flaky": flaky.delay("k"),
     "meet0": rendezvous.delay("m", 2),
     "meet1": rendezvous.delay("m", 2),
@@ -209,15 +211,39 @@ def test_framework_logs_retry_with_delay_and_reason(run: Run) -> None:
     assert success["attempt"] == 1
 
 
-def test_final_failure_traceback_is_logged_once(run: Run) -> None:
-    failed = [r for r in run.log_records() if r.get("task_id") == run.task_ids["fail"]]
-    with_traceback = [r for r in failed if "exception" in r]
-    assert len(with_traceback) == 1
-    assert with_traceback[0]["event"] == "Task failed"
-    assert with_traceback[0]["reason"] == "non-retriable"
-    assert "Traceback" in with_traceback[0]["exception"]
-    # Celery's own failure line is still there, without the traceback.
-    assert any("raised unexpected" in r["event"] for r in failed)
+def outcome_lines(run: Run, task_id: str) -> list[dict[str, Any]]:
+    """The lines that report how a run ended: the framework's and Celery's own."""
+    celery_outcomes = ("succeeded in", "raised unexpected", "raised expected", "retry: Retry in")
+    return [
+        r
+        for r in run.log_records()
+        if r.get("task_id") == task_id
+        and (
+            r["event"] in ("Task succeeded", "Task failed", "Task failed, will retry")
+            or any(words in r["event"] for words in celery_outcomes)
+        )
+    ]
+
+
+@pytest.mark.parametrize("key", ["fail", "bad_uuid", "missing"])
+def test_an_expected_failure_is_logged_once(run: Run, key: str) -> None:
+    assert run.results[key]["error_type"] in ("TaskValidationError", "TaskNotFoundError")
+    lines = outcome_lines(run, run.task_ids[key])
+    # One line, the framework's, with its traceback: not Celery's "raised ..." too.
+    assert [(r["event"], r["level"]) for r in lines] == [("Task failed", "error")], lines
+    assert lines[0]["reason"] == "non-retriable"
+    assert "Traceback" in lines[0]["exception"]
+
+
+def test_a_retry_then_a_success_is_one_line_each(run: Run) -> None:
+    lines = outcome_lines(run, run.task_ids["flaky"])
+    events = [r["event"] for r in lines]
+    assert events == ["Task failed, will retry", "Task succeeded"], lines
+
+
+def test_a_rejected_value_is_named_by_its_field_not_shown(run: Run) -> None:
+    failed = next(r for r in outcome_lines(run, run.task_ids["bad_uuid"]))
+    assert failed["error"] == "entity_id is not a valid UUID (field='entity_id', value_type='str')"
 
 
 def test_no_password_and_no_argument_in_the_worker_output(run: Run) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from app.core.background import TaskContext, TaskValidationError, simple_task
+from app.core.background import TaskContext, TaskNotFoundError, TaskValidationError, simple_task
 from app.core.background.extras import CircuitBreaker
 
 
@@ -27,6 +27,17 @@ def ok(ctx: TaskContext, n: int, secret: str = "") -> dict[str, Any]:
 @simple_task(name="obs.fail", retry_policy="no_retry")
 def fail(ctx: TaskContext, secret: str = "") -> None:
     raise TaskValidationError("bad input on purpose")
+
+
+@simple_task(name="obs.bad_uuid")
+def bad_uuid(ctx: TaskContext, entity_id: str) -> None:
+    """Given a value that is not a UUID (the tests pass a secret): fails validation."""
+    ctx.validate_uuid(entity_id, "entity_id")
+
+
+@simple_task(name="obs.missing")
+def missing(ctx: TaskContext, key: str) -> None:
+    raise TaskNotFoundError("Record not found")
 
 
 @simple_task(name="obs.flaky")

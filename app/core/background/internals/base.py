@@ -30,7 +30,12 @@ from .context import TaskContext
 from .dedup import CLAIMED_OPTION, PERIOD_OPTION, deduplicator, run_once_key
 from .dispatch import DispatchOptions, TaskOptions
 from .event_loop import worker_loop
-from .exceptions import TaskArgumentError, TaskValidationError, is_retriable
+from .exceptions import (
+    NON_RETRIABLE_ERRORS,
+    TaskArgumentError,
+    TaskValidationError,
+    is_retriable,
+)
 from .hooks import hooks
 from .monitoring import Timer, record_dispatch
 from .outbox import enqueue_via_outbox
@@ -58,6 +63,9 @@ class BackgroundTask(Task[P, R], Generic[P, R]):
 
     # We check arguments ourselves (without the context parameter) and name the task.
     typing = False
+    # Celery's own word for errors that are part of normal operation: it does
+    # not treat them as worker errors (INFO, no traceback, no error e-mail).
+    throws = NON_RETRIABLE_ERRORS
     is_async: ClassVar[bool] = False
 
     # Set by the decorators on each task class.

@@ -17,7 +17,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal
 
 import structlog
-from celery.app.trace import LOG_SUCCESS
+from celery.app.trace import LOG_FAILURE, LOG_RETRY, LOG_SUCCESS
 
 SUCCESS = 25
 logging.addLevelName(SUCCESS, "SUCCESS")
@@ -91,6 +91,9 @@ _CELERY_TASK_LOGGERS = frozenset({"celery.app.trace", "celery.worker.strategy"})
 _CELERY_CONSUMER_LOGGER = "celery.worker.consumer.consumer"
 _HIDDEN = "<hidden: BACKGROUND_LOG_TASK_ARGUMENTS=false>"
 _SECRET_KEYS = ("args", "kwargs", "return_value", "traceback")
+# Celery's outcome lines ("succeeded in", "retry: Retry in", "raised unexpected"
+# or "raised expected"): Celery strips the failure format before logging it.
+_REPLACED_LINES = frozenset(line.strip() for line in (LOG_SUCCESS, LOG_RETRY, LOG_FAILURE))
 
 
 def mark_traceback_logged(exc: BaseException) -> None:
@@ -112,9 +115,12 @@ class CeleryTaskRecordFilter(logging.Filter):
             return True
         if record.name not in _CELERY_TASK_LOGGERS or not isinstance(record.args, Mapping):
             return True
-        if record.msg is LOG_SUCCESS and _is_framework_task(record.args.get("name")):
-            # The framework's own "Task succeeded" line (with duration and outcome
-            # fields) replaces Celery's: one formatted line per task, as in Celery.
+        if str(record.msg).strip() in _REPLACED_LINES and _is_framework_task(
+            record.args.get("name")
+        ):
+            # The framework's own "Task succeeded", "Task failed, will retry" and
+            # "Task failed" lines (with duration, outcome, reason and error fields)
+            # replace Celery's: one line per outcome, as in plain Celery.
             return False
         context = dict(record.args)
         fields: dict[str, Any] = {"task_id": context.get("id"), "task_name": context.get("name")}
