@@ -9,7 +9,13 @@ from typing import Any
 
 import redis
 
-from app.core.background import TaskContext, TaskNotFoundError, TaskValidationError, simple_task
+from app.core.background import (
+    TaskContext,
+    TaskNotFoundError,
+    TaskValidationError,
+    db_task,
+    simple_task,
+)
 from app.core.background.extras import CircuitBreaker
 
 
@@ -38,6 +44,17 @@ def bad_uuid(ctx: TaskContext, entity_id: str) -> None:
 @simple_task(name="obs.missing")
 def missing(ctx: TaskContext, key: str) -> None:
     raise TaskNotFoundError("Record not found")
+
+
+@db_task(name="obs.duplicate")
+async def duplicate(ctx: TaskContext, key: str) -> None:
+    """Inserts ``key`` twice: a constraint violation whose SQL parameters hold the argument."""
+    from tests.support.models import Record
+
+    ctx.session.add(Record(key=key))
+    await ctx.session.flush()
+    ctx.session.add(Record(key=key))
+    await ctx.session.flush()
 
 
 @simple_task(name="obs.flaky")

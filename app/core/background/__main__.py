@@ -42,7 +42,16 @@ def _relay(args: argparse.Namespace) -> int:
     import asyncio
 
     from .celery_app import celery_app, settings
+    from .internals.logging import configure_logging
     from .internals.outbox import serve_relay
+
+    # The worker's log format and masking (URL passwords, row values) for the
+    # relay's lines too; without it Python prints bare warnings.
+    configure_logging(
+        settings.log_format,
+        settings.log_level,
+        log_task_arguments=settings.background_log_task_arguments,
+    )
 
     try:
         sent = asyncio.run(
