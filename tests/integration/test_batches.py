@@ -329,6 +329,8 @@ def test_the_example_endpoint_processes_every_entity(stack: Services, worker: An
     assert wait_for(AsyncResult(again, app=celery_app))["total"] == 0
 
 
+# Its own waits: PROGRESS 60 + watch 60, plus the session worker's start (60) if first = 180 s.
+@pytest.mark.timeout(240)
 def test_progress_is_visible_while_the_task_runs_and_watch_follows_it(
     stack: Services, worker: Any, redis_client: Any
 ) -> None:

@@ -155,6 +155,8 @@ def new_key() -> str:
 # -- the race ----------------------------------------------------------------
 
 
+# Its own waits: racers 90 + result 60 + lease 30, plus joins = about 200 s.
+@pytest.mark.timeout(300)
 def test_parallel_callers_run_once(stack: Services, target: Target) -> None:
     """20 threads and 4 processes ask for the same id at once: one execution."""
     k = new_key()

@@ -129,6 +129,8 @@ def dev(checkout: Path) -> Iterator[list[DevScript]]:
         script.kill_all()
 
 
+# Its own waits: up to 3 starts x 90 + stop 20 + all gone 20 + cleanup 10 = 320 s.
+@pytest.mark.timeout(360)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 def test_a_signal_to_the_script_stops_the_api_and_the_worker(
     checkout: Path, dev: list[DevScript], signum: signal.Signals
@@ -151,6 +153,8 @@ def test_a_signal_to_the_script_stops_the_api_and_the_worker(
     assert not script.api_answers()
 
 
+# Its own waits: exit 90 + all gone 20 + cleanup 10 = 120 s.
+@pytest.mark.timeout(180)
 def test_a_worker_that_dies_at_start_stops_the_api(checkout: Path, dev: list[DevScript]) -> None:
     script = DevScript(checkout, "--include", "tests.support.broken.tasks")
     dev.append(script)

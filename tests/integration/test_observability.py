@@ -26,7 +26,9 @@ from app.core.background.internals.worker_process import CELERY_APP, WorkerProce
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.services import Services, unavailable
 
-pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+# The module's run (first test): Redis 75 + worker start 60 + Flower 30 + 30 +
+# client 90 + stops 40 = 325 s of its own waits, above the global 120.
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.timeout(420)]
 
 REDIS_PASSWORD = "redis-secret-pw"
 DB_PASSWORD = "db-secret-pw"

@@ -51,6 +51,8 @@ COMMIT_THEN_DIE = textwrap.dedent(
 )
 
 
+# Its own waits: writer 60 + relay 60 + result 60 = 180 s.
+@pytest.mark.timeout(240)
 def test_outbox_delivers_after_the_writer_is_killed(stack: Services) -> None:
     key = uuid.uuid4().hex
     writer = subprocess.run(

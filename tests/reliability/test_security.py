@@ -94,6 +94,8 @@ def succeeded_line(log: str, task_id: str) -> bool:
 
 
 @pytest.mark.parametrize("log_format", ["json", "console"])
+# Its own waits: start 60 + API 30 + 10 + 60 + 30 + 30 + 15 + stops 50 = 285 s.
+@pytest.mark.timeout(360)
 def test_no_password_and_no_arguments_in_any_log_line(
     completions_db: Services, guarded_redis: PrivateRedis, log_format: str
 ) -> None:
@@ -145,6 +147,8 @@ def test_no_password_and_no_arguments_in_any_log_line(
     assert "127.0.0.1" in logs["worker"]  # the URLs are there, masked
 
 
+# Its own waits: start 60 + wait_all 60 + 10 + stop 30 = 160 s.
+@pytest.mark.timeout(240)
 def test_task_arguments_are_logged_when_opted_in(
     completions_db: Services, guarded_redis: PrivateRedis
 ) -> None:
