@@ -26,9 +26,10 @@ from app.core.background.internals.worker_process import CELERY_APP, WorkerProce
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.services import Services, unavailable
 
-# The module's run (first test): Redis 75 + worker start 60 + Flower 30 + 30 +
-# client 90 + stops 40 = 325 s of its own waits, above the global 120.
-pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.timeout(420)]
+# The module's run (first test): Redis 75 + up to 3 worker starts x (60 + 10) +
+# up to 3 Flower starts x 30 + 30 + 30 + client 90 + stops 40 = 565 s of its own
+# waits at worst, above the global 120.
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.timeout(660)]
 
 REDIS_PASSWORD = "redis-secret-pw"
 DB_PASSWORD = "db-secret-pw"
@@ -126,6 +127,60 @@ class Run:
         return records
 
 
+PORT_ATTEMPTS = 3
+
+
+def start_worker_with_metrics(env: dict[str, str]) -> tuple[WorkerProcess, int]:
+    """A worker whose metrics endpoint answers; on another port if its own was taken.
+
+    A port found free may be bound by another process before the worker binds
+    it (the race tests/support/redis_server.py describes): try a new one.
+    """
+    for _ in range(PORT_ATTEMPTS):
+        port = free_port()
+        worker = WorkerProcess(
+            {**env, "BACKGROUND_METRICS_PORT": str(port)},
+            include=["tests.support.tasks_observability"],
+            extra_args=["-E"],
+        ).start()
+        try:
+            # Answering is enough: the body is empty before the first task.
+            url = f"http://127.0.0.1:{port}/metrics"
+            wait_for(lambda: http_get(url) is not None, "metrics", 10)  # noqa: B023
+        except AssertionError:
+            log = worker.log()
+            worker.stop()
+            if "address already in use" not in log.lower():
+                raise AssertionError(f"no metrics endpoint:\n{log[-3000:]}") from None
+            continue
+        return worker, port
+    raise AssertionError(f"no free metrics port in {PORT_ATTEMPTS} attempts")
+
+
+def start_flower(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """Flower on a free port; on another one if it exits at once (its port was taken)."""
+    for _ in range(PORT_ATTEMPTS):
+        port = free_port()
+        flower = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower",
+             f"--port={port}", "--address=127.0.0.1"],
+            env={**os.environ, **env, "FLOWER_UNAUTHENTICATED_API": "true"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while flower.poll() is None and time.monotonic() < deadline:
+            try:
+                if http_get(f"{url}/healthcheck") == b"OK":
+                    return flower, url
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.1)
+        if flower.poll() is None:
+            return flower, url  # running but not answering: the caller's wait reports it
+    raise AssertionError(f"Flower exited at start {PORT_ATTEMPTS} times")
+
+
 @pytest.fixture(scope="module")
 def run(stack: Services) -> Iterator[Run]:
     with private_redis(REDIS_PASSWORD) as redis_url:
@@ -135,29 +190,18 @@ def run(stack: Services) -> Iterator[Run]:
 def _run(stack: Services, redis_url: str) -> Iterator[Run]:
     database_url = stack.postgres_url.replace("postgres@", f"postgres:{DB_PASSWORD}@", 1)
     assert DB_PASSWORD in database_url
-    metrics_port = free_port()
     env = {
         "CELERY_BROKER_URL": redis_url,
         "CELERY_RESULT_BACKEND": redis_url,
         "DATABASE_URL": database_url,
         "LOG_FORMAT": "json",
-        "BACKGROUND_METRICS_PORT": str(metrics_port),
         "BACKGROUND_METRICS_HOST": "127.0.0.1",
     }
-    worker = WorkerProcess(
-        env, include=["tests.support.tasks_observability"], extra_args=["-E"]
-    ).start()
+    worker, metrics_port = start_worker_with_metrics(env)
     flower, flower_url, flower_error = None, None, None
     try:
-        flower_port = free_port()
-        flower = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower",
-             f"--port={flower_port}", "--address=127.0.0.1"],
-            env={**os.environ, **env, "FLOWER_UNAUTHENTICATED_API": "true"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        flower_url = f"http://127.0.0.1:{flower_port}"
         try:
+            flower, flower_url = start_flower(env)
             wait_for(lambda: http_get(f"{flower_url}/healthcheck") == b"OK", "Flower")
             # Flower shows tasks from events it receives: wait until it sees the worker.
             wait_for(lambda: json.loads(http_get(f"{flower_url}/api/workers?refresh=1")), "worker")

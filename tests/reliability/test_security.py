@@ -13,6 +13,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,15 +55,40 @@ def database_url_with_password(stack: Services) -> str:
 class Api:
     """``uvicorn app.main:app`` in a child process, its output in a file."""
 
+    PORT_ATTEMPTS = 3
+
     def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
+        self.env = env
         self.log_file = tempfile.NamedTemporaryFile(prefix="api-", suffix=".log", delete=False)  # noqa: SIM115
+        self.attempts = 0
+        self._spawn()
+
+    def _spawn(self) -> None:
+        # A port found free may be taken before uvicorn binds it: wait_ready
+        # starts again on another one (the pattern of tests/support/redis_server.py).
+        self.attempts += 1
+        self.port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(self.port)],
-            env=env,
+            env=self.env,
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
         )
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Until the API answers; on a new port if uvicorn could not bind its own."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready():
+                return True
+            if self.process.poll() is not None:
+                if "address already in use" not in self.log().lower():
+                    return False
+                if self.attempts >= self.PORT_ATTEMPTS:
+                    return False
+                self._spawn()
+            time.sleep(0.1)
+        return False
 
     @property
     def base(self) -> str:
@@ -115,7 +141,7 @@ def test_no_password_and_no_arguments_in_any_log_line(
         with reliability_worker(
             guarded_redis.url(), db_url, extra_env={"LOG_FORMAT": log_format}
         ) as worker:
-            assert wait_until(api.ready, 30), api.log()
+            assert api.wait_ready(30), api.log()
             response = httpx.post(
                 f"{api.base}/notifications",
                 json={"user_id": str(uuid.uuid4()), "message": secret_argument},
