@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from app.api.health import router as health_router
@@ -50,7 +51,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await engine.dispose()
 
-    app = FastAPI(title="Background tasks example", lifespan=lifespan)
+    # /docs and /redoc load their JavaScript and CSS from this app
+    # (/static-offline-docs, files of the fastapi-offline package), not from a
+    # CDN: they render with no internet access.
+    app = FastAPIOffline(title="Background tasks example", lifespan=lifespan)
     app.include_router(entities_router)
     app.include_router(notifications_router)
     app.include_router(task_status_router)

@@ -6,6 +6,7 @@ this run's PostgreSQL database; the second runs tasks on the real worker.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -26,10 +27,12 @@ from app.core.background import (
     TaskValidationError,
     celery_app,
 )
+from app.core.background.internals.worker_process import WorkerProcess
 from app.entities.crud import entity_crud
 from app.entities.models import Entity
+from tests.conftest import PrivateBroker
 from tests.support.db import fetchval
-from tests.support.services import Services
+from tests.support.services import Services, private_database
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,7 +79,6 @@ async def create_entities(engine: AsyncEngine, count: int) -> list[str]:
 
 
 def create_entities_sync(stack: Services, count: int) -> list[str]:
-    import asyncio
 
     async def run() -> list[str]:
         engine = create_async_engine(stack.postgres_url)
@@ -102,7 +104,6 @@ def statuses(stack: Services, ids: Sequence[str]) -> list[str]:
 
 def call_api(method: str, url: str, **options: Any) -> Any:
     """A request to the FastAPI app, in process (no lifespan: these routes need none)."""
-    import asyncio
 
     import httpx
 
@@ -314,21 +315,50 @@ def test_a_retry_resumes_after_the_committed_batches(stack: Services, worker: An
     assert counts == [1] * 10  # nobody processed twice
 
 
-def test_the_example_endpoint_processes_every_entity(stack: Services, worker: Any) -> None:
-    ids = create_entities_sync(stack, 7)
-    not_processed = fetchval(stack, "SELECT count(*) FROM entities WHERE status != 'processed'")
-    response = call_api("POST", "/entities/bulk-process", params={"batch_size": 3})
-    assert response.status_code == 202
-    outcome = wait_for(AsyncResult(response.json()["task_id"], app=celery_app))
-    assert outcome["status"] == "success", outcome
-    assert outcome["processed"] == outcome["total"] == not_processed
-    assert outcome["missing"] == 0
-    assert statuses(stack, ids) == ["processed"] * 7
-    # Run again: nothing left to do (idempotent).
-    again = call_api("POST", "/entities/bulk-process").json()["task_id"]
-    assert wait_for(AsyncResult(again, app=celery_app))["total"] == 0
+# Its own waits: worker start 60 + two runs 60 each + stop 30 = 210 s.
+@pytest.mark.timeout(300)
+def test_the_example_task_processes_every_entity_not_processed_yet(
+    stack: Services, private_broker: PrivateBroker
+) -> None:
+    """With no ids the example goes through the whole table: a database of its own, so
+    that "every entity" is this test's entities, not the rows other tests left."""
+    with private_database(stack) as (url, dsn):
+        ids = asyncio.run(create_entities_at(url, 7))
+        worker = WorkerProcess({**private_broker.env, "DATABASE_URL": url})
+        with worker:
+            bulk = private_broker.app.signature("entities.bulk_mark_processed")
+            outcome = wait_for(bulk.apply_async(kwargs={"batch_size": 3}))
+            assert outcome["status"] == "success", (outcome, worker.log()[-3000:])
+            assert (outcome["processed"], outcome["total"], outcome["missing"]) == (7, 7, 0)
+            # Run again: nothing left to do (idempotent).
+            assert wait_for(bulk.apply_async())["total"] == 0
+        rows = asyncio.run(fetch_statuses(dsn, ids))
+    assert rows == ["processed"] * 7
 
 
+async def create_entities_at(url: str, count: int) -> list[str]:
+    engine = create_async_engine(url)
+    try:
+        return await create_entities(engine, count)
+    finally:
+        await engine.dispose()
+
+
+async def fetch_statuses(dsn: str, ids: Sequence[str]) -> list[str]:
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn)
+    try:
+        rows = await connection.fetch(
+            "SELECT status FROM entities WHERE id = ANY($1::uuid[]) ORDER BY id", list(ids)
+        )
+    finally:
+        await connection.close()
+    return [row["status"] for row in rows]
+
+
+# Its own waits: PROGRESS 60 + watch 60, plus the session worker's start (60) if first = 180 s.
+@pytest.mark.timeout(240)
 def test_progress_is_visible_while_the_task_runs_and_watch_follows_it(
     stack: Services, worker: Any, redis_client: Any
 ) -> None:
@@ -366,7 +396,8 @@ def test_progress_is_visible_while_the_task_runs_and_watch_follows_it(
         watcher.kill()
         watcher.wait()
     assert watcher.returncode == 0, errors
-    assert "SUCCESS" in rest
+    # The API's state names, not Celery's SUCCESS.
+    assert "success\n" in rest.splitlines(keepends=True), rest
     assert '"processed": 8' in rest
     assert '"missing": 1' in rest
 
@@ -386,4 +417,21 @@ def test_watch_prints_the_error_of_a_failed_task(stack: Services, worker: Any) -
         timeout=60,
     )
     assert done.returncode == 1, done.stderr
-    assert "FAILURE  RuntimeError: batch 0 fails" in done.stdout
+    assert "failure  RuntimeError: batch 0 fails" in done.stdout
+
+
+def test_watch_gives_up_on_an_id_the_api_does_not_know(stack: Services, worker: Any) -> None:
+    task_id = str(uuid.uuid4())
+    assert call_api("GET", f"/tasks/{task_id}").status_code == 404
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "app.core.background", "watch", task_id, "--unknown-timeout", "1"],
+        cwd=REPO,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    assert f"unknown task id {task_id}: never dispatched" in done.stderr
+    assert time.monotonic() - began < 30

@@ -87,6 +87,16 @@ def spawn(redis_service: Services) -> Iterator[Any]:
         other.close()
 
 
+def wait_state(breaker: CircuitBreaker, state: str, timeout: float) -> bool:
+    """Poll the shared state (bounded) instead of sleeping past the recovery timeout."""
+    deadline = time.monotonic() + timeout
+    while breaker.state != state:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def fail_once(breaker: CircuitBreaker) -> None:
     def down() -> None:
         raise ConnectionError("down")
@@ -118,8 +128,7 @@ def test_two_processes_share_one_breaker(redis_service: Services, spawn: Any) ->
         here.call(lambda: "not called")
 
     # After the recovery timeout the other process's probe succeeds and closes it for all.
-    time.sleep(timeout + 0.1)
-    assert here.state == "half_open"
+    assert wait_state(here, "half_open", timeout + 10)
     probe = other.ask("call")
     assert probe["result"] == "called"
     assert probe["state_after"] == "closed"
@@ -133,7 +142,7 @@ def test_only_one_process_probes_when_half_open(redis_service: Services, spawn: 
     here = CircuitBreaker(name=name, failure_threshold=1, recovery_timeout=0.5, redis=client)
     other = spawn(name, 0.5)
     fail_once(here)
-    time.sleep(0.6)
+    assert wait_state(here, "half_open", 10)
 
     def probe_here() -> str:
         # While this process probes, the other is refused.

@@ -33,6 +33,8 @@ def embedded_env() -> dict[str, str]:
     return env
 
 
+# Its own waits: worker start 60 + client 120 + stop 30 = 210 s.
+@pytest.mark.timeout(300)
 def test_worker_and_producer_on_the_embedded_default(
     tmp_path: Path, embedded_env: dict[str, str]
 ) -> None:

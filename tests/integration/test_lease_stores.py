@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,9 +57,19 @@ def expired_then_taken(store: LeaseStore) -> tuple[str, str, str]:
     """(key, stale token, new holder's token): the first lease expired and another took it."""
     k, stale, new = key(), uuid.uuid4().hex, uuid.uuid4().hex
     assert store.acquire(k, stale, SHORT) == stale
-    time.sleep(SHORT + 0.2)
+    # Polled, not slept: the store decides when the lease has expired.
+    assert wait_until(lambda: store.holder(k) is None), "the short lease never expired"
     assert store.acquire(k, new, LONG) == new  # an expired lease is taken over
     return k, stale, new
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = SHORT + 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_a_live_lease_is_not_taken(store: LeaseStore) -> None:
@@ -90,9 +100,12 @@ def test_extend_with_a_stale_token_does_not_extend(store: LeaseStore) -> None:
 
 def test_extend_by_the_holder_outlives_the_first_lifetime(store: LeaseStore) -> None:
     k, token = key(), uuid.uuid4().hex
+    first_expiry = time.monotonic() + SHORT
     store.acquire(k, token, SHORT)
     assert store.extend(k, token, LONG)
-    time.sleep(SHORT + 0.2)
+    # Not a synchronisation: time must pass beyond the first lifetime, whose end
+    # is known, and nothing must happen (there is no condition to poll for).
+    time.sleep(max(first_expiry - time.monotonic(), 0) + 0.2)
     assert store.holder(k) == token
 
 

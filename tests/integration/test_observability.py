@@ -26,7 +26,10 @@ from app.core.background.internals.worker_process import CELERY_APP, WorkerProce
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.services import Services, unavailable
 
-pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+# The module's run (first test): Redis 75 + up to 3 worker starts x (60 + 10) +
+# up to 3 Flower starts x 30 + 30 + 30 + client 90 + stops 40 = 565 s of its own
+# waits at worst, above the global 120.
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.timeout(660)]
 
 REDIS_PASSWORD = "redis-secret-pw"
 DB_PASSWORD = "db-secret-pw"
@@ -67,13 +70,19 @@ def metric(samples: dict[Any, float], name: str, **labels: str) -> float:
 
 CLIENT_SCRIPT = f"""
 import json
-from tests.support.tasks_observability import fail, flaky, ok, rendezvous
+import uuid
+from tests.support.tasks_observability import (
+    bad_uuid, duplicate, fail, flaky, missing, ok, rendezvous,
+)
 
 sent = {{
     "ok0": ok.delay(0, secret={ARG_SECRET!r}),
     "ok1": ok.delay(1, secret={ARG_SECRET!r}),
     "ok2": ok.delay(2, secret={ARG_SECRET!r}),
     "fail": fail.delay(secret={ARG_SECRET!r}),
+    "bad_uuid": bad_uuid.delay({ARG_SECRET!r}),
+    "missing": missing.delay({ARG_SECRET!r}),
+    "duplicate": duplicate.delay({ARG_SECRET!r} + uuid.uuid4().hex),
     "flaky": flaky.delay("k"),
     "meet0": rendezvous.delay("m", 2),
     "meet1": rendezvous.delay("m", 2),
@@ -118,6 +127,60 @@ class Run:
         return records
 
 
+PORT_ATTEMPTS = 3
+
+
+def start_worker_with_metrics(env: dict[str, str]) -> tuple[WorkerProcess, int]:
+    """A worker whose metrics endpoint answers; on another port if its own was taken.
+
+    A port found free may be bound by another process before the worker binds
+    it (the race tests/support/redis_server.py describes): try a new one.
+    """
+    for _ in range(PORT_ATTEMPTS):
+        port = free_port()
+        worker = WorkerProcess(
+            {**env, "BACKGROUND_METRICS_PORT": str(port)},
+            include=["tests.support.tasks_observability"],
+            extra_args=["-E"],
+        ).start()
+        try:
+            # Answering is enough: the body is empty before the first task.
+            url = f"http://127.0.0.1:{port}/metrics"
+            wait_for(lambda: http_get(url) is not None, "metrics", 10)  # noqa: B023
+        except AssertionError:
+            log = worker.log()
+            worker.stop()
+            if "address already in use" not in log.lower():
+                raise AssertionError(f"no metrics endpoint:\n{log[-3000:]}") from None
+            continue
+        return worker, port
+    raise AssertionError(f"no free metrics port in {PORT_ATTEMPTS} attempts")
+
+
+def start_flower(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """Flower on a free port; on another one if it exits at once (its port was taken)."""
+    for _ in range(PORT_ATTEMPTS):
+        port = free_port()
+        flower = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower",
+             f"--port={port}", "--address=127.0.0.1"],
+            env={**os.environ, **env, "FLOWER_UNAUTHENTICATED_API": "true"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while flower.poll() is None and time.monotonic() < deadline:
+            try:
+                if http_get(f"{url}/healthcheck") == b"OK":
+                    return flower, url
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.1)
+        if flower.poll() is None:
+            return flower, url  # running but not answering: the caller's wait reports it
+    raise AssertionError(f"Flower exited at start {PORT_ATTEMPTS} times")
+
+
 @pytest.fixture(scope="module")
 def run(stack: Services) -> Iterator[Run]:
     with private_redis(REDIS_PASSWORD) as redis_url:
@@ -127,29 +190,18 @@ def run(stack: Services) -> Iterator[Run]:
 def _run(stack: Services, redis_url: str) -> Iterator[Run]:
     database_url = stack.postgres_url.replace("postgres@", f"postgres:{DB_PASSWORD}@", 1)
     assert DB_PASSWORD in database_url
-    metrics_port = free_port()
     env = {
         "CELERY_BROKER_URL": redis_url,
         "CELERY_RESULT_BACKEND": redis_url,
         "DATABASE_URL": database_url,
         "LOG_FORMAT": "json",
-        "BACKGROUND_METRICS_PORT": str(metrics_port),
         "BACKGROUND_METRICS_HOST": "127.0.0.1",
     }
-    worker = WorkerProcess(
-        env, include=["tests.support.tasks_observability"], extra_args=["-E"]
-    ).start()
+    worker, metrics_port = start_worker_with_metrics(env)
     flower, flower_url, flower_error = None, None, None
     try:
-        flower_port = free_port()
-        flower = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower",
-             f"--port={flower_port}", "--address=127.0.0.1"],
-            env={**os.environ, **env, "FLOWER_UNAUTHENTICATED_API": "true"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        flower_url = f"http://127.0.0.1:{flower_port}"
         try:
+            flower, flower_url = start_flower(env)
             wait_for(lambda: http_get(f"{flower_url}/healthcheck") == b"OK", "Flower")
             # Flower shows tasks from events it receives: wait until it sees the worker.
             wait_for(lambda: json.loads(http_get(f"{flower_url}/api/workers?refresh=1")), "worker")
@@ -209,15 +261,49 @@ def test_framework_logs_retry_with_delay_and_reason(run: Run) -> None:
     assert success["attempt"] == 1
 
 
-def test_final_failure_traceback_is_logged_once(run: Run) -> None:
-    failed = [r for r in run.log_records() if r.get("task_id") == run.task_ids["fail"]]
-    with_traceback = [r for r in failed if "exception" in r]
-    assert len(with_traceback) == 1
-    assert with_traceback[0]["event"] == "Task failed"
-    assert with_traceback[0]["reason"] == "non-retriable"
-    assert "Traceback" in with_traceback[0]["exception"]
-    # Celery's own failure line is still there, without the traceback.
-    assert any("raised unexpected" in r["event"] for r in failed)
+def outcome_lines(run: Run, task_id: str) -> list[dict[str, Any]]:
+    """The lines that report how a run ended: the framework's and Celery's own."""
+    celery_outcomes = ("succeeded in", "raised unexpected", "raised expected", "retry: Retry in")
+    return [
+        r
+        for r in run.log_records()
+        if r.get("task_id") == task_id
+        and (
+            r["event"] in ("Task succeeded", "Task failed", "Task failed, will retry")
+            or any(words in r["event"] for words in celery_outcomes)
+        )
+    ]
+
+
+@pytest.mark.parametrize("key", ["fail", "bad_uuid", "missing", "duplicate"])
+def test_an_expected_failure_is_logged_once(run: Run, key: str) -> None:
+    # The client cannot rebuild an IntegrityError (its constructor needs arguments).
+    expected = ("TaskValidationError", "TaskNotFoundError", "Exception")
+    assert run.results[key]["error_type"] in expected, run.results[key]
+    lines = outcome_lines(run, run.task_ids[key])
+    # One line, the framework's, with its traceback: not Celery's "raised ..." too.
+    assert [(r["event"], r["level"]) for r in lines] == [("Task failed", "error")], lines
+    assert lines[0]["reason"] == "non-retriable"
+    assert "Traceback" in lines[0]["exception"]
+
+
+def test_a_retry_then_a_success_is_one_line_each(run: Run) -> None:
+    lines = outcome_lines(run, run.task_ids["flaky"])
+    events = [r["event"] for r in lines]
+    assert events == ["Task failed, will retry", "Task succeeded"], lines
+
+
+def test_a_rejected_value_is_named_by_its_field_not_shown(run: Run) -> None:
+    failed = next(r for r in outcome_lines(run, run.task_ids["bad_uuid"]))
+    assert failed["error"] == "entity_id is not a valid UUID (field='entity_id', value_type='str')"
+
+
+def _positions(text: str, word: str) -> list[int]:
+    found, start = [], text.find(word)
+    while start != -1:
+        found.append(start)
+        start = text.find(word, start + 1)
+    return found
 
 
 def test_no_password_and_no_argument_in_the_worker_output(run: Run) -> None:
@@ -227,7 +313,9 @@ def test_no_password_and_no_argument_in_the_worker_output(run: Run) -> None:
     assert all(":***@127.0.0.1" in line for line in connected)
     assert ":**@" in output  # Celery's banner masks the transport and results URLs
     for secret in (REDIS_PASSWORD, DB_PASSWORD, ARG_SECRET):
-        assert secret not in output
+        # Each place it appears, with some context: which line, which field.
+        leaks = [output[max(i - 300, 0) : i + 60] for i in _positions(output, secret)]
+        assert not leaks, "\n---\n".join(leaks)
 
 
 def test_metrics_endpoint_counts_the_pools_tasks(run: Run) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,9 +23,26 @@ from tests.support.db import fetchval
 from tests.support.models import Record
 from tests.support.services import Services
 
-pytestmark = pytest.mark.usefixtures("worker")
+pytestmark = pytest.mark.usefixtures("worker", "own_outbox")
 
 WAIT = 60.0
+PENDING = "SELECT array_agg(task_id ORDER BY id) FROM background_outbox WHERE sent_at IS NULL"
+
+
+@pytest.fixture
+def own_outbox(stack: Services) -> Iterator[None]:
+    """The relay sends every pending row: each test must find only its own.
+
+    Before: no pending row at all (a row another test left would be sent by
+    this test's relay). After: the test's own rows still pending (a failed
+    send) are deleted, never left for the next test to send.
+    """
+    left = fetchval(stack, PENDING)
+    assert not left, f"outbox rows another test left pending: {left}"
+    yield
+    fetchval(stack, "DELETE FROM background_outbox WHERE sent_at IS NULL")
+    assert not fetchval(stack, PENDING)
+
 
 # Writes a row and its task through the outbox, commits, and dies before any relay runs.
 COMMIT_THEN_DIE = textwrap.dedent(
@@ -51,6 +69,8 @@ COMMIT_THEN_DIE = textwrap.dedent(
 )
 
 
+# Its own waits: writer 60 + relay 60 + result 60 = 180 s.
+@pytest.mark.timeout(240)
 def test_outbox_delivers_after_the_writer_is_killed(stack: Services) -> None:
     key = uuid.uuid4().hex
     writer = subprocess.run(
@@ -129,7 +149,7 @@ def test_relay_sends_in_order_with_chosen_options(stack: Services) -> None:
         return ids, sent
 
     ids, sent = run_in_session(work)
-    assert sent >= 3
+    assert sent == 3  # these three, and nothing another test wrote
     for task_id, k in zip(ids, keys, strict=True):
         assert celery_app.AsyncResult(task_id).get(timeout=WAIT)["key"] == k
     sent_ids = fetchval(
@@ -159,9 +179,7 @@ def test_failed_send_keeps_the_row_and_stops_the_batch(stack: Services) -> None:
     broker = FailingBroker()
 
     async def work(sessions: Any) -> list[str]:
-        # Earlier tests' rows are all sent: only these three are pending.
-        while await relay_outbox(sessions, celery_app):
-            pass
+        # Only these three are pending (own_outbox): the relay meets them first.
         async with sessions() as session:
             ids = [tasks_fastapi.note_row.delay_via_outbox(session, key=k).id for k in keys]
             await session.commit()

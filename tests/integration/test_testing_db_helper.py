@@ -156,6 +156,8 @@ filterwarnings =
 """
 
 
+# Its own waits: its Redis server's start (5 tries x 15) + the inner pytest run 110 = 185 s.
+@pytest.mark.timeout(240)
 def test_plugin_worker_fixture_runs_a_task_over_redis(tmp_path: Path) -> None:
     # A Redis server of its own: this run's session worker must not take the task.
     try:

@@ -307,6 +307,9 @@ def _postgres_bin() -> Path | None:
     return candidates[-1].parent if candidates else None
 
 
+PORT_ATTEMPTS = 3
+
+
 class PrivatePostgres:
     """A throw-away PostgreSQL cluster (initdb + pg_ctl as user postgres) on a free port."""
 
@@ -346,7 +349,18 @@ class PrivatePostgres:
                 str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
                 "--no-sync",
             )  # fmt: skip
-        self._pg_ctl("start", "-w")
+        # The port was free when chosen, but another process may bind it first:
+        # then pg_ctl fails and we start again on another one.
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._pg_ctl("start", "-w")
+                return self
+            except subprocess.CalledProcessError:
+                log = self.dir / "server.log"
+                text = log.read_text(errors="replace") if log.exists() else ""
+                if "could not bind" not in text or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self.port = free_port()
         return self
 
     def _pg_ctl(self, action: str, *extra: str) -> None:

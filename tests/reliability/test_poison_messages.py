@@ -78,6 +78,8 @@ def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
         yield vhost.url
 
 
+# Its own waits: start 60 + wait_all 60 + 20 + stop 30 = 170 s.
+@pytest.mark.timeout(240)
 def test_poison_messages_are_logged_dropped_and_the_worker_goes_on(
     completions_db: Services, broker_url: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

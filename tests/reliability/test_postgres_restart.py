@@ -39,6 +39,9 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         server.close()
 
 
+# Its own waits: fixtures (initdb 60 + pg_ctl 60 + redis 75), then start 60 + 60
+# + restart 121 + wait_all 90 + stop 30 = 556 s.
+@pytest.mark.timeout(600)
 def test_postgres_restarted_mid_run(
     private_postgres: PrivatePostgres, private_redis: PrivateRedis
 ) -> None:

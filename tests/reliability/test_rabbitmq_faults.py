@@ -28,6 +28,8 @@ TASKS = 1000
 HOLD = 0.005
 
 
+# Its own waits: start 60 + 3 kills x 60 + wait_all 90 + stop 30 = 360 s.
+@pytest.mark.timeout(420)
 @pytest.mark.parametrize("dispatch", ["plain", "task_id"])
 def test_pool_child_killed_mid_task(
     completions_db: Services, rabbit: RabbitVhost, dispatch: str, tmp_path: Path
@@ -58,6 +60,8 @@ def test_pool_child_killed_mid_task(
         assert tally.twice == 0
 
 
+# Its own waits: start 60 + 60 + kill 10 + start 60 + 30 + wait_all 90 + stops 60 = 370 s.
+@pytest.mark.timeout(480)
 def test_whole_worker_killed_and_restarted(completions_db: Services, rabbit: RabbitVhost) -> None:
     run = TaskRun("rabbitmq: whole worker SIGKILL + restart", rabbit.url,
                   completions_db.postgres_dsn, TASKS, HOLD)  # fmt: skip
@@ -85,6 +89,8 @@ def test_whole_worker_killed_and_restarted(completions_db: Services, rabbit: Rab
     assert tally.completed == TASKS
 
 
+# Its own waits: start 60 + 60 + rabbitmqctl 60 + wait_all 120 + stop 30 = 330 s.
+@pytest.mark.timeout(420)
 def test_broker_connections_dropped_mid_run(completions_db: Services, rabbit: RabbitVhost) -> None:
     run = TaskRun("rabbitmq: broker connections dropped", rabbit.url,
                   completions_db.postgres_dsn, TASKS, HOLD)  # fmt: skip

@@ -41,6 +41,8 @@ def unacked_keys(server: PrivateRedis) -> set[str]:
     return keys
 
 
+# Its own waits: worker start 60 + 3 kills x 60 + wait_all 90 + stop 30 = 360 s.
+@pytest.mark.timeout(420)
 def test_pool_child_killed_mid_task(
     completions_db: Services, private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
@@ -59,6 +61,9 @@ def test_pool_child_killed_mid_task(
     assert tally.completed == TASKS
 
 
+# Its own waits: start 60 + 60 + kill 10 + start 60 + wait_all 90 + redelivery 60
+# + stops 60 = 400 s.
+@pytest.mark.timeout(480)
 def test_whole_worker_killed_and_restarted(
     completions_db: Services, private_redis: PrivateRedis
 ) -> None:
@@ -94,6 +99,8 @@ def test_whole_worker_killed_and_restarted(
     assert tally.completed == TASKS
 
 
+# Its own waits: start 60 + 60 + restart 32 + wait_all 120 + stop 30 = 302 s.
+@pytest.mark.timeout(360)
 def test_broker_restarted_mid_run(completions_db: Services, private_redis: PrivateRedis) -> None:
     run = TaskRun("redis: broker restart", private_redis.url(), completions_db.postgres_dsn,
                   TASKS, HOLD)  # fmt: skip
@@ -116,6 +123,11 @@ def test_broker_restarted_mid_run(completions_db: Services, private_redis: Priva
 RESTARTS = 20
 PER_ROUND = 25  # tasks sent before each restart
 ROUND_HOLD = 0.05  # each task holds its slot this long, so restarts find work in flight
+# The twenty rounds share one budget (60 s per round would add up to 20 minutes
+# if rounds stalled): with the worker's start (60), the final wait_all (120) and
+# its stop (30), a scenario stays under the test's timeout (600), so a stall ends
+# in the test's own report, not in pytest-timeout's stack dump.
+ROUNDS_BUDGET = 300.0
 
 
 @dataclass
@@ -140,11 +152,16 @@ class RestartScenario:
             )  # fmt: skip
             hits = 0
             with worker:
+                rounds_end = time.monotonic() + ROUNDS_BUDGET
                 for round_ in range(RESTARTS):
+                    left = rounds_end - time.monotonic()
+                    if left <= 0:
+                        self.report.append(f"rounds stopped at {round_} of {RESTARTS}: budget")
+                        break
                     keys = run.keys[round_ * PER_ROUND : (round_ + 1) * PER_ROUND]
                     run.send(keys, ignore_result=False)
                     # Restart while this round's tasks run and wait in the queue.
-                    run.wait_completed(round_ * PER_ROUND + 2, 60)
+                    run.wait_completed(round_ * PER_ROUND + 2, min(60, left))
                     if _work_in_flight(broker):
                         hits += 1
                     restarted.restart(down_for=0.5)
@@ -155,7 +172,7 @@ class RestartScenario:
                 run.wait_all(120)
                 alive = worker.process is not None and worker.process.poll() is None
                 log = worker.log()
-            return run.tally(), hits, alive, log[-4000:]
+            return run.tally(), hits, alive, "\n".join([*self.report, log[-4000:]])
 
 
 def _work_in_flight(server: PrivateRedis) -> bool:

@@ -136,6 +136,40 @@ async def _drop_database(name: str) -> None:
         await connection.close()
 
 
+@contextmanager
+def private_database(services: Services) -> Iterator[tuple[str, str]]:
+    """A PostgreSQL database of one test's own, with every table: (asyncpg URL, DSN).
+
+    For a test whose code under test reads a whole table ("every entity not
+    processed yet"): there, only the test's own rows exist. Dropped at the end.
+    """
+    assert services.postgres_db is not None, "PostgreSQL is not available"
+    name = f"{services.postgres_db}_{uuid.uuid4().hex[:6]}"
+    asyncio.run(_create_database(name))
+    base = POSTGRES_DSN.rsplit("/", 1)[0]
+    url = base.replace("postgresql://", "postgresql+asyncpg://") + f"/{name}"
+    try:
+        asyncio.run(_create_tables(url))
+        yield url, f"{base}/{name}"
+    finally:
+        asyncio.run(_drop_database(name))
+
+
+async def _create_tables(url: str) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    import app.models  # noqa: F401 - the registry puts every table on Base.metadata
+    from app.core.database import Base
+    from tests.support import models  # noqa: F401 - the tests' own tables
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+    finally:
+        await engine.dispose()
+
+
 def unavailable(reason: str) -> None:
     """Skip (on a user's machine) or fail (in CI) a test whose service is missing."""
     if REQUIRE_SERVICES:

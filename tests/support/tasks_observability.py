@@ -9,7 +9,13 @@ from typing import Any
 
 import redis
 
-from app.core.background import TaskContext, TaskValidationError, simple_task
+from app.core.background import (
+    TaskContext,
+    TaskNotFoundError,
+    TaskValidationError,
+    db_task,
+    simple_task,
+)
 from app.core.background.extras import CircuitBreaker
 
 
@@ -27,6 +33,28 @@ def ok(ctx: TaskContext, n: int, secret: str = "") -> dict[str, Any]:
 @simple_task(name="obs.fail", retry_policy="no_retry")
 def fail(ctx: TaskContext, secret: str = "") -> None:
     raise TaskValidationError("bad input on purpose")
+
+
+@simple_task(name="obs.bad_uuid")
+def bad_uuid(ctx: TaskContext, entity_id: str) -> None:
+    """Given a value that is not a UUID (the tests pass a secret): fails validation."""
+    ctx.validate_uuid(entity_id, "entity_id")
+
+
+@simple_task(name="obs.missing")
+def missing(ctx: TaskContext, key: str) -> None:
+    raise TaskNotFoundError("Record not found")
+
+
+@db_task(name="obs.duplicate")
+async def duplicate(ctx: TaskContext, key: str) -> None:
+    """Inserts ``key`` twice: a constraint violation whose SQL parameters hold the argument."""
+    from tests.support.models import Record
+
+    ctx.session.add(Record(key=key))
+    await ctx.session.flush()
+    ctx.session.add(Record(key=key))
+    await ctx.session.flush()
 
 
 @simple_task(name="obs.flaky")

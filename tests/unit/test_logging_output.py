@@ -55,6 +55,34 @@ def test_passwords_are_masked_in_message_fields_and_traceback(log_format: str) -
     assert "app:***@db.internal" in output
 
 
+DETAILS = (
+    'duplicate key value violates unique constraint "users_pkey"\n'
+    "DETAIL:  Key (email)=(jane@example.com) already exists.",
+    'insert or update on table "orders" violates foreign key constraint "fk"\n'
+    'DETAIL:  Key (user_id, email)=(7, jane@example.com) is not present in table "users".',
+    'null value in column "name" violates not-null constraint\n'
+    "DETAIL:  Failing row contains (7, jane@example.com, null).",
+)
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+@pytest.mark.parametrize("detail", DETAILS, ids=["unique", "foreign-key", "not-null"])
+def test_database_row_values_are_masked_unless_arguments_are_logged(
+    log_format: str, detail: str
+) -> None:
+    try:
+        raise RuntimeError(detail)
+    except RuntimeError:
+        exc_info = sys.exc_info()
+    made = record(msg="Task failed", fields={"error": detail}, exc_info=exc_info)
+    hidden = build_formatter(log_format).format(made)  # type: ignore[arg-type]
+    assert "jane@example.com" not in hidden
+    assert "<hidden: BACKGROUND_LOG_TASK_ARGUMENTS=false>" in hidden
+    assert "DETAIL:  " in hidden  # the constraint's name and the columns stay
+    shown = build_formatter(log_format, hide_values=False).format(made)  # type: ignore[arg-type]
+    assert "jane@example.com" in shown
+
+
 def test_celery_success_line_hides_the_result_and_arguments_by_default() -> None:
     context = {"id": "t1", "name": "x.y", "return_value": "{'card': '4111'}", "runtime": 0.5,
                "args": "('4111',)", "kwargs": "{}"}  # fmt: skip

@@ -14,17 +14,25 @@ from collections.abc import Callable, Sequence
 
 def _watch(args: argparse.Namespace) -> int:
     # Imported here: building the Celery app reads the settings.
-    from celery.result import AsyncResult
-
     from .celery_app import celery_app
+    from .internals.status import TaskStatus, get_task_status
     from .internals.watch import watch
 
-    def fetch() -> AsyncResult[object]:
-        return AsyncResult(args.task_id, app=celery_app)
+    def fetch() -> TaskStatus:
+        # The API's own reading: the same states, the same "unknown" (its 404).
+        return get_task_status(celery_app, args.task_id)
 
     live = args.live if args.live is not None else sys.stdout.isatty()
     try:
-        return watch(fetch, sys.stdout, interval=args.interval, timeout=args.timeout, live=live)
+        return watch(
+            fetch,
+            sys.stdout,
+            interval=args.interval,
+            timeout=args.timeout,
+            unknown_timeout=args.unknown_timeout,
+            live=live,
+            err=sys.stderr,
+        )
     except KeyboardInterrupt:
         print()
         return 130
@@ -37,7 +45,13 @@ def _relay(args: argparse.Namespace) -> int:
     from .internals.logging import configure_logging
     from .internals.outbox import serve_relay
 
-    configure_logging(settings.log_format, settings.log_level)
+    # The worker's log format and masking (URL passwords, row values) for the
+    # relay's lines too; without it Python prints bare warnings.
+    configure_logging(
+        settings.log_format,
+        settings.log_level,
+        log_task_arguments=settings.background_log_task_arguments,
+    )
 
     try:
         sent = asyncio.run(
@@ -59,6 +73,8 @@ def _relay(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .internals.watch import UNKNOWN_TIMEOUT
+
     parser = argparse.ArgumentParser(
         prog="python -m app.core.background", description="Background task tools."
     )
@@ -67,11 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
         "watch",
         help="show a task's progress until it ends",
         description="Show a live progress bar for a task until it ends, then print its "
-        "result (exit 0) or its error (exit 1). Exit 2 if --timeout passes first.",
+        "result (exit 0) or its error (exit 1). Exit 2 if --timeout passes first, 3 if "
+        "the id is still unknown (GET /tasks/ID answers 404) after --unknown-timeout.",
     )
     watch.add_argument("task_id", metavar="TASK_ID")
     watch.add_argument("--interval", type=float, default=0.5, help="seconds between polls")
     watch.add_argument("--timeout", type=float, default=None, help="give up after this long")
+    watch.add_argument(
+        "--unknown-timeout",
+        type=float,
+        default=UNKNOWN_TIMEOUT,
+        help="seconds an unknown id may take to appear (an outbox task before the relay)",
+    )
     watch.add_argument(
         "--live",
         action=argparse.BooleanOptionalAction,

@@ -33,6 +33,7 @@ from .dedup import CLAIMED_OPTION, PERIOD_OPTION, deduplicator, run_once_key
 from .dispatch import DispatchOptions, TaskOptions
 from .event_loop import worker_loop
 from .exceptions import (
+    NON_RETRIABLE_ERRORS,
     NonRetriableTaskError,
     TaskArgumentError,
     TaskDispatchError,
@@ -68,6 +69,9 @@ class BaseTask(Task[P, R], Generic[P, R]):
 
     # We check arguments ourselves (without the context parameter) and name the task.
     typing = False
+    # Celery's own word for errors that are part of normal operation: it does
+    # not treat them as worker errors (INFO, no traceback, no error e-mail).
+    throws = NON_RETRIABLE_ERRORS
     is_async: ClassVar[bool] = False
 
     # Set by the decorators on each task class.

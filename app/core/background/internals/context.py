@@ -114,8 +114,13 @@ class TaskContext:
         try:
             return uuid.UUID(str(value))
         except (TypeError, ValueError, AttributeError):
+            # Never the value itself: the message is logged and stored in the
+            # result backend, and an argument may be personal data or a secret
+            # (BACKGROUND_LOG_TASK_ARGUMENTS). Its type helps and says nothing.
             raise TaskValidationError(
-                f"{field_name} is not a valid UUID", field=field_name, value=value
+                f"{field_name} is not a valid UUID",
+                field=field_name,
+                value_type=type(value).__name__,
             ) from None
 
     def not_found_error(self, message: str, **fields: Any) -> TaskNotFoundError:

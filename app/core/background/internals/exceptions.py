@@ -80,7 +80,7 @@ _RETRIABLE_SQLSTATE_PREFIXES = ("08", "40001", "40P01", "53", "57P")
 # a refused login or unknown role (28), a database that does not exist (3D000).
 _NON_RETRIABLE_SQLSTATE_PREFIXES = ("23", "28", "3D000")
 
-NON_RETRIABLE_ERRORS: tuple[type[BaseException], ...] = (NonRetriableTaskError, IntegrityError)
+NON_RETRIABLE_ERRORS: tuple[type[Exception], ...] = (NonRetriableTaskError, IntegrityError)
 
 
 def sqlstate_of(exc: BaseException) -> str | None:

@@ -57,8 +57,10 @@ class LifecycleLogger(TaskHook):
         self, ctx: TaskContext, exc: BaseException, reason: str, duration: float
     ) -> None:
         ctx.logger.bind(duration=round(duration, 6), outcome="failure")
-        # The traceback is logged here, once: Celery's own "raised unexpected"
-        # line drops it (see CeleryTaskRecordFilter).
+        # The one line of a final failure, with its traceback: Celery's own
+        # "raised unexpected/expected" line is dropped for framework tasks
+        # (CeleryTaskRecordFilter); the mark keeps the traceback single should
+        # Celery's line ever get through.
         mark_traceback_logged(exc)
         ctx.logger.log(
             logging.ERROR,

@@ -17,7 +17,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal
 
 import structlog
-from celery.app.trace import LOG_SUCCESS
+from celery.app.trace import LOG_FAILURE, LOG_RETRY, LOG_SUCCESS
 
 SUCCESS = 25
 logging.addLevelName(SUCCESS, "SUCCESS")
@@ -72,11 +72,34 @@ def _merge_record_fields(
     return event_dict
 
 
+# PostgreSQL's DETAIL of a constraint violation quotes the row's values, often a
+# task's arguments: "Key (email)=(a@b.c) already exists.", "Failing row contains
+# (1, a@b.c)." asyncpg puts it in the exception's text, so in tracebacks too.
+_SQL_ROW_VALUES = re.compile(
+    r"(?P<head>\bKey \([^()]*\)=\(|\bFailing row contains \()(?P<values>.*?)\)"
+    r"(?= already exists| is not present| is still referenced| conflicts with|\.)"
+)
+HIDDEN_VALUES = "<hidden: BACKGROUND_LOG_TASK_ARGUMENTS=false>"
+
+
+def mask_sql_values(text: str) -> str:
+    """Replace the row values that PostgreSQL quotes in a constraint error's DETAIL."""
+    return _SQL_ROW_VALUES.sub(lambda m: f"{m['head']}{HIDDEN_VALUES})", text)
+
+
 class _MaskingFormatter(structlog.stdlib.ProcessorFormatter):
-    """Masks URL passwords in the rendered line: message, fields and traceback alike."""
+    """Masks URL passwords (and database row values) in the rendered line.
+
+    Message, fields and traceback alike: the whole line is masked after rendering.
+    """
+
+    def __init__(self, *args: Any, hide_values: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hide_values = hide_values
 
     def format(self, record: logging.LogRecord) -> str:
-        return mask_url_passwords(super().format(record))
+        line = mask_url_passwords(super().format(record))
+        return mask_sql_values(line) if self.hide_values else line
 
 
 # -- Celery's own task lines ----------------------------------------------------
@@ -89,8 +112,11 @@ LOGGED_MARK = "_background_traceback_logged"
 # and name, and its arguments and result.
 _CELERY_TASK_LOGGERS = frozenset({"celery.app.trace", "celery.worker.strategy"})
 _CELERY_CONSUMER_LOGGER = "celery.worker.consumer.consumer"
-_HIDDEN = "<hidden: BACKGROUND_LOG_TASK_ARGUMENTS=false>"
+_HIDDEN = HIDDEN_VALUES
 _SECRET_KEYS = ("args", "kwargs", "return_value", "traceback")
+# Celery's outcome lines ("succeeded in", "retry: Retry in", "raised unexpected"
+# or "raised expected"): Celery strips the failure format before logging it.
+_REPLACED_LINES = frozenset(line.strip() for line in (LOG_SUCCESS, LOG_RETRY, LOG_FAILURE))
 
 
 def mark_traceback_logged(exc: BaseException) -> None:
@@ -112,9 +138,12 @@ class CeleryTaskRecordFilter(logging.Filter):
             return True
         if record.name not in _CELERY_TASK_LOGGERS or not isinstance(record.args, Mapping):
             return True
-        if record.msg is LOG_SUCCESS and _is_framework_task(record.args.get("name")):
-            # The framework's own "Task succeeded" line (with duration and outcome
-            # fields) replaces Celery's: one formatted line per task, as in Celery.
+        if str(record.msg).strip() in _REPLACED_LINES and _is_framework_task(
+            record.args.get("name")
+        ):
+            # The framework's own "Task succeeded", "Task failed, will retry" and
+            # "Task failed" lines (with duration, outcome, reason and error fields)
+            # replace Celery's: one line per outcome, as in plain Celery.
             return False
         context = dict(record.args)
         fields: dict[str, Any] = {"task_id": context.get("id"), "task_name": context.get("name")}
@@ -155,7 +184,10 @@ def _is_framework_task(name: object) -> bool:
     return name in registry
 
 
-def build_formatter(log_format: Literal["console", "json"]) -> logging.Formatter:
+def build_formatter(
+    log_format: Literal["console", "json"], *, hide_values: bool = True
+) -> logging.Formatter:
+    """``hide_values``: mask database row values (False with BACKGROUND_LOG_TASK_ARGUMENTS)."""
     renderer: Any
     if log_format == "json":
         renderer = structlog.processors.JSONRenderer()
@@ -164,6 +196,7 @@ def build_formatter(log_format: Literal["console", "json"]) -> logging.Formatter
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         tail = []
     return _MaskingFormatter(
+        hide_values=hide_values,
         foreign_pre_chain=[
             structlog.stdlib.add_log_level,
             structlog.stdlib.add_logger_name,
@@ -239,7 +272,7 @@ def configure_logging(
     Handlers others installed on the root logger (pytest's capture) are kept.
     """
     handler = _FrameworkHandler()
-    handler.setFormatter(build_formatter(log_format))
+    handler.setFormatter(build_formatter(log_format, hide_values=not log_task_arguments))
     handler.addFilter(CeleryTaskRecordFilter(log_task_arguments))
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if not isinstance(h, _FrameworkHandler)]

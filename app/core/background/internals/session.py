@@ -36,7 +36,14 @@ class DatabaseConfig:
 
 def create_engine(config: DatabaseConfig) -> AsyncEngine:
     """An async engine with settings that suit both the API and the workers."""
-    options: dict[str, Any] = {"pool_pre_ping": config.pool_pre_ping}
+    options: dict[str, Any] = {
+        "pool_pre_ping": config.pool_pre_ping,
+        # A database error's text ends with the statement's parameters, which are
+        # often task arguments; it is logged ("Task failed") and stored as the
+        # task's error. Keep them out, as BACKGROUND_LOG_TASK_ARGUMENTS promises
+        # (engine_options={"hide_parameters": False} to debug).
+        "hide_parameters": True,
+    }
     if config.url.startswith("sqlite"):
         # Workers and the API write to one file: wait for locks instead of failing.
         options["connect_args"] = {"timeout": 30}
