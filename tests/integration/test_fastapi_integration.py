@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -160,6 +161,26 @@ def test_scheduled_task_is_pending_then_revoked(
         assert time.monotonic() < deadline, worker.log()[-3000:]
         time.sleep(0.1)
     assert executions(stack, k) == 0
+
+
+def test_a_running_task_is_terminated_by_delete_with_terminate(
+    client: TestClient, stack: Services, worker: Any
+) -> None:
+    k = key()
+    task_id = tasks_fastapi.hold.delay(key=k).id
+    pid = wait_state(client, task_id, "started")["worker"]["pid"]
+    body = client.delete(f"/tasks/{task_id}?terminate=true").json()
+    assert body == {"task_id": task_id, "state": "revoked", "terminated": True}
+    # The pool process that ran it is gone (SIGTERM), not merely told.
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.05)
+    assert f"Terminating {task_id}" in worker.log()
+    # Released now, a live run would succeed; the worker goes on with other work.
+    stack.redis().set(f"release:{k}", 1)
+    tasks_fastapi.note_row.delay(key=key()).get(timeout=WAIT)
+    assert client.get(f"/tasks/{task_id}").json()["state"] == "revoked"
 
 
 @pytest.mark.parametrize("progress", [False, True])

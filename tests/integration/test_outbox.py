@@ -21,6 +21,7 @@ from app.core.engine import engine_from_settings
 from tests.support import tasks_fastapi
 from tests.support.db import fetchval
 from tests.support.models import Record
+from tests.support.publishes import recorded_messages
 from tests.support.services import Services
 
 pytestmark = pytest.mark.usefixtures("worker", "own_outbox")
@@ -144,8 +145,11 @@ def test_relay_sends_in_order_with_chosen_options(stack: Services) -> None:
                 )
             await session.commit()
         sent = 0
-        while batch := await relay_outbox(sessions, celery_app, batch_size=2):
-            sent += batch
+        with recorded_messages() as published:
+            while batch := await relay_outbox(sessions, celery_app, batch_size=2):
+                sent += batch
+        # Published in the order written, each with the priority chosen at dispatch.
+        assert published == [(task_id, 3) for task_id in ids]
         return ids, sent
 
     ids, sent = run_in_session(work)
@@ -196,3 +200,36 @@ def test_failed_send_keeps_the_row_and_stops_the_batch(stack: Services) -> None:
     assert "ConnectionError: broker down" in last_error
     assert fetchval(stack, row.format("sent_at IS NULL AND attempts = 0"), ids[2]) is True
     run_in_session(lambda sessions: relay_outbox(sessions, celery_app))  # deliver the rest
+
+
+def test_relays_running_at_once_send_each_row_once(stack: Services) -> None:
+    """Two relays on one outbox (PostgreSQL, ``FOR UPDATE SKIP LOCKED``): no row sent twice."""
+    keys = [uuid.uuid4().hex for _ in range(40)]
+
+    async def relay_until_empty(sessions: Any) -> int:
+        sent = 0
+        while batch := await relay_outbox(sessions, celery_app, batch_size=4):
+            sent += batch
+        return sent
+
+    async def work(sessions: Any) -> tuple[list[str], list[int]]:
+        async with sessions() as session:
+            ids = [tasks_fastapi.note_row.delay_via_outbox(session, key=k).id for k in keys]
+            await session.commit()
+        # A second engine: the second relay has connections of its own.
+        other = engine_from_settings(get_settings())
+        try:
+            other_sessions = async_sessionmaker(other, expire_on_commit=False)
+            totals = await asyncio.gather(
+                relay_until_empty(sessions), relay_until_empty(other_sessions)
+            )
+        finally:
+            await other.dispose()
+        return ids, list(totals)
+
+    with recorded_messages() as published:
+        ids, totals = run_in_session(work)
+    assert sorted(task_id for task_id, _ in published) == sorted(ids)  # each once
+    assert sum(totals) == len(ids)
+    # Both relays took rows: they did run at once, each skipping the other's locked rows.
+    assert min(totals) > 0, totals

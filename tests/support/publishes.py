@@ -27,3 +27,18 @@ def recorded_publishes() -> Iterator[list[str]]:
         yield names
     finally:
         signals.after_task_publish.disconnect(record)
+
+
+@contextmanager
+def recorded_messages() -> Iterator[list[tuple[str, Any]]]:
+    """(task id, priority) of each message about to be published while the block runs, in order."""
+    messages: list[tuple[str, Any]] = []
+
+    def record(headers: Any = None, properties: Any = None, **_: Any) -> None:
+        messages.append((str((headers or {}).get("id")), (properties or {}).get("priority")))
+
+    signals.before_task_publish.connect(record, weak=False)
+    try:
+        yield messages
+    finally:
+        signals.before_task_publish.disconnect(record)

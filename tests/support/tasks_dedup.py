@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 import uuid
 
 import asyncpg
@@ -162,3 +163,52 @@ class _MarkHoldThenWriteDone(TaskHook):
 
 
 hooks.register(_MarkHoldThenWriteDone())
+
+
+@simple_task(
+    name="tests.dedup.outlive_soft_limit", retry_policy="no_retry", time_limit=3, soft_time_limit=1
+)
+def outlive_soft_limit(ctx: TaskContext, key: str) -> None:
+    """Ignores its soft time limit: only the hard one (the pool kills the process) ends it."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    asyncio.run(mark(key, ctx.attempt))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.1)
+        except SoftTimeLimitExceeded:
+            continue
+
+
+@simple_task(name="tests.dedup.reject_once", retry_policy="no_retry")
+async def reject_once(ctx: TaskContext, key: str, hold: float = 0.0) -> int:
+    """The first run gives its message back (Reject, requeue); the next holds, then ends."""
+    from celery.exceptions import Reject
+
+    await mark(key, ctx.attempt)
+    if await _marks(key) == 1:
+        raise Reject("not now", requeue=True)
+    await asyncio.sleep(hold)
+    return 2
+
+
+@simple_task(name="tests.dedup.ignore", retry_policy="no_retry")
+async def ignore(ctx: TaskContext, key: str) -> None:
+    """Ends with Celery's ``Ignore``: no result, the run is over."""
+    from celery.exceptions import Ignore
+
+    await mark(key, ctx.attempt)
+    raise Ignore()
+
+
+async def _marks(key: str) -> int:
+    """How many runs of ``key`` have been marked so far."""
+    connection = await asyncpg.connect(_dsn())
+    try:
+        count = await connection.fetchval(
+            "SELECT count(*) FROM test_records WHERE key LIKE $1", f"{key}:%"
+        )
+    finally:
+        await connection.close()
+    return int(count)

@@ -67,3 +67,35 @@ def test_sqlite_result_backend_is_refused_in_production() -> None:
             celery_broker_url="redis://127.0.0.1:6379/0",
             database_url="postgresql+asyncpg://postgres@127.0.0.1:5432/test",
         )
+
+
+@pytest.mark.parametrize(
+    ("broker", "chosen", "store_url"),
+    [
+        ("redis://127.0.0.1:6379/3", "RedisLeaseStore", "redis://127.0.0.1:6379/3"),
+        ("rediss://cache.example:6380/0", "RedisLeaseStore", "rediss://cache.example:6380/0"),
+        ("amqp://guest:guest@127.0.0.1:5672//", "DatabaseLeaseStore", "sqlite+aiosqlite:///x.db"),
+        ("filesystem://", "DatabaseLeaseStore", "sqlite+aiosqlite:///x.db"),
+    ],
+)
+def test_auto_dedup_backend_follows_the_broker(broker: str, chosen: str, store_url: str) -> None:
+    """``auto``: leases in the broker's Redis when the broker is Redis, else in the database."""
+    from app.core.background.internals.dedup import store_from_settings
+
+    settings = embedded(celery_broker_url=broker, database_url="sqlite+aiosqlite:///x.db")
+    store = store_from_settings(settings)()
+    assert type(store).__name__ == chosen
+    assert store.url == store_url
+
+
+def test_an_explicit_dedup_backend_wins_over_the_broker() -> None:
+    from app.core.background.internals.dedup import store_from_settings
+
+    settings = embedded(
+        celery_broker_url="redis://127.0.0.1:6379/0",
+        background_dedup_backend="database",
+        background_dedup_database_url="sqlite+aiosqlite:///leases.db",
+    )
+    store = store_from_settings(settings)()
+    assert type(store).__name__ == "DatabaseLeaseStore"
+    assert store.url == "sqlite+aiosqlite:///leases.db"
