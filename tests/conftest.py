@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,16 @@ TEST_TASK_MODULES = sorted(
 )
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def _point_the_app_at_this_runs_services() -> None:
     # The app reads its settings when first imported: point it at this run's
-    # own Redis server and PostgreSQL database before any test module loads.
+    # own Redis server and PostgreSQL database before anything imports it.
+    # At this module's import, not in pytest_configure: pytest imports the
+    # conftests of the paths on its command line (tests/reliability/conftest.py
+    # imports the app) before any pytest_configure runs.
+    if "app.core.background" in sys.modules:
+        raise RuntimeError(
+            "app.core.background was imported before tests/conftest.py configured it"
+        )
     _services.acquire()
     redis_url = _services.redis_url if _services.redis_server else "redis://127.0.0.1:1/0"
     os.environ.update(
@@ -35,6 +43,9 @@ def pytest_configure(config: pytest.Config) -> None:
         DATABASE_URL=_services.postgres_url if _services.postgres_db else "sqlite+aiosqlite://",
         DATABASE_CREATE_TABLES="false",
     )
+
+
+_point_the_app_at_this_runs_services()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
