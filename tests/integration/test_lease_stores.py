@@ -9,6 +9,8 @@ PostgreSQL) is driven through that sequence for real.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import tempfile
 import time
 import uuid
@@ -22,6 +24,7 @@ from app.core.background.internals.lease_stores import (
     DatabaseLeaseStore,
     LeaseStore,
     RedisLeaseStore,
+    _ms,
 )
 from tests.support.services import Services
 
@@ -121,3 +124,36 @@ def test_the_holder_marks_its_id_revoked(store: LeaseStore) -> None:
     assert store.mark_revoked(k, token, LONG)
     assert store.holder(k) == REVOKED
     assert store.acquire(k, uuid.uuid4().hex, LONG) == REVOKED
+
+
+def _in_a_forked_child(store: LeaseStore, k: str) -> None:
+    if isinstance(store, DatabaseLeaseStore):
+        store.close()  # before any use here: the parent's engine is not the child's to close
+    token = uuid.uuid4().hex
+    ok = store.acquire(k, token, LONG) == token and store.release(k, token)
+    if isinstance(store, DatabaseLeaseStore):
+        store.close()  # the child's own connections only
+    os._exit(0 if ok else 1)
+
+
+def test_a_forked_process_uses_the_store_on_its_own_connections(store: LeaseStore) -> None:
+    """Prefork: a pool process inherits the store. It must build its own loop and connections,
+    and closing them must not close the parent's."""
+    k = key()
+    token = uuid.uuid4().hex
+    assert store.acquire(k, token, LONG) == token  # the parent has its loop and connections
+    child = multiprocessing.get_context("fork").Process(
+        target=_in_a_forked_child, args=(store, key())
+    )
+    child.start()
+    child.join(30)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0
+    assert store.release(k, token)  # the parent's connections still work
+    assert store.holder(k) is None
+
+
+def test_lease_lifetimes_are_whole_milliseconds_never_zero() -> None:
+    assert _ms(2.5) == 2500
+    assert _ms(0.0004) == 1  # a lifetime of 0 ms would never expire in Redis (PX 0 is refused)
