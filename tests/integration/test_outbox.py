@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from app.core.background import celery_app, relay_outbox
+from app.core.background import celery_app, relay_outbox, run_relay
 from app.core.config import get_settings
 from app.core.engine import engine_from_settings
 from tests.support import tasks_fastapi
@@ -233,3 +233,29 @@ def test_relays_running_at_once_send_each_row_once(stack: Services) -> None:
     assert sum(totals) == len(ids)
     # Both relays took rows: they did run at once, each skipping the other's locked rows.
     assert min(totals) > 0, totals
+
+
+def test_relay_once_raises_when_the_database_is_unreachable(refused_database: str) -> None:
+    """``--once`` reports a database it cannot reach (the loop without it retries: a blip)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def main() -> None:
+        engine = create_async_engine(refused_database)
+        try:
+            sessions = async_sessionmaker(engine, expire_on_commit=False)
+            with pytest.raises(OSError, match=r"[Cc]onnect"):
+                await asyncio.wait_for(run_relay(sessions, celery_app, once=True), 30)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def refused_database() -> Iterator[str]:
+    """A PostgreSQL URL whose port refuses connections (bound, not listening: stays ours)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{sock.getsockname()[1]}/x"
