@@ -105,3 +105,37 @@ def test_longest_delay_stays_below_the_default_visibility_timeout() -> None:
     for policy in RETRY_POLICIES.values():
         assert policy.longest_delay < timeout
         assert policy.time_limit < timeout
+
+
+# The README's "Each policy also sets Celery's time limits (soft / hard)".
+README_TIME_LIMITS = {
+    "standard": (300, 330),
+    "aggressive": (300, 330),
+    "high_priority": (60, 90),
+    "long_running": (1800, 1860),
+    "no_retry": (300, 330),
+}
+
+
+@pytest.mark.parametrize(("name", "limits"), README_TIME_LIMITS.items())
+def test_time_limits_and_cap_are_the_documented_ones(name: str, limits: tuple[int, int]) -> None:
+    policy = get_retry_policy(name)
+    assert (policy.soft_time_limit, policy.time_limit) == limits
+    assert policy.max_delay == (0 if name == "no_retry" else README_TABLE[name][2])
+    assert policy.backoff == 2
+
+
+def test_a_policy_without_retries_never_waits() -> None:
+    assert get_retry_policy("no_retry").longest_delay == 0
+    assert get_retry_policy("standard").longest_delay == 240 * 1.25  # the third retry's
+
+
+def test_unknown_policy_and_queue_names_are_definition_errors() -> None:
+    from app.core.background import TaskDefinitionError
+    from app.core.background.internals.retry import check_queue
+
+    with pytest.raises(TaskDefinitionError, match=r"unknown retry_policy 'fast'; valid: standard"):
+        get_retry_policy("fast")
+    with pytest.raises(TaskDefinitionError, match=r"unknown queue 'urgent'; valid: high_priority"):
+        check_queue("urgent")
+    assert check_queue("low_priority") == "low_priority"
