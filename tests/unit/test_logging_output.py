@@ -210,3 +210,20 @@ def test_loglevel_if_given_else_log_level(given: Any, explicitly: Any, expected:
     from app.core.background.internals.logging import worker_log_level
 
     assert worker_log_level(given, explicitly, "DEBUG") == expected
+
+
+def test_console_tracebacks_show_no_local_variables() -> None:
+    """A task's arguments are locals of its frames: a traceback must not print them."""
+
+    def send_mail(address: str) -> None:
+        raise RuntimeError("mail server refused")
+
+    secret = "-".join(("local", "secret", "31d5"))  # built at run time: not in the source lines
+    try:
+        send_mail(secret)
+    except RuntimeError:
+        exc_info = sys.exc_info()
+    made = record(msg="Task failed", fields={}, exc_info=exc_info)
+    text = build_formatter("console").format(made)  # type: ignore[arg-type]
+    assert "mail server refused" in text  # the traceback is there
+    assert secret not in text

@@ -193,7 +193,12 @@ def build_formatter(
         renderer = structlog.processors.JSONRenderer()
         tail: list[Any] = [structlog.processors.format_exc_info]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # Plain tracebacks: structlog's default (Rich) prints every frame's local
+        # variables, task arguments included, and wraps lines inside boxes, where
+        # the masking of passwords and row values cannot find them.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
         tail = []
     return _MaskingFormatter(
         hide_values=hide_values,
