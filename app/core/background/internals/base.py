@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any, ClassVar, Generic, ParamSpec, TypeVar, Unpack
 
@@ -107,36 +107,35 @@ class BaseTask(Task[P, R], Generic[P, R]):
         timer = Timer()
         if self.is_async:
             return self._run_directly_async(ctx, args, kwargs, timer)
-        try:
+        with self._recording_direct_failure(ctx, timer):
             result = self.run_with_context(ctx, args, kwargs)
-        except _CELERY_CONTROL:
-            raise
-        except Exception as exc:
-            self._record_direct_failure(ctx, exc, timer.stop())
-            raise
         lifecycle.on_success(ctx, result, timer.stop())
         return result
 
     async def _run_directly_async(
         self, ctx: TaskContext, args: tuple[Any, ...], kwargs: Mapping[str, Any], timer: Timer
     ) -> Any:
-        try:
+        with self._recording_direct_failure(ctx, timer):
             result = await self.run_with_context(ctx, args, kwargs)
-        except _CELERY_CONTROL:
-            raise
-        except Exception as exc:
-            self._record_direct_failure(ctx, exc, timer.stop())
-            raise
         lifecycle.on_success(ctx, result, timer.stop())
         return result
 
-    def _record_direct_failure(self, ctx: TaskContext, exc: Exception, duration: float) -> None:
-        # Called inside the ``except`` block: the failure record carries the traceback.
-        reason, delay = self._failure_outcome(exc, ctx.attempt)
-        if reason is None:
-            lifecycle.on_retry(ctx, exc, delay, duration)
-        else:
-            lifecycle.on_failure(ctx, exc, reason, duration)
+    @contextlib.contextmanager
+    def _recording_direct_failure(self, ctx: TaskContext, timer: Timer) -> Iterator[None]:
+        """Record a failure of the block as the worker would (retry or final), then re-raise."""
+        try:
+            yield
+        except _CELERY_CONTROL:
+            raise
+        except Exception as exc:
+            # Recorded inside the ``except`` block: the failure record carries the traceback.
+            duration = timer.stop()
+            reason, delay = self._failure_outcome(exc, ctx.attempt)
+            if reason is None:
+                lifecycle.on_retry(ctx, exc, delay, duration)
+            else:
+                lifecycle.on_failure(ctx, exc, reason, duration)
+            raise
 
     # -- dispatch ---------------------------------------------------------
 

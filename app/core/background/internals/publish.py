@@ -29,7 +29,7 @@ timeouts only, no deadline over a whole dispatch.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, MutableSequence, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -72,7 +72,7 @@ def dispatch_timeout(app: Celery) -> float:
 
 @contextmanager
 def bounded_dispatch(
-    app: Celery, task_name: str, unconfirmed: MutableSequence[str] | Sequence[str] = ()
+    app: Celery, task_name: str, unconfirmed: Sequence[str] = ()
 ) -> Iterator[None]:
     """Run one dispatch (or one bulk send) within the dispatch timeout.
 
