@@ -192,7 +192,7 @@ def status_kb(pid: int, field: str) -> int:
 
 def run_on_worker(rows: int) -> tuple[float, int, int, dict[str, object]]:
     """Seconds, child VmRSS before (kB), child VmHWM after (kB), result: fresh worker."""
-    from app.core.background.internals.worker_process import WorkerProcess
+    from app.core.background.internals.operations.worker_process import WorkerProcess
     from app.entities.tasks import bulk_mark_processed
 
     asyncio.run(seed(rows))

@@ -88,8 +88,11 @@ def run(url: str, folder: str, calls: int, rounds: int) -> None:
     from celery import Task
 
     from app.core.background import simple_task
-    from app.core.background.internals.dedup import deduplicator
-    from app.core.background.internals.lease_stores import DatabaseLeaseStore, RedisLeaseStore
+    from app.core.background.internals.delivery.dedup import deduplicator
+    from app.core.background.internals.delivery.lease_stores import (
+        DatabaseLeaseStore,
+        RedisLeaseStore,
+    )
 
     @simple_task(name="bench.dedup.noop")
     def noop(ctx: Any, n: int) -> None: ...

@@ -24,7 +24,7 @@ from celery.utils import uuid
 from kombu import Connection
 
 from app.core.background import celery_app
-from app.core.background.internals.worker_process import WorkerProcess
+from app.core.background.internals.operations.worker_process import WorkerProcess
 
 IDLE_QUEUE = "low_priority"
 QUEUE = "default"

@@ -94,7 +94,7 @@ def stack(redis_service: Services, postgres_service: Services) -> Services:
 @pytest.fixture(scope="session")
 def worker(stack: Services) -> Iterator[Any]:
     """A prefork worker (concurrency 2) on this run's Redis and PostgreSQL."""
-    from app.core.background.internals.worker_process import WorkerProcess
+    from app.core.background.internals.operations.worker_process import WorkerProcess
 
     with WorkerProcess({}, include=TEST_TASK_MODULES) as process:
         yield process

@@ -34,8 +34,8 @@ import pytest
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
+    from app.core.background.internals.operations.worker_process import WorkerProcess
     from app.core.background.internals.testing import TaskTestContext
-    from app.core.background.internals.worker_process import WorkerProcess
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def background_worker(background_worker_options: dict[str, Any]) -> Iterator[Wor
     stopped (warm shutdown, then kill) when the session ends. ``.log()`` is
     what it printed.
     """
-    from app.core.background.internals.worker_process import WorkerProcess
+    from app.core.background.internals.operations.worker_process import WorkerProcess
 
     options = dict(background_worker_options)
     env = options.pop("env", {})

@@ -27,7 +27,7 @@ from app.core.background import (
     TaskValidationError,
     celery_app,
 )
-from app.core.background.internals.worker_process import WorkerProcess
+from app.core.background.internals.operations.worker_process import WorkerProcess
 from app.entities.crud import entity_crud
 from app.entities.models import Entity
 from tests.conftest import PrivateBroker

@@ -58,7 +58,7 @@ def test_options_apply_to_every_message(stack: Services) -> None:
 
 def test_bulk_dispatched_tasks_are_known_to_the_status_api_at_once() -> None:
     from app.core.background import celery_app
-    from app.core.background.internals.status import get_task_status
+    from app.core.background.internals.operations.status import get_task_status
 
     prefix = uuid.uuid4().hex[:12]
     results = tasks.record.delay_many([{"key": f"{prefix}-{i}"} for i in range(20)])

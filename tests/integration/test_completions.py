@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from app.core.background.internals import completions
-from app.core.background.internals.completions import CompletionLog, CompletionMarker
+from app.core.background.internals.delivery import completions
+from app.core.background.internals.delivery.completions import CompletionLog, CompletionMarker
 from app.core.background.internals.session import create_table
 from tests.support.services import Services
 

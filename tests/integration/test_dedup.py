@@ -27,16 +27,16 @@ from celery.exceptions import WorkerLostError
 from kombu import Connection
 
 from app.core.background import TaskIdRevokedError, TaskValidationError, celery_app
-from app.core.background.internals import dedup
-from app.core.background.internals.dedup import deduplicator
-from app.core.background.internals.lease_stores import (
+from app.core.background.internals.delivery import dedup
+from app.core.background.internals.delivery.dedup import deduplicator
+from app.core.background.internals.delivery.lease_stores import (
     REVOKED,
     DatabaseLeaseStore,
     LeaseStore,
     RedisLeaseStore,
 )
 from app.core.background.internals.logging import FRAMEWORK_LOGGER_NAME
-from app.core.background.internals.worker_process import WorkerProcess
+from app.core.background.internals.operations.worker_process import WorkerProcess
 from tests.support import tasks_dedup
 from tests.support.db import fetchval
 from tests.support.dedup_race import race

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from app.core.background.internals.worker_process import WorkerProcess
+from app.core.background.internals.operations.worker_process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_VARIABLES = (
@@ -71,4 +71,4 @@ def test_worker_and_producer_on_the_embedded_default(
             (entity_id.replace("-", ""),),
         ).fetchone()
     assert (status, count) == ("processed", 1)
-    assert "transport:   app.core.background.internals.file_broker:Transport" in log
+    assert "transport:   app.core.background.internals.transport.file_broker:Transport" in log

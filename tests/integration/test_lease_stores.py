@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from app.core.background.internals.lease_stores import (
+from app.core.background.internals.delivery.lease_stores import (
     REVOKED,
     DatabaseLeaseStore,
     LeaseStore,

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from app.core.background.internals.worker_process import CELERY_APP, WorkerProcess
+from app.core.background.internals.operations.worker_process import CELERY_APP, WorkerProcess
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.services import Services, unavailable
 

@@ -17,7 +17,7 @@ from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
 from app.core.background.celery_app import build_celery_config
-from app.core.background.internals import redis_broker
+from app.core.background.internals.transport import redis_broker
 from app.core.config import Settings
 from tests.support.redis_server import RedisServer
 from tests.support.services import unavailable

@@ -11,8 +11,8 @@ from celery import states
 from celery.backends.redis import RedisBackend
 
 from app.core.background import celery_app
-from app.core.background.internals.result_backend import AtomicRedisBackend
-from app.core.background.internals.status import get_task_status, record_revoked
+from app.core.background.internals.operations.status import get_task_status, record_revoked
+from app.core.background.internals.transport.result_backend import AtomicRedisBackend
 from tests.support.services import Services
 
 pytestmark = pytest.mark.usefixtures("redis_service")

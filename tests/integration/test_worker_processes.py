@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from app.core.background.internals.worker_process import WorkerProcess, WorkerStartError
+from app.core.background.internals.operations.worker_process import WorkerProcess, WorkerStartError
 from tests.conftest import TEST_TASK_MODULES, PrivateBroker
 from tests.support.db import fetchval
 from tests.support.services import Services

@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 from kombu import Connection
 
-from app.core.background.internals.worker_process import WorkerProcess
+from app.core.background.internals.operations.worker_process import WorkerProcess
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.services import RABBITMQ_URL
 

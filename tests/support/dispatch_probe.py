@@ -28,7 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from app.core.background import TaskContext, TaskSession, configure_logging, simple_task
-from app.core.background.internals.outbox import outbox_table
+from app.core.background.internals.delivery.outbox import outbox_table
 
 # An argument value that must never reach a log line.
 SECRET = "probe-secret-7f3a"
@@ -63,7 +63,7 @@ def delay() -> dict[str, Any]:
 
 
 def delay_with_id() -> dict[str, Any]:
-    from app.core.background.internals.dedup import deduplicator
+    from app.core.background.internals.delivery.dedup import deduplicator
 
     task_id = f"probe-{time.time_ns()}"
     out = outcome_of(lambda: notify.options(task_id=task_id).delay(order_id=1, secret=SECRET).id)

@@ -16,7 +16,7 @@ import uuid
 import asyncpg
 
 from app.core.background import TaskContext, db_task, periodic, simple_task
-from app.core.background.internals.hooks import TaskHook, hooks
+from app.core.background.internals.observability.hooks import TaskHook, hooks
 from tests.support.models import Record
 
 

@@ -18,8 +18,8 @@ from app.core.background import (
     simple_task,
     update_key,
 )
-from app.core.background.internals.dedup import PERIOD_OPTION, period_key
-from app.core.background.internals.periodic import period_for
+from app.core.background.internals.delivery.dedup import PERIOD_OPTION, period_key
+from app.core.background.internals.delivery.periodic import period_for
 
 
 def test_spec_key_patterns() -> None:

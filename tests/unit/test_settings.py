@@ -80,7 +80,7 @@ def test_sqlite_result_backend_is_refused_in_production() -> None:
 )
 def test_auto_dedup_backend_follows_the_broker(broker: str, chosen: str, store_url: str) -> None:
     """``auto``: leases in the broker's Redis when the broker is Redis, else in the database."""
-    from app.core.background.internals.dedup import store_from_settings
+    from app.core.background.internals.delivery.dedup import store_from_settings
 
     settings = embedded(celery_broker_url=broker, database_url="sqlite+aiosqlite:///x.db")
     store = store_from_settings(settings)()
@@ -89,7 +89,7 @@ def test_auto_dedup_backend_follows_the_broker(broker: str, chosen: str, store_u
 
 
 def test_an_explicit_dedup_backend_wins_over_the_broker() -> None:
-    from app.core.background.internals.dedup import store_from_settings
+    from app.core.background.internals.delivery.dedup import store_from_settings
 
     settings = embedded(
         celery_broker_url="redis://127.0.0.1:6379/0",

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from app.core.background.__main__ import build_parser
-from app.core.background.internals.status import TaskState, TaskStatus
-from app.core.background.internals.watch import (
+from app.core.background.internals.operations.status import TaskState, TaskStatus
+from app.core.background.internals.operations.watch import (
     EXIT_FAILURE,
     EXIT_SUCCESS,
     EXIT_TIMEOUT,

@@ -2,16 +2,16 @@
 
 Import everything from here (and optional pieces from ``.extras``)::
 
-    from app.core.background import simple_task, db_task, TaskContext
+    from . import simple_task, db_task, TaskContext
 """
 
 from .celery_app import celery_app
-from .internals.after_commit import TaskSession, enqueue_after_commit, pending_dispatches
 from .internals.base import AsyncTask, BaseTask, DatabaseTask, SyncTask
-from .internals.bulk import dispatch_many
 from .internals.context import TaskContext
 from .internals.decorators import db_task, simple_task
-from .internals.dedup import (
+from .internals.delivery.after_commit import TaskSession, enqueue_after_commit, pending_dispatches
+from .internals.delivery.bulk import dispatch_many
+from .internals.delivery.dedup import (
     TaskIdRevokedError,
     args_key,
     daily_key,
@@ -19,7 +19,15 @@ from .internals.dedup import (
     notify_key,
     update_key,
 )
-from .internals.dispatch import DispatchOptions, TaskOptions
+from .internals.delivery.options import DispatchOptions, TaskOptions
+from .internals.delivery.outbox import (
+    OutboxMessage,
+    enqueue_via_outbox,
+    outbox_table,
+    relay_outbox,
+    run_relay,
+)
+from .internals.delivery.periodic import periodic
 from .internals.exceptions import (
     NonRetriableTaskError,
     TaskArgumentError,
@@ -33,23 +41,17 @@ from .internals.exceptions import (
     TaskValidationError,
     is_retriable,
 )
-from .internals.hooks import TaskHook, hooks
 from .internals.logging import configure_logging, log_deduplicated, mask_url_passwords
-from .internals.metrics import enable_multiprocess as enable_multiprocess_metrics
-from .internals.metrics import render_metrics
 from .internals.monitoring import StatsCounter, TaskMetrics, Timer, task_metrics
-from .internals.outbox import (
-    OutboxMessage,
-    enqueue_via_outbox,
-    outbox_table,
-    relay_outbox,
-    run_relay,
+from .internals.observability.hooks import TaskHook, hooks
+from .internals.observability.metrics_export import (
+    enable_multiprocess as enable_multiprocess_metrics,
 )
-from .internals.periodic import periodic
+from .internals.observability.metrics_export import render_metrics
+from .internals.operations.status import TaskState, TaskStatus, get_task_status, record_revoked
 from .internals.retry import RETRY_POLICIES, QueueName, RetryPolicy, RetryPolicyName
 from .internals.session import DatabaseConfig
 from .internals.session import create_engine as create_database_engine
-from .internals.status import TaskState, TaskStatus, get_task_status, record_revoked
 from .internals.testing import LoggedRecord, MockTaskSession, TaskTestContext, mock_task_session
 from .internals.testing_db import create_test_engine, task_db_session
 

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 def _watch(args: argparse.Namespace) -> int:
     # Imported here: building the Celery app reads the settings.
     from .celery_app import celery_app
-    from .internals.status import TaskStatus, get_task_status
-    from .internals.watch import watch
+    from .internals.operations.status import TaskStatus, get_task_status
+    from .internals.operations.watch import watch
 
     def fetch() -> TaskStatus:
         # The API's own reading: the same states, the same "unknown" (its 404).
@@ -42,8 +42,8 @@ def _relay(args: argparse.Namespace) -> int:
     import asyncio
 
     from .celery_app import celery_app, settings
+    from .internals.delivery.outbox import serve_relay
     from .internals.logging import configure_logging
-    from .internals.outbox import serve_relay
 
     # The worker's log format and masking (URL passwords, row values) for the
     # relay's lines too; without it Python prints bare warnings.
@@ -73,7 +73,7 @@ def _relay(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .internals.watch import UNKNOWN_TIMEOUT
+    from .internals.operations.watch import UNKNOWN_TIMEOUT
 
     parser = argparse.ArgumentParser(
         prog="python -m app.core.background", description="Background task tools."

@@ -18,24 +18,24 @@ from kombu import Queue
 from app.core.config import DATA_DIR, Settings, get_settings
 
 from .internals.base import route_to_declared_queue
-from .internals.deadline import stop_after_deadline
-from .internals.dedup import connect_worker_signals as connect_dedup_signals
-from .internals.dedup import deduplicator, store_from_settings
+from .internals.delivery.dedup import connect_worker_signals as connect_dedup_signals
+from .internals.delivery.dedup import deduplicator, store_from_settings
 from .internals.discovery import find_task_modules
 from .internals.event_loop import worker_loop
-from .internals.file_broker import broker_folders
-from .internals.hooks import hooks
 from .internals.logging import configure_logging, worker_log_level
-from .internals.metrics import (
+from .internals.observability.hooks import hooks
+from .internals.observability.metrics_export import (
     MetricsHook,
     enable_multiprocess,
     mark_process_dead,
     remove_multiprocess_dir,
     start_metrics_server,
 )
+from .internals.operations.status import on_before_publish
 from .internals.retry import QUEUE_NAMES, RETRY_POLICIES
 from .internals.session import DatabaseConfig, database
-from .internals.status import on_before_publish
+from .internals.transport.deadline import stop_after_deadline
+from .internals.transport.file_broker import broker_folders
 
 APP_PACKAGE_DIR = Path(__file__).resolve().parents[2]
 
@@ -86,7 +86,7 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,
         "background_retry_delay_scale": settings.background_retry_delay_scale,
-        # Bounded dispatch (internals/publish.py): a failed publish is retried
+        # Bounded dispatch (internals/delivery/publish.py): a failed publish is retried
         # (a broker restart of a second or two is ridden out) until the
         # dispatch timeout, never longer; each attempt's sockets time out too.
         "background_dispatch_timeout": settings.background_dispatch_timeout,
@@ -102,7 +102,7 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         "redis_socket_connect_timeout": settings.background_dispatch_timeout,
     }
     if settings.is_embedded_broker:
-        config["broker_transport"] = "app.core.background.internals.file_broker:Transport"
+        config["broker_transport"] = "app.core.background.internals.transport.file_broker:Transport"
         config["broker_transport_options"] = {
             **broker_folders(DATA_DIR / "broker"),
             "polling_interval": settings.celery_filesystem_polling_interval,
@@ -113,8 +113,10 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         }
     if settings.celery_broker_url.startswith(("redis://", "rediss://")):
         # kombu's Redis transport, fixed to survive a broker restart under a
-        # running worker (internals/redis_broker.py).
-        config["broker_transport"] = "app.core.background.internals.redis_broker:Transport"
+        # running worker (internals/transport/redis_broker.py).
+        config["broker_transport"] = (
+            "app.core.background.internals.transport.redis_broker:Transport"
+        )
         # kombu's Redis default is no timeout: a publish to a server that
         # accepts the connection and never answers would wait forever. The
         # worker's BRPOP polls (1 s) well inside it.
@@ -131,7 +133,7 @@ def create_celery_app(settings: Settings) -> Celery:
     app = Celery(
         "app",
         loader="app.core.background.internals.discovery:TaskModuleLoader",
-        amqp="app.core.background.internals.publish:BoundedAMQP",
+        amqp="app.core.background.internals.delivery.publish:BoundedAMQP",
         include=find_task_modules(APP_PACKAGE_DIR, "app"),
     )
     app.conf.update(build_celery_config(settings))

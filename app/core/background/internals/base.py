@@ -25,12 +25,14 @@ from kombu.utils.json import dumps
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from .after_commit import enqueue_after_commit
-from .bulk import DEFAULT_BATCH_SIZE, dispatch_many
-from .completions import AlreadyCompleted, CompletionMarker, completion_log
 from .context import TaskContext
-from .dedup import CLAIMED_OPTION, PERIOD_OPTION, deduplicator, run_once_key
-from .dispatch import DispatchOptions, TaskOptions
+from .delivery.after_commit import enqueue_after_commit
+from .delivery.bulk import DEFAULT_BATCH_SIZE, dispatch_many
+from .delivery.completions import AlreadyCompleted, CompletionMarker, completion_log
+from .delivery.dedup import CLAIMED_OPTION, PERIOD_OPTION, deduplicator, run_once_key
+from .delivery.options import DispatchOptions, TaskOptions
+from .delivery.outbox import enqueue_via_outbox
+from .delivery.publish import bounded_dispatch
 from .event_loop import worker_loop
 from .exceptions import (
     NON_RETRIABLE_ERRORS,
@@ -41,10 +43,8 @@ from .exceptions import (
     TaskValidationError,
     is_retriable,
 )
-from .hooks import hooks, lifecycle
 from .monitoring import Timer, record_dispatch, record_dispatch_failure
-from .outbox import enqueue_via_outbox
-from .publish import bounded_dispatch
+from .observability.hooks import hooks, lifecycle
 from .retry import RetryPolicy
 from .session import database
 

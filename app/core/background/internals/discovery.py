@@ -70,7 +70,8 @@ class TaskModuleLoader(AppLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.override_backends = dict.fromkeys(
-            ("redis", "rediss"), "app.core.background.internals.result_backend:AtomicRedisBackend"
+            ("redis", "rediss"),
+            "app.core.background.internals.transport.result_backend:AtomicRedisBackend",
         )
 
     def import_task_module(self, module: str) -> ModuleType:

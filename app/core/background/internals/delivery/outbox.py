@@ -36,11 +36,11 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from .monitoring import record_dispatch
+from ..monitoring import record_dispatch
 from .publish import bounded_dispatch, check_dispatch
 
 if TYPE_CHECKING:
-    from .base import BaseTask
+    from ..base import BaseTask
 
 logger = logging.getLogger("app.core.background.outbox")
 
@@ -234,7 +234,7 @@ async def serve_relay(
     """``run_relay`` on an engine of its own, disposed at the end (the CLI's entry point)."""
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
-    from .session import DatabaseConfig, create_engine
+    from ..session import DatabaseConfig, create_engine
 
     engine = create_engine(DatabaseConfig(url=database_url, pool_size=2))
     try:

@@ -26,13 +26,13 @@ from celery.result import AsyncResult
 from celery.utils import uuid
 from kombu.exceptions import EncodeError
 
-from .exceptions import TaskArgumentError, TaskDispatchError
-from .monitoring import record_dispatch, record_dispatch_failure
+from ..exceptions import TaskArgumentError, TaskDispatchError
+from ..monitoring import record_dispatch, record_dispatch_failure
+from ..operations.status import buffered_sent_records
 from .publish import bounded_dispatch
-from .status import buffered_sent_records
 
 if TYPE_CHECKING:
-    from .base import BaseTask
+    from ..base import BaseTask
 
 # Messages per pipeline: large enough to amortise the round trip, small enough
 # to keep the client's buffer and the broker's reply modest.

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .context import TaskContext
-from .logging import FRAMEWORK_LOGGER_NAME, SUCCESS, mark_traceback_logged
+from ..context import TaskContext
+from ..logging import FRAMEWORK_LOGGER_NAME, SUCCESS, mark_traceback_logged
 
 _log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
 

@@ -38,13 +38,13 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
+from ..exceptions import TaskDispatchError
+from ..monitoring import record_dispatch_failure
 from .dedup import CLAIMED_OPTION
-from .exceptions import TaskDispatchError
-from .monitoring import record_dispatch_failure
 from .publish import check_dispatch
 
 if TYPE_CHECKING:
-    from .base import BaseTask
+    from ..base import BaseTask
 
 logger = logging.getLogger("app.core.background.dispatch")
 

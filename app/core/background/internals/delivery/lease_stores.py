@@ -193,7 +193,7 @@ class DatabaseLeaseStore:
     async def _execute(self, sql: str, **params: Any) -> Any:
         from sqlalchemy import text
 
-        from .session import DatabaseConfig, create_engine, create_table
+        from ..session import DatabaseConfig, create_engine, create_table
 
         if self._engine_pid != os.getpid():
             # Runs on this process's one loop thread: no other coroutine can

@@ -39,10 +39,10 @@ from kombu.exceptions import EncodeError, KombuError
 from kombu.utils.json import dumps
 from redis.exceptions import RedisError
 
-from .deadline import deadline_in
-from .exceptions import TaskArgumentError, TaskDispatchError
-from .logging import mask_url_passwords
-from .status import forget_unsent
+from ..exceptions import TaskArgumentError, TaskDispatchError
+from ..logging import mask_url_passwords
+from ..operations.status import forget_unsent
+from ..transport.deadline import deadline_in
 
 DEFAULT_DISPATCH_TIMEOUT = 5.0
 

@@ -22,7 +22,7 @@ from celery.backends.base import BaseKeyValueStoreBackend
 from celery.backends.redis import RedisBackend
 from celery.exceptions import TaskRevokedError
 
-from .result_backend import AtomicRedisBackend
+from ..transport.result_backend import AtomicRedisBackend
 
 _logger = logging.getLogger("app.core.background.dispatch")
 

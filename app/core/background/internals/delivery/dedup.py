@@ -27,9 +27,9 @@ from celery.exceptions import Reject, TimeLimitExceeded, WorkerLostError
 from celery.result import AsyncResult
 from celery.worker.state import REVOKE_EXPIRES
 
-from .exceptions import TaskError
+from ..exceptions import TaskError
+from ..logging import FRAMEWORK_LOGGER_NAME, log_deduplicated
 from .lease_stores import REVOKED, LeaseStore
-from .logging import FRAMEWORK_LOGGER_NAME, log_deduplicated
 
 _log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
 

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 from celery.schedules import crontab, schedule
 
+from ..exceptions import TaskDefinitionError
 from .dedup import NAMED_PERIODS, PERIOD_OPTION
-from .exceptions import TaskDefinitionError
 
 TaskT = TypeVar("TaskT")
 

@@ -16,12 +16,12 @@ from celery.result import AsyncResult
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from ..retry import QueueName
 from .after_commit import enqueue_after_commit
 from .outbox import enqueue_via_outbox
-from .retry import QueueName
 
 if TYPE_CHECKING:
-    from .base import BaseTask
+    from ..base import BaseTask
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -37,7 +37,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
-from .session import create_table
+from ..session import create_table
 
 TABLE = "background_task_completions"
 

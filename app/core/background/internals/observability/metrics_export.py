@@ -17,9 +17,9 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from .context import TaskContext
+from ..context import TaskContext
+from ..monitoring import task_metrics
 from .hooks import TaskHook
-from .monitoring import task_metrics
 
 
 class _TaskSeries:
