@@ -11,9 +11,9 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from app.api.health import router as health_router
 from app.api.task_status import router as task_status_router
-from app.core.background import (
-    TaskSession,
-    celery_app,
+from app.core.background import celery_app
+from app.core.background.fastapi import TaskSession
+from app.core.background.observability import (
     configure_logging,
     enable_multiprocess_metrics,
     render_metrics,

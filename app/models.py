@@ -4,7 +4,7 @@ Import this module where all tables must be known: ``create_tables`` and
 migrations (a model module alone registers only its own table).
 """
 
-from app.core.background import outbox_table
+from app.core.background.outbox import outbox_table
 from app.core.database import Base
 from app.entities.models import Entity
 

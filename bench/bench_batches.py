@@ -117,7 +117,7 @@ async def hand_written_loop() -> int:
     from sqlalchemy import select
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
-    from app.core.background import DatabaseConfig, create_database_engine
+    from app.core.background.database import DatabaseConfig, create_database_engine
     from app.entities.models import PROCESSED, Entity
 
     engine = create_database_engine(DatabaseConfig(url=PG_URL))
@@ -151,7 +151,8 @@ async def task_body_in_process() -> int:
     """The example task's body with a plain ``TaskContext``: the framework without the worker."""
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
-    from app.core.background import DatabaseConfig, TaskContext, create_database_engine
+    from app.core.background import TaskContext
+    from app.core.background.database import DatabaseConfig, create_database_engine
     from app.entities.tasks import bulk_mark_processed
 
     engine = create_database_engine(DatabaseConfig(url=PG_URL))

@@ -150,9 +150,9 @@ def run(url: str, folder: str, calls: int, rounds: int) -> None:
     # What a call without task_id pays for this feature: the one test in
     # BaseTask.apply_async that sends it past the deduplicator.
     check = timeit.repeat(
-        "(task_id is not None or PERIOD_OPTION in options) and not options.pop(CLAIMED, False)",
-        setup="task_id = None; options = {'queue': 'default'}; "
-        "PERIOD_OPTION = 'background_period'; CLAIMED = 'background_dedup_claimed'",
+        "is_deduplicated(task_id, options)",
+        setup="from app.core.background.internals.delivery.dedup import is_deduplicated; "
+        "task_id = None; options = {'queue': 'default'}",
         number=1_000_000,
         repeat=rounds,
     )

@@ -45,8 +45,10 @@ async def run(n: int) -> None:
     from celery import signals
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
-    from app.core.background import TaskSession, celery_app, relay_outbox
-    from app.core.background.celery_app import _record_sent
+    from app.core.background import celery_app
+    from app.core.background.celery_app import record_sent
+    from app.core.background.fastapi import TaskSession
+    from app.core.background.outbox import relay_outbox
     from app.core.config import get_settings
     from app.core.engine import create_tables, engine_from_settings
     from app.entities.models import Entity
@@ -91,11 +93,11 @@ async def run(n: int) -> None:
             await session.commit()
 
     async def plain_no_marker() -> None:
-        signals.before_task_publish.disconnect(_record_sent)
+        signals.before_task_publish.disconnect(record_sent)
         try:
             await plain_on_loop()
         finally:
-            signals.before_task_publish.connect(_record_sent)
+            signals.before_task_publish.connect(record_sent)
 
     variants: list[tuple[str, Callable[[], Awaitable[None]]]] = [
         ("commit only (baseline)", bare),

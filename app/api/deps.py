@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.core.background import TaskSession
+from app.core.background.fastapi import TaskSession
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:

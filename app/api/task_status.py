@@ -13,7 +13,8 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel
 
-from app.core.background import TaskState, celery_app, get_task_status, record_revoked
+from app.core.background import celery_app
+from app.core.background.fastapi import TaskState, get_task_status, record_revoked
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.core.background import DatabaseConfig, create_database_engine
+from app.core.background.database import DatabaseConfig, create_database_engine
 from app.core.config import Settings
 from app.core.database import Base
 

@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.core.background import TaskSession, celery_app
+from app.core.background import celery_app
+from app.core.background.fastapi import TaskSession
 from app.core.background.internals.operations.status import get_task_status
 from app.core.config import get_settings
 from app.core.engine import engine_from_settings

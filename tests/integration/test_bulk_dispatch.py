@@ -6,7 +6,8 @@ import uuid
 
 import pytest
 
-from app.core.background import TaskArgumentError, dispatch_many
+from app.core.background import TaskArgumentError
+from app.core.background.dispatch import dispatch_many
 from tests.support import tasks
 from tests.support.db import fetchval
 from tests.support.services import Services

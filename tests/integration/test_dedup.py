@@ -35,8 +35,10 @@ from app.core.background.internals.delivery.lease_stores import (
     LeaseStore,
     RedisLeaseStore,
 )
+from app.core.background.internals.delivery.publish import Message, publish
 from app.core.background.internals.logging import FRAMEWORK_LOGGER_NAME
 from app.core.background.internals.operations.worker_process import WorkerProcess
+from app.core.background.internals.registry import PERIOD_HEADER, TOKEN_HEADER, TTL_HEADER
 from tests.support import tasks_dedup
 from tests.support.db import fetchval
 from tests.support.dedup_race import race
@@ -480,12 +482,12 @@ def test_two_deliveries_running_at_once_commit_once(stack: Services, redis_lease
     k = new_key()
     task_id = f"update-{k}"
     # Two copies of one message: the headers a deduplicated send gives it, twice.
-    headers = {dedup.TOKEN_HEADER: uuid.uuid4().hex, dedup.TTL_HEADER: 600.0}
+    headers = {TOKEN_HEADER: uuid.uuid4().hex, TTL_HEADER: 600.0}
+    message = Message(
+        tasks_dedup.hold_then_write, (k, 2.0), {}, task_id, redis_leases.options, headers
+    )
     for _ in range(2):
-        redis_leases.send(
-            tasks_dedup.hold_then_write, k, 2.0, task_id=task_id, headers=headers,
-            **{dedup.CLAIMED_OPTION: True},
-        )  # fmt: skip
+        publish(celery_app, message)  # the one send path, without taking a lease
     wait_for(lambda: executions(stack, f"{k}-done") == 2, timeout=RESULT_TIMEOUT)
     assert entered(stack, k) == 2
     assert executions(stack, k) == 1
@@ -512,7 +514,7 @@ def test_same_period_fired_twice_runs_once_and_keeps_its_lease(
     """What two beats do: the same entry sent twice within one period."""
     entry = celery_app.conf.beat_schedule["tests.dedup.tick-every-2s"]
     seconds = 30.0
-    options = {**entry["options"], dedup.PERIOD_OPTION: f"every:{seconds:g}"}
+    options = {**entry["options"], "headers": {PERIOD_HEADER: f"every:{seconds:g}"}}
     if time.time() % seconds > seconds - 5:
         # Not across a period boundary: wait for the next period to begin (its
         # start is known; this is a wait for the clock, not for another process).

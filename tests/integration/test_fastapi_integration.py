@@ -13,7 +13,8 @@ from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
 
 from app.api.deps import TaskSessionDep
-from app.core.background import TaskArgumentError, pending_dispatches
+from app.core.background import TaskArgumentError
+from app.core.background.fastapi import pending_dispatches
 from app.main import create_app
 from tests.support import tasks, tasks_fastapi
 from tests.support.models import Record

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from app.core.background import celery_app, relay_outbox, run_relay
+from app.core.background import celery_app
+from app.core.background.outbox import relay_outbox, run_relay
 from app.core.config import get_settings
 from app.core.engine import engine_from_settings
 from tests.support import tasks_fastapi

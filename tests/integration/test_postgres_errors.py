@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.core.background import is_retriable
-from app.core.background.internals.exceptions import is_transient_database_error, sqlstate_of
+from app.core.background.internals.exceptions import sqlstate_of
 from tests.support.services import Services
 
 
@@ -47,7 +47,6 @@ async def test_terminated_backend_is_retriable(engine: AsyncEngine) -> None:
     # 57P01 (admin shutdown) or, as asyncpg reports it here, 08003 (connection gone).
     assert (sqlstate_of(error) or "").startswith(("57P", "08"))
     assert is_retriable(error)
-    assert is_transient_database_error(error)
 
 
 async def test_deadlock_is_a_plain_dbapi_error_and_retriable(engine: AsyncEngine) -> None:
@@ -81,7 +80,6 @@ async def test_deadlock_is_a_plain_dbapi_error_and_retriable(engine: AsyncEngine
     assert sqlstate_of(error) == "40P01"
     assert not isinstance(error, IntegrityError)
     assert is_retriable(error)
-    assert is_transient_database_error(error)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,8 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from app.core.background import TaskTestContext, TaskValidationError, task_db_session
+from app.core.background import TaskTestContext, TaskValidationError
+from app.core.background.testing import task_db_session
 from tests.support.models import Record
 from tests.support.redis_server import RedisServer
 from tests.support.services import Services, unavailable

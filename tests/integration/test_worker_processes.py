@@ -39,11 +39,11 @@ def test_gevent_pool_is_refused_with_a_clear_message(stack: Services) -> None:
 
 @pytest.mark.parametrize("pool", ["gevent", "eventlet", "celery.concurrency.gevent:TaskPool"])
 def test_green_pools_are_refused_before_the_worker_starts(pool: str) -> None:
-    from app.core.background.celery_app import _refuse_unsafe_pools
+    from app.core.background.celery_app import refuse_unsafe_pools
 
     with pytest.raises(SystemExit, match="pool is not supported"):
-        _refuse_unsafe_pools(conf={}, options={"pool_cls": pool})
-    _refuse_unsafe_pools(conf={}, options={"pool_cls": "prefork"})
+        refuse_unsafe_pools(conf={}, options={"pool_cls": pool})
+    refuse_unsafe_pools(conf={}, options={"pool_cls": "prefork"})
 
 
 def test_worker_restricted_to_one_queue_consumes_only_that_queue(

@@ -248,7 +248,8 @@ def test_a_thousand_db_tasks_through_prefork(stack: Services, worker: Any) -> No
 def test_progress_of_an_async_retry_is_stored_with_its_attempt(stack: Services) -> None:
     # The body runs on the loop thread, where Celery's request is empty: the
     # PROGRESS state must still carry this run's request (attempt 1).
-    from app.core.background import celery_app, get_task_status
+    from app.core.background import celery_app
+    from app.core.background.fastapi import get_task_status
 
     k = key()
     result = tasks.progress_after_retry.delay(key=k)

@@ -27,8 +27,10 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from app.core.background import TaskContext, TaskSession, configure_logging, simple_task
+from app.core.background import TaskContext, simple_task
+from app.core.background.fastapi import TaskSession
 from app.core.background.internals.delivery.outbox import outbox_table
+from app.core.background.observability import configure_logging
 
 # An argument value that must never reach a log line.
 SECRET = "probe-secret-7f3a"

@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from app.core.background import TaskArgumentError, TaskSession, pending_dispatches
+from app.core.background import TaskArgumentError
+from app.core.background.fastapi import TaskSession, pending_dispatches
 from app.core.background.internals.delivery import after_commit
 from app.core.background.internals.delivery.outbox import outbox_table
 from tests.support.tasks_fastapi import note_row

@@ -47,14 +47,14 @@ def test_each_module_holds_the_names_the_specification_gives_it(
 
 def test_every_framework_task_is_a_base_task() -> None:
     from app.core.background.internals.base import BaseTask
-    from app.core.background.internals.decorators import registry
+    from app.core.background.internals.registry import registry
 
     for module in celery_app.conf.include:
         importlib.import_module(module)
 
     assert background.BaseTask is BaseTask
     assert issubclass(background.DatabaseTask, BaseTask)
-    tasks = [celery_app.tasks[name] for name in registry.names() if name in celery_app.tasks]
+    tasks = [celery_app.tasks[name] for name in registry if name in celery_app.tasks]
     assert tasks
     assert all(isinstance(task, BaseTask) for task in tasks)
 

@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from app.core.background import is_retriable, task_metrics
+from app.core.background import is_retriable
 from app.core.background.extras import CircuitBreaker, CircuitBreakerOpen
+from app.core.background.observability import task_metrics
 
 
 class Clock:

@@ -18,7 +18,7 @@ from app.core.background import (
     simple_task,
 )
 from app.core.background.internals.base import AsyncTask, SyncTask
-from app.core.background.internals.decorators import registry
+from app.core.background.internals.registry import registry
 
 
 @pytest.fixture

@@ -7,19 +7,11 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from celery.schedules import crontab
 
-from app.core.background import (
-    TaskDefinitionError,
-    args_key,
-    celery_app,
-    daily_key,
-    lease_lifetime,
-    notify_key,
-    periodic,
-    simple_task,
-    update_key,
-)
-from app.core.background.internals.delivery.dedup import PERIOD_OPTION, period_key
+from app.core.background import TaskDefinitionError, celery_app, periodic, simple_task
+from app.core.background.dedup import args_key, daily_key, lease_lifetime, notify_key, update_key
+from app.core.background.internals.delivery.dedup import period_key
 from app.core.background.internals.delivery.periodic import period_for
+from app.core.background.internals.registry import PERIOD_HEADER
 
 
 def test_spec_key_patterns() -> None:
@@ -87,7 +79,7 @@ def test_periodic_adds_a_beat_entry_with_its_period() -> None:
 
     entry = celery_app.conf.beat_schedule["tests.unit.nightly"]
     assert entry["task"] == "tests.unit.dedup_nightly"
-    assert entry["options"] == {PERIOD_OPTION: "daily"}
+    assert entry["options"] == {"headers": {PERIOD_HEADER: "daily"}}
 
 
 def test_periodic_needs_a_task() -> None:

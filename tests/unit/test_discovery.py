@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from app.core.background import TaskDiscoveryError, celery_app
-from app.core.background.internals.decorators import registry
 from app.core.background.internals.discovery import find_task_modules
+from app.core.background.internals.registry import registry
 
 
 def make_package(root: Path, *parts: str, tasks: bool = False) -> None:

@@ -17,8 +17,8 @@ from app.core.background import (
     TaskTestContext,
     TaskValidationError,
     mock_task_session,
-    task_db_session,
 )
+from app.core.background.testing import task_db_session
 from app.entities.crud import entity_crud
 from app.entities.models import Entity
 from app.entities.tasks import process_entity

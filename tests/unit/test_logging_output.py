@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 
-from app.core.background import configure_logging, log_deduplicated, task_metrics
+from app.core.background.dedup import log_deduplicated
 from app.core.background.internals.logging import (
     CeleryTaskRecordFilter,
     _FrameworkHandler,
     build_formatter,
     mark_traceback_logged,
 )
+from app.core.background.observability import configure_logging, task_metrics
 
 URL = "postgresql+asyncpg://app:s3cr3t@db.internal:5432/app"
 

@@ -17,13 +17,13 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.background import (
-    LoggedRecord,
     TaskConfigurationError,
     TaskContext,
     TaskTestContext,
     TaskValidationError,
     mock_task_session,
 )
+from app.core.background.testing import LoggedRecord
 from tests.support.models import Record
 from tests.support.tasks_testing import (
     count_down,

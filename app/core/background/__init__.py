@@ -1,32 +1,22 @@
 """Background tasks on Celery for FastAPI services with an async SQLAlchemy database.
 
-Import everything from here (and optional pieces from ``.extras``)::
+Everything a task module needs comes from here::
 
-    from . import simple_task, db_task, TaskContext
+    from app.core.background import simple_task, db_task, TaskContext
+
+The rest lives in public modules named for their job (see the guide, README.md):
+``.testing`` (test helpers), ``.fastapi`` (the session that sends on commit,
+task status), ``.dispatch`` (typed options, bulk, after commit), ``.dedup``
+(task id helpers), ``.outbox`` (transactional outbox and its relay),
+``.observability`` (hooks, logging, metrics), ``.database`` (engines), and
+``.extras`` (circuit breaker).
 """
 
 from .celery_app import celery_app
-from .internals.base import AsyncTask, BaseTask, DatabaseTask, SyncTask
+from .internals.base import BaseTask, DatabaseTask
 from .internals.context import TaskContext
 from .internals.decorators import db_task, simple_task
-from .internals.delivery.after_commit import TaskSession, enqueue_after_commit, pending_dispatches
-from .internals.delivery.bulk import dispatch_many
-from .internals.delivery.dedup import (
-    TaskIdRevokedError,
-    args_key,
-    daily_key,
-    lease_lifetime,
-    notify_key,
-    update_key,
-)
-from .internals.delivery.options import DispatchOptions, TaskOptions
-from .internals.delivery.outbox import (
-    OutboxMessage,
-    enqueue_via_outbox,
-    outbox_table,
-    relay_outbox,
-    run_relay,
-)
+from .internals.delivery.dedup import TaskIdRevokedError
 from .internals.delivery.periodic import periodic
 from .internals.exceptions import (
     NonRetriableTaskError,
@@ -41,95 +31,39 @@ from .internals.exceptions import (
     TaskValidationError,
     is_retriable,
 )
-from .internals.logging import configure_logging, log_deduplicated, mask_url_passwords
-from .internals.monitoring import StatsCounter, TaskMetrics, Timer, task_metrics
-from .internals.observability.hooks import TaskHook, hooks
-from .internals.observability.metrics_export import (
-    enable_multiprocess as enable_multiprocess_metrics,
-)
-from .internals.observability.metrics_export import render_metrics
-from .internals.operations.status import TaskState, TaskStatus, get_task_status, record_revoked
 from .internals.retry import RETRY_POLICIES, QueueName, RetryPolicy, RetryPolicyName
-from .internals.session import DatabaseConfig
-from .internals.session import create_engine as create_database_engine
-from .internals.testing import LoggedRecord, MockTaskSession, TaskTestContext, mock_task_session
-from .internals.testing_db import create_test_engine, task_db_session
+from .internals.testing import TaskTestContext, mock_task_session
 
 __all__ = (
     # decorators
     "db_task",
     "simple_task",
-    # deduplication and periodic tasks
     "periodic",
-    "args_key",
-    "daily_key",
-    "notify_key",
-    "update_key",
-    "lease_lifetime",
-    "TaskIdRevokedError",
     # the context a task receives
     "TaskContext",
-    "StatsCounter",
-    "Timer",
     # errors
+    "TaskError",
     "NonRetriableTaskError",
-    "TaskArgumentError",
-    "TaskDispatchError",
+    "TaskValidationError",
+    "TaskNotFoundError",
     "TaskConfigurationError",
+    "TaskArgumentError",
     "TaskDefinitionError",
     "TaskDiscoveryError",
-    "TaskError",
-    "TaskNotFoundError",
+    "TaskDispatchError",
+    "TaskIdRevokedError",
     "TaskResultError",
-    "TaskValidationError",
     "is_retriable",
-    # policies, queues and task classes
+    # retry policies and queues
     "RETRY_POLICIES",
-    "QueueName",
     "RetryPolicy",
     "RetryPolicyName",
-    "AsyncTask",
+    "QueueName",
+    # task classes and the Celery app
     "BaseTask",
     "DatabaseTask",
-    "SyncTask",
-    # extension points
-    "TaskHook",
-    "hooks",
-    # logs and metrics
-    "configure_logging",
-    "enable_multiprocess_metrics",
-    "log_deduplicated",
-    "mask_url_passwords",
-    "render_metrics",
-    "TaskMetrics",
-    "task_metrics",
-    # Celery and the database
     "celery_app",
-    "DatabaseConfig",
-    "create_database_engine",
-    # bulk dispatch: many calls of one task in one go (task.delay_many)
-    "dispatch_many",
-    # dispatch from a web request: after commit, through the outbox, typed options
-    "DispatchOptions",
-    "TaskOptions",
-    "TaskSession",
-    "enqueue_after_commit",
-    "enqueue_via_outbox",
-    "pending_dispatches",
-    "OutboxMessage",
-    "outbox_table",
-    "relay_outbox",
-    "run_relay",
-    # task status
-    "TaskState",
-    "TaskStatus",
-    "get_task_status",
-    "record_revoked",
-    # testing
-    "LoggedRecord",
-    "MockTaskSession",
+    # testing (the specification's helpers; more in .testing)
     "TaskTestContext",
-    "create_test_engine",
     "mock_task_session",
-    "task_db_session",
 )

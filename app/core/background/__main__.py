@@ -41,10 +41,13 @@ def _watch(args: argparse.Namespace) -> int:
 def _relay(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .celery_app import celery_app, settings
+    from app.core.config import get_settings
+
+    from .celery_app import celery_app
     from .internals.delivery.outbox import serve_relay
     from .internals.logging import configure_logging
 
+    settings = get_settings()
     # The worker's log format and masking (URL passwords, row values) for the
     # relay's lines too; without it Python prints bare warnings.
     configure_logging(

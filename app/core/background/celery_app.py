@@ -32,6 +32,7 @@ from .internals.observability.metrics_export import (
     start_metrics_server,
 )
 from .internals.operations.status import on_before_publish
+from .internals.registry import current_app, use_app
 from .internals.retry import QUEUE_NAMES, RETRY_POLICIES
 from .internals.session import DatabaseConfig, database
 from .internals.transport.deadline import stop_after_deadline
@@ -129,7 +130,16 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def create_celery_app(settings: Settings) -> Celery:
+def create_celery_app(settings: Settings | None = None) -> Celery:
+    """The framework's Celery app, and everything this process needs to use it.
+
+    The one place with effects beyond building the app object: it reads the
+    settings (``settings`` None: from the environment), says which app the
+    decorators register on, configures the database and deduplication
+    runtimes (nothing connects yet), creates ``./.data`` for the embedded
+    defaults, registers the metrics hook and connects the worker's signals.
+    """
+    settings = settings or get_settings()
     app = Celery(
         "app",
         loader="app.core.background.internals.discovery:TaskModuleLoader",
@@ -137,6 +147,7 @@ def create_celery_app(settings: Settings) -> Celery:
         include=find_task_modules(APP_PACKAGE_DIR, "app"),
     )
     app.conf.update(build_celery_config(settings))
+    use_app(app)
     database.configure(
         DatabaseConfig(
             url=settings.database_url,
@@ -155,16 +166,12 @@ def create_celery_app(settings: Settings) -> Celery:
         # SQLite and the file broker need their folder; the result backend opens
         # its file before the broker creates anything.
         DATA_DIR.mkdir(exist_ok=True)
+    WorkerSignals(app, settings).connect()
     return app
 
 
-settings = get_settings()
-celery_app = create_celery_app(settings)
-connect_dedup_signals()
-
-
-@signals.celeryd_init.connect
-def _refuse_unsafe_pools(conf: Any = None, options: Any = None, **_: Any) -> None:
+def refuse_unsafe_pools(conf: Any = None, options: Any = None, **_: Any) -> None:
+    """``celeryd_init``: stop a worker started with a green-thread pool, saying why."""
     options = options or {}
     chosen = options.get("pool") or options.get("pool_cls") or (conf or {}).get("worker_pool")
     pool = getattr(chosen, "__module__", "") if isinstance(chosen, type) else str(chosen or "")
@@ -177,15 +184,9 @@ def _refuse_unsafe_pools(conf: Any = None, options: Any = None, **_: Any) -> Non
         )
 
 
-@signals.before_task_publish.connect
-def _record_sent(headers: Any = None, routing_key: Any = None, **_: Any) -> None:
-    """Record ``SENT`` so that the status API can tell a queued task from an unknown id."""
-    on_before_publish(celery_app, headers, routing_key)
-
-
-# Whether this Celery command was given -l/--loglevel, decided in the main
-# process (which runs inside click) and inherited by forked pool processes.
-_loglevel_given: dict[str, bool] = {}
+def record_sent(headers: Any = None, routing_key: Any = None, **_: Any) -> None:
+    """``before_task_publish``: record ``SENT``, so the status API tells queued from unknown."""
+    on_before_publish(current_app(), headers, routing_key)
 
 
 def _loglevel_on_command_line() -> bool | None:
@@ -198,53 +199,68 @@ def _loglevel_on_command_line() -> bool | None:
     return None
 
 
-@signals.setup_logging.connect
-def _setup_logging(loglevel: Any = None, **_: Any) -> None:
-    # Celery passes WARNING when -l is absent: LOG_LEVEL decides then (README: LOG_LEVEL).
-    if (given := _loglevel_on_command_line()) is not None:
-        _loglevel_given["explicit"] = given
-    configure_logging(
-        settings.log_format,
-        worker_log_level(loglevel, _loglevel_given.get("explicit"), settings.log_level),
-        log_task_arguments=settings.background_log_task_arguments,
-    )
+class WorkerSignals:
+    """What this process does at Celery's signals: publish, logging set-up, worker life."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        # Whether this Celery command was given -l/--loglevel, decided in the main
+        # process (which runs inside click) and inherited by forked pool processes.
+        self.loglevel_given: bool | None = None
+        # The worker's metrics endpoint and the folder it created, while it runs.
+        self.metrics_server: Any = None
+        self.metrics_dir: Path | None = None
+
+    def connect(self) -> None:
+        hooks.register(MetricsHook())
+        connect_dedup_signals()
+        # Celery's signals hold receivers weakly by default: these are bound methods.
+        signals.celeryd_init.connect(refuse_unsafe_pools, weak=False)
+        signals.before_task_publish.connect(record_sent, weak=False)
+        signals.setup_logging.connect(self.setup_logging, weak=False)
+        signals.worker_init.connect(self.start_metrics_endpoint, weak=False)
+        signals.worker_process_shutdown.connect(self.forget_child_gauges, weak=False)
+        signals.worker_shutdown.connect(self.stop_metrics_endpoint, weak=False)
+        signals.worker_process_shutdown.connect(self.close_process_resources, weak=False)
+        signals.worker_shutdown.connect(self.close_process_resources, weak=False)
+
+    def setup_logging(self, loglevel: Any = None, **_: Any) -> None:
+        # Celery passes WARNING when -l is absent: LOG_LEVEL decides then (README: LOG_LEVEL).
+        if (given := _loglevel_on_command_line()) is not None:
+            self.loglevel_given = given
+        configure_logging(
+            self.settings.log_format,
+            worker_log_level(loglevel, self.loglevel_given, self.settings.log_level),
+            log_task_arguments=self.settings.background_log_task_arguments,
+        )
+
+    def start_metrics_endpoint(self, **_: Any) -> None:
+        """Serve the pool's summed metrics from the main process, before the pool forks."""
+        settings = self.settings
+        if not settings.background_metrics_port:
+            return
+        folder = enable_multiprocess(settings.prometheus_multiproc_dir, wipe=True)
+        if not settings.prometheus_multiproc_dir:
+            self.metrics_dir = folder
+        self.metrics_server = start_metrics_server(
+            settings.background_metrics_port, settings.background_metrics_host
+        )
+
+    def forget_child_gauges(self, pid: int | None = None, **_: Any) -> None:
+        mark_process_dead(pid or os.getpid())
+
+    def stop_metrics_endpoint(self, **_: Any) -> None:
+        server, self.metrics_server = self.metrics_server, None
+        if server is not None:
+            server.shutdown()
+        folder, self.metrics_dir = self.metrics_dir, None
+        if folder is not None:
+            remove_multiprocess_dir(folder)
+
+    def close_process_resources(self, **_: Any) -> None:
+        """Dispose the engine and stop the loop of this process (prefork child or solo worker)."""
+        worker_loop.stop(database.dispose())
 
 
-hooks.register(MetricsHook())
-# The worker's metrics endpoint: (server, folder it created) while it runs.
-_metrics_export: dict[str, Any] = {}
-
-
-@signals.worker_init.connect
-def _start_metrics_endpoint(**_: Any) -> None:
-    """Serve the pool's summed metrics from the main process, before the pool forks."""
-    if not settings.background_metrics_port:
-        return
-    folder = enable_multiprocess(settings.prometheus_multiproc_dir, wipe=True)
-    if not settings.prometheus_multiproc_dir:
-        _metrics_export["temporary_dir"] = folder
-    _metrics_export["server"] = start_metrics_server(
-        settings.background_metrics_port, settings.background_metrics_host
-    )
-
-
-@signals.worker_process_shutdown.connect
-def _forget_child_gauges(pid: int | None = None, **_: Any) -> None:
-    mark_process_dead(pid or os.getpid())
-
-
-@signals.worker_shutdown.connect
-def _stop_metrics_endpoint(**_: Any) -> None:
-    server = _metrics_export.pop("server", None)
-    if server is not None:
-        server.shutdown()
-    folder = _metrics_export.pop("temporary_dir", None)
-    if folder is not None:
-        remove_multiprocess_dir(folder)
-
-
-@signals.worker_process_shutdown.connect
-@signals.worker_shutdown.connect
-def _close_process_resources(**_: Any) -> None:
-    """Dispose the engine and stop the loop of this process (prefork child or solo worker)."""
-    worker_loop.stop(database.dispose())
+celery_app = create_celery_app()

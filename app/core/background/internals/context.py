@@ -7,11 +7,12 @@ helper and a stats counter. The worker builds one per run; tests build a
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -46,6 +47,7 @@ class TaskContext:
         session: AsyncSession | None = None,
         logger: TaskLogger | None = None,
         publish_progress: ProgressPublisher | None = None,
+        run_once: tuple[str, float] | None = None,
     ) -> None:
         self.task_id = task_id
         self.task_name = task_name
@@ -62,7 +64,7 @@ class TaskContext:
         self._batch_stats: StatsCounter | None = None
         # (lease token, lease lifetime) of a run dispatched with a custom
         # task_id: lets a db task skip a redelivery of work it committed.
-        self._run_once: tuple[str, float] | None = None
+        self._run_once = run_once
         # True while ``commit_batch`` commits: that commit does not complete the run.
         self._committing_batch = False
 
@@ -80,6 +82,25 @@ class TaskContext:
     @property
     def has_session(self) -> bool:
         return self._session is not None
+
+    def evolve(self, *, session: AsyncSession) -> Self:
+        """A copy of this context with ``session`` (the worker's db task run opens its own).
+
+        The copy shares the logger (and a test context's records) with this one.
+        """
+        changed = copy.copy(self)
+        changed._session = session
+        return changed
+
+    @property
+    def run_once(self) -> tuple[str, float] | None:
+        """(lease token, lease lifetime) when the run's message carries a deduplication lease."""
+        return self._run_once
+
+    @property
+    def committing_batch(self) -> bool:
+        """True while ``commit_batch`` commits: that commit does not complete the run."""
+        return self._committing_batch
 
     def run_directly(self, task: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         """Run ``task``'s body with this context, outside a worker (``task(ctx, ...)``).

@@ -6,12 +6,13 @@ import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any, Concatenate, NoReturn, ParamSpec, Protocol, TypeVar, cast, overload
 
-from celery import Celery, Task
+from celery import Task
 
 from .base import AsyncTask, BaseTask, DatabaseTask, SyncTask
 from .context import TaskContext
 from .exceptions import TaskDefinitionError
-from .retry import QueueName, RetryPolicyName, check_queue, get_retry_policy
+from .registry import current_app, registry, where
+from .retry import QueueName, RetryPolicyName, check_queue, delay_scale, get_retry_policy
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -49,51 +50,6 @@ class _DbTaskDecorator(Protocol):
     def __call__(
         self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]]
     ) -> DatabaseTask[P, R]: ...
-
-
-class TaskRegistry:
-    """Framework tasks by name, to refuse a second task with the same name."""
-
-    def __init__(self) -> None:
-        self._functions: dict[str, Callable[..., Any]] = {}
-
-    def claim(self, name: str, fn: Callable[..., Any]) -> bool:
-        """Record ``fn`` under ``name``; False if this very function was already there."""
-        existing = self._functions.get(name)
-        if existing is None:
-            self._functions[name] = fn
-            return True
-        if _where(existing) == _where(fn):
-            return False  # the same module imported again
-        raise TaskDefinitionError(
-            f"task name {name!r} is used twice: by {_where(existing)} and by {_where(fn)}"
-        )
-
-    def release(self, name: str) -> None:
-        self._functions.pop(name, None)
-
-    def clear(self) -> None:
-        self._functions.clear()
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._functions
-
-    def names(self) -> list[str]:
-        return sorted(self._functions)
-
-
-def _where(fn: Callable[..., Any]) -> str:
-    return f"{fn.__module__}.{fn.__qualname__}"
-
-
-registry = TaskRegistry()
-
-
-def _app() -> Celery:
-    # Imported here: the Celery app module imports this package's internals.
-    from ..celery_app import celery_app
-
-    return celery_app
 
 
 # Names that say "this is the context" even without an annotation (``lambda ctx: ...``).
@@ -165,7 +121,7 @@ def _build_task(
     celery_options: dict[str, Any],
 ) -> Any:
     if not isinstance(name, str) or not name.strip():
-        raise TaskDefinitionError(f"{_where(fn)}: name is required (for example 'module.task')")
+        raise TaskDefinitionError(f"{where(fn)}: name is required (for example 'module.task')")
     policy = get_retry_policy(retry_policy)
     check_queue(queue)
     for option in celery_options:
@@ -178,10 +134,14 @@ def _build_task(
     signature = inspect.signature(fn)
     _check_context_parameter(fn, name, signature)
 
-    app = _app()
-    if not registry.claim(name, fn):
-        return app.tasks[name]
-    scale = float(app.conf.get("background_retry_delay_scale", 1.0))
+    app = current_app()
+    if (existing := registry.claim(name, fn)) is not None:
+        if where(existing) != where(fn):
+            raise TaskDefinitionError(
+                f"task name {name!r} is used twice: by {where(existing)} and by {where(fn)}"
+            )
+        return app.tasks[name]  # the same module imported again
+    scale = delay_scale(app)
     options: dict[str, Any] = {
         "time_limit": policy.time_limit,
         "soft_time_limit": policy.soft_time_limit,

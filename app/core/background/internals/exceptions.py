@@ -72,10 +72,8 @@ class TaskDiscoveryError(ImportError):
     """A ``tasks.py`` module failed to import when the worker started."""
 
 
-# SQLSTATE classes and codes of transient PostgreSQL failures. asyncpg errors
-# reach us as a plain DBAPIError, so the type alone cannot tell a lost
-# connection (retry) from a bad query.
-_RETRIABLE_SQLSTATE_PREFIXES = ("08", "40001", "40P01", "53", "57P")
+# asyncpg errors reach us as a plain DBAPIError, so the type alone cannot tell
+# a lost connection (retry) from a constraint violation: the SQLSTATE does.
 # Constraint violations (23), and configuration the next attempt will meet too:
 # a refused login or unknown role (28), a database that does not exist (3D000).
 _NON_RETRIABLE_SQLSTATE_PREFIXES = ("23", "28", "3D000")
@@ -112,13 +110,3 @@ def is_retriable(exc: BaseException) -> bool:
         if code is not None and code.startswith(_NON_RETRIABLE_SQLSTATE_PREFIXES):
             return False
     return True
-
-
-def is_transient_database_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is a database failure that a later attempt may not meet."""
-    if not isinstance(exc, DBAPIError):
-        return False
-    if exc.connection_invalidated:
-        return True
-    code = sqlstate_of(exc)
-    return code is not None and code.startswith(_RETRIABLE_SQLSTATE_PREFIXES)

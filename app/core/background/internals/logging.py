@@ -19,6 +19,8 @@ from typing import Any, Literal
 import structlog
 from celery.app.trace import LOG_FAILURE, LOG_RETRY, LOG_SUCCESS
 
+from .registry import registry
+
 SUCCESS = 25
 logging.addLevelName(SUCCESS, "SUCCESS")
 
@@ -138,9 +140,7 @@ class CeleryTaskRecordFilter(logging.Filter):
             return True
         if record.name not in _CELERY_TASK_LOGGERS or not isinstance(record.args, Mapping):
             return True
-        if str(record.msg).strip() in _REPLACED_LINES and _is_framework_task(
-            record.args.get("name")
-        ):
+        if str(record.msg).strip() in _REPLACED_LINES and record.args.get("name") in registry:
             # The framework's own "Task succeeded", "Task failed, will retry" and
             # "Task failed" lines (with duration, outcome, reason and error fields)
             # replace Celery's: one line per outcome, as in plain Celery.
@@ -176,12 +176,6 @@ class CeleryTaskRecordFilter(logging.Filter):
         if "message body was" in str(record.msg):
             # (error, body[, headers, delivery_info]): keep the error, hide the rest.
             record.args = (args[0], *([_HIDDEN] * (len(args) - 1)))
-
-
-def _is_framework_task(name: object) -> bool:
-    from .decorators import registry  # decorators -> base -> context -> this module
-
-    return name in registry
 
 
 def build_formatter(
@@ -287,33 +281,3 @@ def configure_logging(
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-
-
-def log_deduplicated(
-    task_name: str,
-    task_id: str | None = None,
-    queue: str | None = None,
-    *,
-    where: str = "dispatch",
-    **fields: Any,
-) -> None:
-    """The framework's line (and metric) for a task skipped as a duplicate.
-
-    ``where``: ``dispatch`` (not sent) or ``worker`` (received, not run).
-    """
-    from .monitoring import task_metrics
-
-    task_metrics().deduplicated.labels(task_name, queue or "").inc()
-    logging.getLogger(FRAMEWORK_LOGGER_NAME).info(
-        "Task deduplicated",
-        extra={
-            "fields": {
-                "task_id": task_id,
-                "task_name": task_name,
-                "queue": queue,
-                "outcome": "deduplicated",
-                "where": where,
-                **fields,
-            }
-        },
-    )

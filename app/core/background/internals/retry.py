@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Final, Literal, get_args
+from typing import TYPE_CHECKING, Final, Literal, get_args
 
 from .exceptions import TaskDefinitionError
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 RetryPolicyName = Literal["standard", "aggressive", "high_priority", "long_running", "no_retry"]
 QueueName = Literal["high_priority", "default", "low_priority"]
 
 QUEUE_NAMES: Final[tuple[QueueName, ...]] = get_args(QueueName)
+
+# The app setting (from BACKGROUND_RETRY_DELAY_SCALE) that multiplies every retry delay.
+SCALE_SETTING: Final = "background_retry_delay_scale"
+
+
+def delay_scale(app: Celery) -> float:
+    """The factor every retry delay of ``app``'s tasks is multiplied by (0: retry at once)."""
+    return float(app.conf.get(SCALE_SETTING, 1.0))
+
 
 # The random part of a retry delay, as a fraction of its nominal delay, added on top.
 JITTER: Final = 0.25

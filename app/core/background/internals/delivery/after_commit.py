@@ -30,18 +30,19 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
-from sqlalchemy import event
+from sqlalchemy import Connection, event, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from ..exceptions import TaskDispatchError
 from ..monitoring import record_dispatch_failure
-from .dedup import CLAIMED_OPTION
-from .publish import check_dispatch
+from .dedup import deduplicator
+from .outbox import outbox_row, outbox_table
+from .publish import Message, check_arguments, publish
 
 if TYPE_CHECKING:
     from ..base import BaseTask
@@ -56,24 +57,30 @@ _LISTENING = "background_listening"
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """One task to send: its arguments and Celery options, with its id chosen up front."""
+    """One message to send after a commit, with its id chosen up front."""
 
-    task: BaseTask[Any, Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    options: dict[str, Any] = field(default_factory=dict)
-    task_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    message: Message
     # The transaction (or savepoint) it was registered in; None before the first statement.
     transaction: SessionTransaction | None = None
     # True when the caller chose the id: then it is deduplicated like any custom id.
-    custom_id: bool = False
+    deduplicated: bool = False
+
+    @property
+    def task_id(self) -> str:
+        return self.message.task_id
+
+    @property
+    def kwargs(self) -> Mapping[str, Any]:
+        return self.message.kwargs
 
     def send(self) -> None:
-        options = dict(self.options)
-        if not self.custom_id:
-            # A fresh uuid of ours needs no deduplication lease (one Redis round trip less).
-            options[CLAIMED_OPTION] = True
-        self.task.apply_async(self.args, self.kwargs, task_id=self.task_id, **options)
+        task = self.message.task
+        assert not isinstance(task, str)
+        if self.deduplicated:
+            deduplicator.send(task.app, self.message)
+        else:
+            # A fresh uuid of ours needs no lease (one Redis round trip less).
+            publish(task.app, self.message)
 
 
 def enqueue_after_commit(
@@ -85,21 +92,13 @@ def enqueue_after_commit(
 ) -> str:
     """Send ``task`` when ``session`` commits (never if it rolls back); the task id."""
     kwargs = dict(kwargs or {})
-    check_dispatch(task, args, kwargs)
+    check_arguments(task, args, kwargs)
     sync_session = _listen(session)
     custom_id = options.pop("task_id", None)
-    task_id = custom_id or str(uuid.uuid4())
-    dispatch = Dispatch(
-        task,
-        tuple(args),
-        kwargs,
-        options,
-        task_id,
-        _current_transaction(sync_session),
-        custom_id=custom_id is not None,
-    )
+    message = Message(task, tuple(args), kwargs, custom_id or str(uuid.uuid4()), options)
+    dispatch = Dispatch(message, _current_transaction(sync_session), custom_id is not None)
     sync_session.info.setdefault(_PENDING, []).append(dispatch)
-    return task_id
+    return message.task_id
 
 
 def pending_dispatches(session: AsyncSession | Session) -> list[Dispatch]:
@@ -161,7 +160,7 @@ class Unsent:
 
 def keep_unsent(session: Session, failed: list[Unsent]) -> None:
     """Write ``failed`` to the outbox, or report them lost and raise ``TaskDispatchError``."""
-    app = failed[0].dispatch.task.app
+    app = failed[0].dispatch.message.task.app  # type: ignore[union-attr] # a task object
     reason: Exception | None = None
     if app.conf.get("background_after_commit_fallback", "outbox") == "outbox":
         try:
@@ -176,25 +175,18 @@ def keep_unsent(session: Session, failed: list[Unsent]) -> None:
     for unsent in failed:
         _report(unsent, logging.ERROR, "lost", "Task lost: dispatch after commit failed",
                 outbox_error=None if reason is None else repr(reason))  # fmt: skip
-    first = failed[0]
+    first = failed[0].dispatch.message
     raise TaskDispatchError(
         f"{len(failed)} task(s) registered with delay_on_commit were not sent after the commit "
-        f"(first: {first.dispatch.task.name} [{first.dispatch.task_id}]: {first.error})"
+        f"(first: {first.task_name} [{first.task_id}]: {failed[0].error})"
         + ("" if reason is None else f"; writing them to the outbox failed too: {reason!r}"),
-        task_name=first.dispatch.task.name,
-        task_ids=tuple(unsent.dispatch.task_id for unsent in failed),
+        task_name=first.task_name,
+        task_ids=tuple(unsent.dispatch.message.task_id for unsent in failed),
     )
 
 
 def _write_to_outbox(session: Session, failed: list[Unsent]) -> None:
-    from sqlalchemy import Connection, insert
-
-    from .outbox import outbox_row, outbox_table
-
-    rows = [
-        outbox_row(d.task, d.task_id, d.args, d.kwargs, d.options)
-        for d in (unsent.dispatch for unsent in failed)
-    ]
+    rows = [outbox_row(unsent.dispatch.message) for unsent in failed]
     bind = session.get_bind()
     if isinstance(bind, Connection):
         # A session bound to one connection (a test's outer transaction): stay in it.
@@ -205,22 +197,21 @@ def _write_to_outbox(session: Session, failed: list[Unsent]) -> None:
             connection.execute(insert(outbox_table), rows)
 
 
-def _report(unsent: Unsent, level: int, outcome: str, message: str, **more: Any) -> None:
-    dispatch = unsent.dispatch
-    queue = str(dispatch.options.get("queue") or dispatch.task.background_queue)
-    record_dispatch_failure(dispatch.task.name, queue, outcome)
+def _report(unsent: Unsent, level: int, outcome: str, line: str, **more: Any) -> None:
+    message = unsent.dispatch.message
+    record_dispatch_failure(message.task_name, message.queue, outcome)
     logger.log(
         level,
-        message,
+        line,
         extra={
             "fields": {
-                "task_id": dispatch.task_id,
-                "task_name": dispatch.task.name,
-                "queue": queue,
+                "task_id": message.task_id,
+                "task_name": message.task_name,
+                "queue": message.queue,
                 "outcome": outcome,
                 # The keys only: argument values stay out of logs (README).
-                "argument_keys": sorted(dispatch.kwargs),
-                "positional_arguments": len(dispatch.args),
+                "argument_keys": sorted(message.kwargs),
+                "positional_arguments": len(message.args),
                 "error": repr(unsent.error),
                 **{key: value for key, value in more.items() if value is not None},
             }

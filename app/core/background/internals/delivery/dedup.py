@@ -19,30 +19,57 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from celery import signals
+from celery import Celery, signals
 from celery.exceptions import Reject, TimeLimitExceeded, WorkerLostError
 from celery.result import AsyncResult
 from celery.worker.state import REVOKE_EXPIRES
 
 from ..exceptions import TaskError
-from ..logging import FRAMEWORK_LOGGER_NAME, log_deduplicated
-from .lease_stores import REVOKED, LeaseStore
+from ..logging import FRAMEWORK_LOGGER_NAME
+from ..monitoring import task_metrics
+from ..registry import KEEP_UNTIL_HEADER, PERIOD_HEADER, TOKEN_HEADER, TTL_HEADER
+from ..retry import delay_scale
+from .lease_stores import REVOKED, DatabaseLeaseStore, LeaseStore, RedisLeaseStore
+from .publish import Message, bounded_dispatch, publish
 
 _log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
 
-# Message headers: the holder's token, the lease lifetime it was sent with,
-# and, for a periodic firing, the time until which the lease is kept.
-TOKEN_HEADER = "background_dedup_token"
-TTL_HEADER = "background_dedup_ttl"
-KEEP_UNTIL_HEADER = "background_dedup_keep_until"
 
-# An ``apply_async`` option (set by beat entries) asking for a period key.
-PERIOD_OPTION = "background_period"
-# Set on the options sent back to ``apply_async`` once the lease is taken.
-CLAIMED_OPTION = "background_dedup_claimed"
+def is_deduplicated(task_id: str | None, options: Mapping[str, Any]) -> bool:
+    """Whether a send goes through deduplication: a custom id, or a periodic firing."""
+    return task_id is not None or PERIOD_HEADER in (options.get("headers") or {})
+
+
+def log_deduplicated(
+    task_name: str,
+    task_id: str | None = None,
+    queue: str | None = None,
+    *,
+    where: str = "dispatch",
+    **fields: Any,
+) -> None:
+    """The framework's line (and metric) for a task skipped as a duplicate.
+
+    ``where``: ``dispatch`` (not sent) or ``worker`` (received, not run).
+    """
+    task_metrics().deduplicated.labels(task_name, queue or "").inc()
+    _log.info(
+        "Task deduplicated",
+        extra={
+            "fields": {
+                "task_id": task_id,
+                "task_name": task_name,
+                "queue": queue,
+                "outcome": "deduplicated",
+                "where": where,
+                **fields,
+            }
+        },
+    )
 
 
 class TaskIdRevokedError(TaskError):
@@ -130,57 +157,54 @@ class Deduplicator:
             self._store = self._store_factory()
         return self._store
 
-    def send(
-        self,
-        task: Any,
-        task_id: str | None,
-        options: dict[str, Any],
-        send: Callable[[str | None, dict[str, Any]], Any],
-    ) -> Any:
-        """Send through ``send(task_id, options)`` unless a lease on the id is held."""
-        headers = dict(options.get("headers") or {})
-        token = headers.get(TOKEN_HEADER)
-        options[CLAIMED_OPTION] = True
-        if options.get("retries"):
-            # A retry (or a retry after a lost worker) re-sends the same task
-            # with the same id and headers: it keeps, and extends, its lease if
-            # it has one. A retry of a task sent without a custom id has none and
-            # must not take one. A failing lease store must not drop the retry.
-            if token:
-                self._guarded(self.store.extend, task_id or "", token, float(headers[TTL_HEADER]))
-            return send(task_id, options)
-        period = options.pop(PERIOD_OPTION, None)
-        keep_until: float | None = None
-        if period is not None:
-            key, keep_until = period_key(period, task.app.now())
-            task_id = f"{task.name}:{key}"
-        if task_id is None:
-            return send(task_id, options)
-        scale = float(task.app.conf.get("background_retry_delay_scale", 1.0))
-        ttl = lease_lifetime(task, scale, self.queue_margin)
-        if keep_until is not None:
+    def send(self, app: Celery, message: Message) -> AsyncResult[Any]:
+        """Publish ``message`` unless a lease on its id is held; else the holder's result.
+
+        A retry (Celery re-sends the same task, with the same id and headers)
+        keeps, and extends, the lease it has; a retry of a task sent without a
+        custom id has none and takes none.
+        """
+        task = message.task
+        assert not isinstance(task, str), "deduplication needs the task object"
+        headers = dict(message.options.get("headers") or {})
+        if message.options.get("retries"):
+            if token := headers.get(TOKEN_HEADER):
+                # A failing lease store must not drop the retry: the lease then expires.
+                self._guarded(self.store.extend, message.task_id, token, float(headers[TTL_HEADER]))
+            return publish(app, message)
+        lease: dict[str, Any] = {}
+        ttl = lease_lifetime(task, delay_scale(app), self.queue_margin)
+        if (period := headers.pop(PERIOD_HEADER, None)) is not None:
+            key, keep_until = period_key(period, app.now())
+            message = replace(
+                message,
+                task_id=f"{task.name}:{key}",
+                options={**message.options, "headers": headers},
+            )
             ttl = max(ttl, keep_until - time.time())
+            lease[KEEP_UNTIL_HEADER] = keep_until
         token = uuid.uuid4().hex
-        holder = self.store.acquire(task_id, token, ttl)
-        if holder != token:
-            if holder == REVOKED:
-                raise TaskIdRevokedError(
-                    f"{task.name}: task_id {task_id!r} belongs to a revoked or expired task; "
-                    "Celery workers drop a new task with that id for "
-                    f"{self.revoke_expires:.0f}s: use another id"
-                )
-            queue = options.get("queue") or getattr(task, "background_queue", None)
-            log_deduplicated(task.name, task_id, str(getattr(queue, "name", queue)))
-            return AsyncResult(task_id, app=task.app)
-        headers.update({TOKEN_HEADER: token, TTL_HEADER: ttl})
-        if keep_until is not None:
-            headers[KEEP_UNTIL_HEADER] = keep_until
-        options["headers"] = headers
-        try:
-            return send(task_id, options)
-        except BaseException:
-            self.store.release(task_id, token)
-            raise
+        lease.update({TOKEN_HEADER: token, TTL_HEADER: ttl})
+        # The lease store is part of the dispatch: its time counts, its failure is one.
+        with bounded_dispatch(app, task.name, message.queue, [message.task_id]):
+            holder = self.store.acquire(message.task_id, token, ttl)
+            if holder != token:
+                return self._refused(app, message, holder)
+            try:
+                return publish(app, replace(message, headers={**message.headers, **lease}))
+            except BaseException:
+                self._guarded(self.store.release, message.task_id, token)
+                raise
+
+    def _refused(self, app: Celery, message: Message, holder: str | None) -> AsyncResult[Any]:
+        if holder == REVOKED:
+            raise TaskIdRevokedError(
+                f"{message.task_name}: task_id {message.task_id!r} belongs to a revoked or "
+                "expired task; Celery workers drop a new task with that id for "
+                f"{self.revoke_expires:.0f}s: use another id"
+            )
+        log_deduplicated(message.task_name, message.task_id, message.queue)
+        return AsyncResult(message.task_id, app=app)
 
     # -- the worker side ---------------------------------------------------
 
@@ -323,8 +347,6 @@ def connect_worker_signals() -> None:
 
 def store_from_settings(settings: Any) -> Callable[[], LeaseStore]:
     """The lease store that the settings select (built on first use)."""
-    from .lease_stores import DatabaseLeaseStore, RedisLeaseStore
-
     if settings.dedup_backend == "redis":
         url = settings.background_dedup_redis_url or settings.celery_broker_url
         return lambda: RedisLeaseStore(url)

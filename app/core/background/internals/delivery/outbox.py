@@ -33,11 +33,11 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from ..monitoring import record_dispatch
-from .publish import bounded_dispatch, check_dispatch
+from ..session import DatabaseConfig, create_engine
+from .publish import Message, check_arguments, publish
 
 if TYPE_CHECKING:
     from ..base import BaseTask
@@ -86,27 +86,21 @@ def enqueue_via_outbox(
 ) -> str:
     """Add ``task`` to the outbox in ``session``'s transaction; the task id."""
     kwargs = dict(kwargs or {})
-    check_dispatch(task, args, kwargs)
+    check_arguments(task, args, kwargs)
     task_id = str(options.pop("task_id", None) or uuid.uuid4())
-    session.add(OutboxMessage(**outbox_row(task, task_id, args, kwargs, options)))
+    session.add(OutboxMessage(**outbox_row(Message(task, tuple(args), kwargs, task_id, options))))
     return task_id
 
 
-def outbox_row(
-    task: BaseTask[Any, Any],
-    task_id: str,
-    args: Sequence[Any],
-    kwargs: Mapping[str, Any],
-    options: Mapping[str, Any],
-) -> dict[str, str]:
-    """The outbox columns of one task (arguments already checked)."""
+def outbox_row(message: Message) -> dict[str, str]:
+    """The outbox columns of one message (arguments already checked)."""
     # The relay may not import the task's module: keep the queue it routes to.
-    options = {"queue": task.background_queue, **options}
+    options = {**message.options, "queue": message.queue}
     try:
-        payload = dumps([list(args), dict(kwargs), options])
+        payload = dumps([list(message.args), dict(message.kwargs), options])
     except TypeError as exc:
-        raise ValueError(f"{task.name}: options must be JSON-serializable: {exc}") from exc
-    return {"task_id": task_id, "task_name": task.name, "payload": payload}
+        raise ValueError(f"{message.task_name}: options must be JSON-serializable: {exc}") from exc
+    return {"task_id": message.task_id, "task_name": message.task_name, "payload": payload}
 
 
 SessionFactory = Callable[[], AsyncSession]
@@ -168,21 +162,19 @@ def _publish(app: Celery, rows: Sequence[Any]) -> tuple[list[int], tuple[int, Ex
     sent: list[int] = []
     for row in rows:
         args, kwargs, options = loads(row.payload)
-        queue = str(options.get("queue") or "default")
+        # By name: the relay need not import every task module. (A custom id
+        # is therefore not deduplicated here, unlike .delay(); the writer's
+        # transaction decides whether the task exists at all.)
+        message = Message(row.task_name, tuple(args), kwargs, row.task_id, options)
         try:
-            # By name: the relay need not import every task module. (A custom id
-            # is therefore not deduplicated here, unlike .delay(); the writer's
-            # transaction decides whether the task exists at all.)
-            with bounded_dispatch(app, row.task_name, [row.task_id]):
-                app.send_task(row.task_name, args, kwargs, task_id=row.task_id, **options)
+            publish(app, message)
         except Exception as exc:  # noqa: BLE001 - kept in the row and retried by the next pass
             logger.warning(
                 "Outbox send failed",
                 extra={"fields": {"task_id": row.task_id, "task_name": row.task_name,
-                                  "queue": queue, "error": repr(exc)}},
+                                  "queue": message.queue, "error": repr(exc)}},
             )  # fmt: skip
             return sent, (row.id, exc)
-        record_dispatch(row.task_name, queue)
         sent.append(row.id)
     return sent, None
 
@@ -232,10 +224,6 @@ async def serve_relay(
     once: bool = False,
 ) -> int:
     """``run_relay`` on an engine of its own, disposed at the end (the CLI's entry point)."""
-    from sqlalchemy.ext.asyncio import async_sessionmaker
-
-    from ..session import DatabaseConfig, create_engine
-
     engine = create_engine(DatabaseConfig(url=database_url, pool_size=2))
     try:
         sessions = async_sessionmaker(engine, expire_on_commit=False)  # pragma: no mutate

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from celery.schedules import crontab, schedule
 
 from ..exceptions import TaskDefinitionError
-from .dedup import NAMED_PERIODS, PERIOD_OPTION
+from ..registry import PERIOD_HEADER
+from .dedup import NAMED_PERIODS
 
 TaskT = TypeVar("TaskT")
 
@@ -65,7 +66,12 @@ def periodic(
         task_name = getattr(task, "name", None)
         if not isinstance(task_name, str):
             raise TaskDefinitionError("@periodic goes above @simple_task or @db_task")
-        entry_options = {**(options or {}), PERIOD_OPTION: period_for(schedule_, period)}
+        entry_options = dict(options or {})
+        # The header asks the send path for the period's id and lease (delivery/dedup.py).
+        entry_options["headers"] = {
+            **(entry_options.get("headers") or {}),
+            PERIOD_HEADER: period_for(schedule_, period),
+        }
         entry = {
             "task": task_name,
             "schedule": schedule_,

@@ -1,50 +1,68 @@
-"""Bounded, honest publishing: a dispatch is sent, or it fails in bounded time with a typed error.
+"""The one way a task message leaves the process: ``publish``.
 
-Celery's defaults let a failed dispatch stall a request or look like a success:
+Every route ends here: ``.delay()``/``.apply_async()``, a deduplicated send
+(``dedup.py`` takes the lease, then publishes), a retry (Celery's
+``Task.retry`` calls ``apply_async``), a dispatch after commit
+(``after_commit.py``), the outbox relay (``outbox.py``, by task name) and a
+bulk send (``bulk.py``, many messages through one producer). ``publish``
+checks the arguments, adds the framework's headers, hands each message to
+Celery's own send (``Task.apply_async`` or ``Celery.send_task``: routing,
+the message format, serialization), bounds the whole dispatch in time, and
+counts what was sent and what was not.
+
+Bounded and honest, because Celery's defaults let a failed dispatch stall a
+request or look like a success:
 
 - a broker that accepts connections and never answers: kombu's Redis transport
   has no socket timeout by default, so ``.delay()`` waits forever;
-- a result backend that is down: the Redis backend's SUBSCRIBE (so that
-  ``.get()`` hears the result) reconnects 20 times over 19 s, then raises a
-  ``RuntimeError`` that names neither the task nor the server;
-- the ``SENT`` record (``status.py``) is written before the publish, and stays
-  when the publish fails: the status API says "pending" for a day.
+- a result backend that is down: the Redis backend's reconnect loop runs 20
+  times over 19 s, then raises a ``RuntimeError`` that names neither the task
+  nor the server;
+- the ``SENT`` record (``operations/status.py``) is written before the
+  publish, and stays when the publish fails: the status API says "pending".
 
-So every dispatch of the framework runs inside ``bounded_dispatch``. It sets a
-deadline (``BACKGROUND_DISPATCH_TIMEOUT``) that the retries respect: kombu's
-publish retries call ``deadline.stop_after_deadline`` (their errback, from
-``task_publish_retry_policy``), and the result backend's reconnects ask
-``deadline.past_deadline`` (``result_backend.py``); the sockets have the same timeout
-(``celery_app.build_celery_config``). When the broker did not take the message
-in time, the ``SENT`` record goes and ``TaskDispatchError`` names the task, its
-id and the servers (passwords masked).
-
-``BoundedAMQP`` puts the same deadline on every publish that does not run
-inside ``bounded_dispatch`` (Celery's own: canvas callbacks, retries sent by
-a worker), so that ``max_retries=None`` in the retry policy can never mean
-"retry forever". Written by hand: kombu and Celery offer per-attempt
-timeouts only, no deadline over a whole dispatch.
+So a dispatch runs inside ``bounded_dispatch``: a deadline
+(``BACKGROUND_DISPATCH_TIMEOUT``) that kombu's publish retries respect (their
+errback, ``transport.deadline.stop_after_deadline``) and the result backend's
+reconnects too; the sockets have the same timeout (``celery_app``). When the
+broker did not take a message in time, its ``SENT`` record goes and
+``TaskDispatchError`` names the task, its id and the servers (passwords
+masked). ``BoundedAMQP`` puts the same deadline on the publishes Celery makes
+by itself (canvas callbacks), so ``max_retries=None`` in the publish retry
+policy never means "retry forever". Written by hand: kombu and Celery offer
+per-attempt timeouts only, no deadline over a whole dispatch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from celery import Celery, Task
 from celery.app.amqp import AMQP
+from celery.result import AsyncResult
+from celery.utils import uuid
 from kombu.exceptions import EncodeError, KombuError
 from kombu.utils.json import dumps
 from redis.exceptions import RedisError
 
 from ..exceptions import TaskArgumentError, TaskDispatchError
 from ..logging import mask_url_passwords
-from ..operations.status import forget_unsent
+from ..monitoring import record_dispatch, record_dispatch_failure
+from ..operations.status import buffered_sent_records, forget_unsent
 from ..transport.deadline import deadline_in
 
+if TYPE_CHECKING:
+    from ..base import BaseTask
+
 DEFAULT_DISPATCH_TIMEOUT = 5.0
+
+# Messages per Redis pipeline in a bulk send: large enough to amortise the
+# round trip, small enough to keep the client's buffer and the reply modest.
+DEFAULT_BATCH_SIZE = 500
 
 # What a broker or result backend that is down or silent raises on the way out:
 # kombu's OperationalError (its connection errors, re-raised as library
@@ -53,36 +71,164 @@ DEFAULT_DISPATCH_TIMEOUT = 5.0
 _UNREACHABLE = (KombuError, RedisError, OSError, RuntimeError)
 
 
-def check_dispatch(task: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
-    """Check the arguments as ``apply_async`` would; the JSON the broker would carry.
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One task message on its way out: which task, its arguments, id and options.
 
-    For the dispatches that send later (after commit, outbox): a bad call fails
-    in the caller, before anything is committed.
+    ``task`` is the task object, or only its name where the sender need not
+    import the task (the outbox relay). ``options`` are Celery's
+    (``countdown``, ``queue``, ``priority``...); ``headers`` are the
+    framework's own (``registry.TOKEN_HEADER``...), added to the message's.
     """
-    task.check_arguments(args, kwargs)
+
+    task: BaseTask[Any, Any] | str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    task_id: str = field(default_factory=uuid)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_name(self) -> str:
+        return self.task if isinstance(self.task, str) else self.task.name
+
+    @property
+    def queue(self) -> str:
+        """The queue it goes to: the option, else the task's declared queue."""
+        queue = self.options.get("queue")
+        name = getattr(queue, "name", queue)  # a kombu Queue or its name
+        if name:
+            return str(name)
+        return "default" if isinstance(self.task, str) else self.task.background_queue
+
+    def celery_options(self) -> dict[str, Any]:
+        """``options`` with the framework's headers merged into Celery's ``headers``.
+
+        Without ``producer``: ``publish_many`` sends every message through one.
+        """
+        options = {name: value for name, value in self.options.items() if name != "producer"}
+        if self.headers:
+            options["headers"] = {**(options.get("headers") or {}), **self.headers}
+        return options
+
+
+def check_arguments(
+    task: BaseTask[Any, Any], args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> str:
+    """Check a call as ``publish`` will; the JSON the broker would carry.
+
+    For the routes that publish later (after commit, the outbox): a bad call
+    fails in the caller, before anything is committed.
+    """
+    task.check_arguments(tuple(args), kwargs)
     try:
         return dumps([list(args), dict(kwargs)])
     except TypeError as exc:
         raise TaskArgumentError(f"{task.name}: arguments must be JSON-serializable: {exc}") from exc
 
 
+def publish(app: Celery, message: Message) -> AsyncResult[Any]:
+    """Send one message (see the module doc); its result, or ``TaskDispatchError``."""
+    return publish_many(app, [message])[0]
+
+
+def publish_many(
+    app: Celery, messages: Sequence[Message], *, batch_size: int = DEFAULT_BATCH_SIZE
+) -> list[AsyncResult[Any]]:
+    """Send ``messages`` in order through one producer; their results.
+
+    Every message with a task object is checked first (a bad call sends
+    none). Where the transport defers publishes (Redis), each ``batch_size``
+    messages go out as one pipeline, after their ``SENT`` records (a worker
+    must never find ``SENT`` written after its own state). Arguments that
+    cannot be serialized are found while sending: the messages before them
+    are sent, as a loop of ``.delay()`` would send them.
+    """
+    if batch_size < 1:
+        raise TaskArgumentError("batch_size must be at least 1")
+    for message in messages:
+        if not isinstance(message.task, str):
+            message.task.check_arguments(message.args, message.kwargs)
+    if not messages:
+        return []
+    first = messages[0]
+    results: list[AsyncResult[Any]] = []
+    # The ids of the chunk being sent: not known to be sent until its pipeline is.
+    unconfirmed: list[str] = []
+    try:
+        with (
+            bounded_dispatch(app, first.task_name, first.queue, unconfirmed),
+            app.producer_or_acquire(first.options.get("producer")) as producer,
+        ):
+            deferred = len(messages) > 1 and bool(
+                getattr(producer, "supports_batch_publish", False)
+            )
+            for start in range(0, len(messages), batch_size):
+                chunk = messages[start : start + batch_size]
+                # Exits run inner first: the chunk's SENT records are written,
+                # then its messages published.
+                with _pipelined(producer, deferred, len(chunk)), _buffered(app, deferred):
+                    for message in chunk:
+                        unconfirmed.append(message.task_id)
+                        results.append(_send(app, producer, message))
+                for message in chunk:
+                    record_dispatch(message.task_name, message.queue)
+                unconfirmed.clear()
+    except EncodeError as exc:
+        raise TaskArgumentError(
+            f"{first.task_name}: arguments must be JSON-serializable: {exc}"
+        ) from exc
+    return results
+
+
+def _send(app: Celery, producer: Any, message: Message) -> AsyncResult[Any]:
+    options = message.celery_options()
+    if isinstance(message.task, str):
+        return app.send_task(
+            message.task, message.args, dict(message.kwargs), task_id=message.task_id,
+            producer=producer, **options,
+        )  # fmt: skip
+    # Celery's own apply_async (not the framework's override, which routes here):
+    # the task's defaults, routing, shadow name, links, parent and root ids.
+    sent: AsyncResult[Any] = Task.apply_async(
+        message.task, message.args, dict(message.kwargs), message.task_id,
+        producer=producer, **options,
+    )  # fmt: skip
+    return sent
+
+
+def _pipelined(producer: Any, deferred: bool, size: int) -> contextlib.AbstractContextManager[Any]:
+    """kombu's publish batch (one Redis pipeline) for a bulk send, else nothing."""
+    # Each message is a few commands in the pipeline (LPUSH, and its SENT SET).
+    return producer.batch(max_size=2 * size + 16) if deferred else contextlib.nullcontext()
+
+
+def _buffered(app: Celery, deferred: bool) -> contextlib.AbstractContextManager[Any]:
+    # Where publishes are not deferred (RabbitMQ, one message), neither are SENT records.
+    return buffered_sent_records(app) if deferred else contextlib.nullcontext()
+
+
+# -- the deadline ----------------------------------------------------------------------
+
+
 def dispatch_timeout(app: Celery) -> float:
     return float(app.conf.get("background_dispatch_timeout") or DEFAULT_DISPATCH_TIMEOUT)
 
 
-@contextmanager
+@contextlib.contextmanager
 def bounded_dispatch(
-    app: Celery, task_name: str, unconfirmed: Sequence[str] = ()
+    app: Celery, task_name: str, queue: str, unconfirmed: Sequence[str] = ()
 ) -> Iterator[None]:
-    """Run one dispatch (or one bulk send) within the dispatch timeout.
+    """Run one dispatch (with its lease, or a whole bulk send) within the dispatch timeout.
 
     ``unconfirmed``: the ids whose messages are not known to have reached the
-    broker; a bulk sender empties it as its chunks go out. On failure their
-    ``SENT`` records are removed and ``TaskDispatchError`` is raised.
+    broker (a bulk send empties it as its chunks go out). On failure their
+    ``SENT`` records are removed, each is counted as raised, and
+    ``TaskDispatchError`` is raised. Inside another bounded dispatch it
+    only runs the block: the outer one reports.
     """
     with deadline_in(dispatch_timeout(app)) as owner:
         if not owner:
-            # The outer dispatch reports the failure (apply_async around send_task).
             yield
             return
         started = time.monotonic()
@@ -91,11 +237,14 @@ def bounded_dispatch(
         except (TaskArgumentError, EncodeError, TaskDispatchError):
             raise
         except _UNREACHABLE as exc:
-            forget_unsent(app, list(unconfirmed))
+            ids = list(unconfirmed)
+            forget_unsent(app, ids)
+            for _ in range(max(1, len(ids))):
+                record_dispatch_failure(task_name, queue, "raised")
             raise TaskDispatchError(
-                _explain(app, task_name, list(unconfirmed), exc, time.monotonic() - started),
+                _explain(app, task_name, ids, exc, time.monotonic() - started),
                 task_name=task_name,
-                task_ids=tuple(unconfirmed),
+                task_ids=tuple(ids),
             ) from exc
 
 

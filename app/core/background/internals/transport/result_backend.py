@@ -61,9 +61,20 @@ class AtomicRedisBackend(RedisBackend):
     _get_result_meta: Callable[..., dict[str, Any]]
     _store_script: Any = None
 
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Do not subscribe to the result at publish time; ``AsyncResult.get()`` does.
+
+        Celery's Redis backend SUBSCRIBEs to every task's result channel as it is
+        sent, in case ``.get()`` follows: a round trip per ``.delay()``, and a
+        channel held open per task in a web process that never asks. ``get()``
+        subscribes by itself (``add_pending_result``) and then reads the stored
+        result once (``on_wait_for_pending``), so a result stored before the
+        subscription is not missed.
+        """
+
     def on_connection_error(self, max_retries: Any, exc: Any, intervals: Any, retries: Any) -> Any:
-        # Celery reconnects 20 times over 19 s; a dispatch (the SUBSCRIBE of
-        # ``.delay()``) gives up at its deadline instead (``publish.py``).
+        # Celery reconnects 20 times over 19 s; a dispatch (the SENT record, a
+        # result written by a worker) gives up at its deadline instead (``delivery/publish.py``).
         if past_deadline():
             raise exc
         return super().on_connection_error(max_retries, exc, intervals, retries)

@@ -1,0 +1,25 @@
+"""Hooks around task runs, the framework's logging set-up, and its Prometheus metrics."""
+
+from .internals.logging import configure_logging, mask_url_passwords
+from .internals.monitoring import StatsCounter, TaskMetrics, Timer, task_metrics
+from .internals.observability.hooks import TaskHook, hooks
+from .internals.observability.metrics_export import (
+    enable_multiprocess as enable_multiprocess_metrics,
+)
+from .internals.observability.metrics_export import render_metrics
+
+__all__ = (
+    # hooks
+    "TaskHook",
+    "hooks",
+    # logging
+    "configure_logging",
+    "mask_url_passwords",
+    # metrics
+    "TaskMetrics",
+    "task_metrics",
+    "render_metrics",
+    "enable_multiprocess_metrics",
+    "StatsCounter",
+    "Timer",
+)
