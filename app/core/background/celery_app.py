@@ -25,12 +25,12 @@ from .internals.event_loop import worker_loop
 from .internals.logging import configure_logging, worker_log_level
 from .internals.observability.hooks import hooks
 from .internals.observability.metrics_export import (
-    MetricsHook,
     enable_multiprocess,
     mark_process_dead,
     remove_multiprocess_dir,
     start_metrics_server,
 )
+from .internals.observability.metrics_hook import MetricsHook
 from .internals.operations.status import on_before_publish
 from .internals.registry import current_app, use_app
 from .internals.retry import QUEUE_NAMES, RETRY_POLICIES

@@ -46,22 +46,119 @@ T = TypeVar("T")
 _CANCEL_GRACE_SECONDS = 5.0
 
 
+class LoopThread:
+    """An event loop running on a daemon thread of this process, started on first use.
+
+    For code that must await from threads that have no loop of their own (or
+    from inside another running loop): the threads pool's tasks, the lease
+    store's queries. A forked child starts its own: the parent's thread does
+    not exist there.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._loop is not None and self._pid == os.getpid()
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The thread's loop, started on first use in this process."""
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def serve() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                thread = threading.Thread(target=serve, name=self.name, daemon=True)
+                thread.start()
+                ready.wait()
+                self._loop, self._thread, self._pid = loop, thread, os.getpid()
+            return self._loop
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the thread's loop and wait here for its result.
+
+        If the wait is interrupted (Celery's ``SoftTimeLimitExceeded``, a
+        timeout), the coroutine is cancelled and given time to clean up
+        before the interruption propagates, so the next caller finds a clean loop.
+        """
+        loop = self.loop()
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError(f"{self.name}: run() called from inside its own loop")
+        outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+        started: list[asyncio.Task[T]] = []
+
+        def start() -> None:
+            task = loop.create_task(coro)
+            started.append(task)
+            task.add_done_callback(lambda done: _copy_outcome(done, outcome))
+
+        loop.call_soon_threadsafe(start)
+        try:
+            return outcome.result(timeout)
+        except BaseException:
+            if not outcome.done():
+                unwound = threading.Event()
+
+                def cancel() -> None:
+                    # Runs after start(): call_soon_threadsafe keeps order.
+                    task = started[0]
+                    task.add_done_callback(lambda _: unwound.set())
+                    task.cancel()
+
+                loop.call_soon_threadsafe(cancel)
+                unwound.wait(_CANCEL_GRACE_SECONDS)
+            raise
+
+    def stop(self, final: Coroutine[Any, Any, Any] | None = None) -> None:
+        """Run ``final`` (for example disposing an engine), then stop the loop and its thread."""
+        if not self.is_running:
+            if final is not None:
+                final.close()
+            return
+        loop, thread = self._loop, self._thread
+        assert loop is not None
+        assert thread is not None
+        if final is not None:
+            # Shutdown is best effort: a failing dispose must not block the exit.
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(final, loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        if not thread.is_alive():
+            loop.close()
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop a loop inherited through fork: it belongs to the parent's thread."""
+        self._loop = self._thread = None
+        self._pid = None
+
+
 class WorkerEventLoop:
     """A long-lived event loop owned by one process: in its main thread or a daemon thread."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         # The daemon thread's loop (pool threads).
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._pid: int | None = None
+        self._loop_thread = LoopThread("background-event-loop")
         # The main thread's loop (prefork pool processes, solo).
         self._main_loop: asyncio.AbstractEventLoop | None = None
         self._main_pid: int | None = None
 
     @property
     def is_running(self) -> bool:
-        return self._loop is not None and self._pid == os.getpid()
+        """Whether the daemon thread's loop runs in this process."""
+        return self._loop_thread.is_running
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on this process's loop and return its result (see the module doc)."""
@@ -79,7 +176,7 @@ class WorkerEventLoop:
                 "cannot also run from another thread or from inside a running loop "
                 "(the engine's connections belong to one loop)"
             )
-        return self._run_on_loop_thread(coro)
+        return self._loop_thread.run(coro)
 
     def _run_in_main_thread(self, coro: Coroutine[Any, Any, T]) -> T:
         loop = self._main_loop
@@ -128,67 +225,6 @@ class WorkerEventLoop:
             if swap:
                 signal.signal(SIG_SOFT_TIMEOUT, soft_timeout_sighandler)
 
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The process's loop, started on first use."""
-        loop = self._loop
-        if loop is not None and self._pid == os.getpid():
-            return loop
-        with self._lock:
-            if self._loop is None or self._pid != os.getpid():
-                self._start()
-            assert self._loop is not None
-            return self._loop
-
-    def _start(self) -> None:
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        thread = threading.Thread(target=run, name="background-event-loop", daemon=True)
-        thread.start()
-        ready.wait()
-        self._loop, self._thread, self._pid = loop, thread, os.getpid()
-
-    def _run_on_loop_thread(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the daemon thread's loop and wait for its result here.
-
-        If the wait is interrupted (Celery's ``SoftTimeLimitExceeded``), the
-        coroutine is cancelled and given time to clean up before the
-        interruption propagates, so the next task finds a clean loop.
-        """
-        loop = self.loop()
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("WorkerEventLoop.run() called from inside its own loop")
-        outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
-        started: list[asyncio.Task[T]] = []
-
-        def start() -> None:
-            task = loop.create_task(coro)
-            started.append(task)
-            task.add_done_callback(lambda done: _copy_outcome(done, outcome))
-
-        loop.call_soon_threadsafe(start)
-        try:
-            return outcome.result()
-        except BaseException:
-            if not outcome.done():
-                unwound = threading.Event()
-
-                def cancel() -> None:
-                    # Runs after start(): call_soon_threadsafe keeps order.
-                    task = started[0]
-                    task.add_done_callback(lambda _: unwound.set())
-                    task.cancel()
-
-                loop.call_soon_threadsafe(cancel)
-                unwound.wait(_CANCEL_GRACE_SECONDS)
-            raise
-
     def stop(self, final: Coroutine[Any, Any, Any] | None = None) -> None:
         """Run ``final`` (for example disposing an engine), then stop the loop."""
         main = self._main_loop if self._main_pid == os.getpid() else None
@@ -204,28 +240,12 @@ class WorkerEventLoop:
                 final = None
             main.close()
             self._main_loop = self._main_pid = None
-        if not self.is_running:
-            if final is not None:
-                final.close()
-            return
-        loop, thread = self._loop, self._thread
-        assert loop is not None
-        assert thread is not None
-        if final is not None:
-            # Shutdown is best effort: a failing dispose must not block the exit.
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(final, loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        if not thread.is_alive():
-            loop.close()
-        self._loop = self._thread = None
-        self._pid = None
+        self._loop_thread.stop(final)
 
     def forget(self) -> None:
         """Drop loops inherited through fork: they belong to the parent (and its threads)."""
-        self._loop = self._thread = self._main_loop = None
-        self._pid = self._main_pid = None
+        self._loop_thread.forget()
+        self._main_loop = self._main_pid = None
 
 
 def _loop_running_here() -> bool:

@@ -8,8 +8,7 @@ shuts down. Using it before it is configured is a clear error.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,11 +123,6 @@ class DatabaseRuntime:
         self.engine  # noqa: B018 - opens the engine in this process if needed
         assert self._sessions is not None
         return self._sessions
-
-    @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
-        async with self.session_factory()() as session:
-            yield session
 
     async def dispose(self) -> None:
         """Close every pooled connection of this process's engine."""

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
-from collections.abc import Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-T = TypeVar("T")
+import redis
+from sqlalchemy import text
+
+from ..event_loop import LoopThread
+from ..session import DatabaseConfig, create_engine, create_table
 
 # The value a revoked or expired task id is kept under: not a holder's token.
 REVOKED = "revoked"
@@ -82,8 +84,6 @@ class RedisLeaseStore:
     def _script(self, name: str) -> Any:
         if self._pid != os.getpid():
             # A client inherited through fork would share its sockets with the parent.
-            import redis
-
             self._client = redis.Redis.from_url(self.url)
             self._scripts = {
                 "acquire": self._client.register_script(_ACQUIRE),
@@ -146,34 +146,10 @@ RETURNING token
 
 # Any constant: the advisory lock that serializes the table's creation.
 _CREATE_LOCK_ID = 0x6267_6C65_6173_65  # "bglease"; pragma: no mutate (any constant works)
+# A bound on one lease call, not behaviour: pragma: no mutate
+_CALL_TIMEOUT = 60.0  # pragma: no mutate
 # A lease call and a release from a signal handler at once; any small size works.
 _POOL_SIZE = 2  # pragma: no mutate
-
-
-class _LoopThread:
-    """An event loop on a daemon thread of this process, for the async engine.
-
-    Producers call from plain threads and from inside a running event loop
-    (a FastAPI endpoint), where ``asyncio.run`` is not allowed; the worker's
-    main process calls from signal handlers. A loop of our own serves them all.
-    """
-
-    def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pid: int | None = None
-        self._lock = threading.Lock()
-
-    # The timeout's exact value is a bound, not behaviour: pragma: no mutate
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:  # pragma: no mutate
-        with self._lock:
-            if self._loop is None or self._pid != os.getpid():
-                self._loop = asyncio.new_event_loop()
-                self._pid = os.getpid()
-                threading.Thread(
-                    target=self._loop.run_forever, name="dedup-leases", daemon=True
-                ).start()
-            loop = self._loop
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
 
 class DatabaseLeaseStore:
@@ -188,13 +164,12 @@ class DatabaseLeaseStore:
         self._engine: Any = None
         self._engine_pid: int | None = None
         self._ready = asyncio.Lock()
-        self._loop = _LoopThread()
+        # Producers call from plain threads and from inside a running event loop
+        # (a FastAPI endpoint), where ``asyncio.run`` is not allowed; the worker's
+        # main process calls from signal handlers. A loop of our own serves them all.
+        self._loop = LoopThread("dedup-leases")
 
     async def _execute(self, sql: str, **params: Any) -> Any:
-        from sqlalchemy import text
-
-        from ..session import DatabaseConfig, create_engine, create_table
-
         if self._engine_pid != os.getpid():
             # Runs on this process's one loop thread: no other coroutine can
             # interleave before the lock exists.
@@ -213,10 +188,10 @@ class DatabaseLeaseStore:
         """Dispose this process's engine (its pooled connections)."""
         if self._engine is not None and self._engine_pid == os.getpid():
             engine, self._engine = self._engine, None
-            self._loop.run(engine.dispose())
+            self._loop.run(engine.dispose(), _CALL_TIMEOUT)
 
     def _run(self, sql: str, **params: Any) -> Any:
-        return self._loop.run(self._execute(sql, **params))
+        return self._loop.run(self._execute(sql, **params), _CALL_TIMEOUT)
 
     def acquire(self, key: str, token: str, ttl: float) -> str | None:
         # Two statements: a holder that releases (or expires) between them leaves

@@ -92,11 +92,6 @@ class WorkerProcess:
         self.stop()
         raise WorkerStartError(f"worker not ready after {timeout}s:\n{output}")
 
-    def wait_exit(self, timeout: float = 60.0) -> int:
-        """Wait for a worker expected to exit by itself; its exit code."""
-        assert self.process is not None
-        return self.process.wait(timeout)
-
     def kill(self) -> None:
         """SIGKILL the worker and its pool children at once (a crash)."""
         if self.process is not None and self.process.poll() is None:
