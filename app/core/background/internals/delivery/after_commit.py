@@ -28,7 +28,6 @@ broker does not take after the commit goes to the outbox, or is reported lost
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,7 +41,7 @@ from ..exceptions import TaskDispatchError
 from ..monitoring import record_dispatch_failure
 from .dedup import deduplicator
 from .outbox import outbox_row, outbox_table
-from .publish import Message, check_arguments, publish
+from .publish import Message, checked_message, publish
 
 if TYPE_CHECKING:
     from ..base import BaseTask
@@ -91,12 +90,10 @@ def enqueue_after_commit(
     **options: Any,
 ) -> str:
     """Send ``task`` when ``session`` commits (never if it rolls back); the task id."""
-    kwargs = dict(kwargs or {})
-    check_arguments(task, args, kwargs)
+    message = checked_message(task, args, kwargs, options)
     sync_session = _listen(session)
-    custom_id = options.pop("task_id", None)
-    message = Message(task, tuple(args), kwargs, custom_id or str(uuid.uuid4()), options)
-    dispatch = Dispatch(message, _current_transaction(sync_session), custom_id is not None)
+    deduplicated = options.get("task_id") is not None
+    dispatch = Dispatch(message, _current_transaction(sync_session), deduplicated)
     sync_session.info.setdefault(_PENDING, []).append(dispatch)
     return message.task_id
 

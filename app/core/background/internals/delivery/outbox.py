@@ -14,7 +14,6 @@ commit sends the row again, with the same task id.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -37,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from ..session import DatabaseConfig, create_engine
-from .publish import Message, check_arguments, publish
+from .publish import Message, checked_message, publish
 
 if TYPE_CHECKING:
     from ..base import BaseTask
@@ -85,11 +84,9 @@ def enqueue_via_outbox(
     **options: Any,
 ) -> str:
     """Add ``task`` to the outbox in ``session``'s transaction; the task id."""
-    kwargs = dict(kwargs or {})
-    check_arguments(task, args, kwargs)
-    task_id = str(options.pop("task_id", None) or uuid.uuid4())
-    session.add(OutboxMessage(**outbox_row(Message(task, tuple(args), kwargs, task_id, options))))
-    return task_id
+    message = checked_message(task, args, kwargs, options)
+    session.add(OutboxMessage(**outbox_row(message)))
+    return message.task_id
 
 
 def outbox_row(message: Message) -> dict[str, str]:

@@ -112,19 +112,26 @@ class Message:
         return options
 
 
-def check_arguments(
-    task: BaseTask[Any, Any], args: Sequence[Any], kwargs: Mapping[str, Any]
-) -> str:
-    """Check a call as ``publish`` will; the JSON the broker would carry.
+def checked_message(
+    task: BaseTask[Any, Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None,
+    options: Mapping[str, Any],
+) -> Message:
+    """The message of a call, checked now, for a route that publishes it later.
 
-    For the routes that publish later (after commit, the outbox): a bad call
-    fails in the caller, before anything is committed.
+    After commit and through the outbox: a bad call fails in the caller,
+    before anything is committed. ``options["task_id"]`` (if any) is its id.
     """
+    kwargs = dict(kwargs or {})
     task.check_arguments(tuple(args), kwargs)
     try:
-        return dumps([list(args), dict(kwargs)])
+        dumps([list(args), kwargs])
     except TypeError as exc:
         raise TaskArgumentError(f"{task.name}: arguments must be JSON-serializable: {exc}") from exc
+    options = dict(options)
+    task_id = options.pop("task_id", None)
+    return Message(task, tuple(args), kwargs, str(task_id or uuid()), options)
 
 
 def publish(app: Celery, message: Message) -> AsyncResult[Any]:
