@@ -64,3 +64,52 @@ def test_the_old_class_name_is_gone() -> None:
 
     assert not hasattr(base, "BackgroundTask")
     assert "BackgroundTask" not in background.__all__
+
+
+def _tree_in_guide() -> set[str]:
+    """The paths the guide's Architecture tree lists, relative to the package."""
+    from pathlib import Path
+
+    guide = Path(background.__file__).with_name("README.md").read_text()
+    section = guide.split("## Architecture", 1)[1]
+    block = section.split("```", 2)[1]
+    paths: set[str] = set()
+    folders: list[str] = []  # the folder open at each depth
+    for line in block.splitlines()[2:]:  # after "app/core/background/"
+        marker = max(line.find("├── "), line.find("└── "))
+        if marker < 0:
+            continue
+        depth = marker // 4
+        name = line[marker + 4 :].split("#", 1)[0].strip()
+        del folders[depth:]
+        if name.endswith("/"):
+            folders.append(name.rstrip("/"))
+        else:
+            paths.add("/".join([*folders, name]))
+    return paths
+
+
+def test_the_guides_architecture_tree_is_the_package_on_disk() -> None:
+    from pathlib import Path
+
+    root = Path(background.__file__).parent
+    on_disk = {
+        str(path.relative_to(root))
+        for path in root.rglob("*")
+        if path.is_file()
+        and path.suffix in (".py", ".md")
+        and "__pycache__" not in path.parts
+        and not (path.name == "__init__.py" and path.parent != root)
+    }
+    listed = _tree_in_guide()
+    assert sorted(on_disk - listed) == [], "files missing from the guide's tree"
+    assert sorted(listed - on_disk) == [], "the guide's tree lists files that do not exist"
+
+
+def test_the_top_level_api_stays_small() -> None:
+    # The everyday names; the rest lives in public modules named for their job.
+    assert len(background.__all__) <= 26
+    assert set(background.__all__) >= {
+        "simple_task", "db_task", "TaskContext", "TaskTestContext", "mock_task_session",
+        "TaskValidationError", "TaskNotFoundError", "TaskConfigurationError", "TaskError",
+    }  # fmt: skip
