@@ -25,8 +25,6 @@ KEEP_UNTIL_HEADER = "background_dedup_keep_until"
 # Set by a ``@periodic`` beat entry: the period whose key becomes the task id.
 PERIOD_HEADER = "background_period"
 
-FRAMEWORK_HEADERS = (TOKEN_HEADER, TTL_HEADER, KEEP_UNTIL_HEADER, PERIOD_HEADER)
-
 
 # -- the Celery app -------------------------------------------------------------------
 
