@@ -73,10 +73,11 @@ class LifecycleLogger(TaskHook):
 
 
 class HookRegistry:
-    """The hooks of this process, called in registration order."""
+    """The hooks of this process, called in registration order after the built-in ones."""
 
-    def __init__(self) -> None:
-        self._hooks: list[TaskHook] = []
+    def __init__(self, *builtin: TaskHook) -> None:
+        self._builtin = builtin
+        self._hooks: list[TaskHook] = list(builtin)
 
     def register(self, hook: TaskHook) -> TaskHook:
         self._hooks.append(hook)
@@ -86,7 +87,8 @@ class HookRegistry:
         self._hooks.remove(hook)
 
     def clear(self) -> None:
-        self._hooks.clear()
+        """Back to the built-in hooks only (tests)."""
+        self._hooks[:] = self._builtin
 
     def __iter__(self) -> Any:
         return iter(tuple(self._hooks))
@@ -117,8 +119,7 @@ def _guarded(method: Any, *args: Any) -> None:
         _log.exception("Task hook %r failed; the task is not affected", method)
 
 
-hooks = HookRegistry()
 # Also called on its own for a run in a test (``task(ctx, ...)``, see
-# ``BaseTask.run_directly``), where the other hooks (metrics, the users') stay out.
+# ``runner.run_directly``), where the other hooks (metrics, the users') stay out.
 lifecycle = LifecycleLogger()
-hooks.register(lifecycle)
+hooks = HookRegistry(lifecycle)
