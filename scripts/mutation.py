@@ -68,9 +68,10 @@ TARGETS = (
            ("tests/unit/test_error_classification.py",
             "tests/integration/test_postgres_errors.py")),
     Target("retry", f"{INTERNALS}/retry.py", ("tests/unit/test_retry_policies.py",)),
-    Target("run_decision", f"{INTERNALS}/base.py",
+    Target("run_decision", f"{INTERNALS}/runner.py",
            ("tests/integration/test_worker_redis_postgres.py",),
-           definitions=("_after_failure", "_run_in_transaction", "execute"), timeout=300),
+           definitions=("_after_failure", "failure_outcome", "_run_in_transaction", "execute"),
+           timeout=300),
 )  # fmt: skip
 
 # One replacement per binary operator and the comparisons that move a boundary
