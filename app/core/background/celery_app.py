@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 from celery import Celery, signals
@@ -212,7 +212,14 @@ class WorkerSignals:
         self.metrics_server: Any = None
         self.metrics_dir: Path | None = None
 
+    # Celery's signals and the hook registry belong to the process: connected once,
+    # by the first app built, however many apps a process builds.
+    connected: ClassVar[bool] = False
+
     def connect(self) -> None:
+        if WorkerSignals.connected:
+            return
+        WorkerSignals.connected = True
         hooks.register(MetricsHook())
         connect_dedup_signals()
         # Celery's signals hold receivers weakly by default: these are bound methods.

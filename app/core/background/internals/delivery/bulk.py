@@ -7,8 +7,9 @@ nothing: a bad call sends none), then hands every message to ``publish_many``
 where the transport supports it (kombu's ``Producer.batch``: Redis), one
 pipeline per ``batch_size`` messages.
 
-Arguments that are not JSON-serializable are found while sending, so the
-calls before such an argument are sent (as a loop would send them).
+Arguments that are not JSON-serializable are found while sending: on Redis
+the pipeline holding such an argument is discarded (earlier pipelines are
+sent); elsewhere the calls before it are sent, as a loop would send them.
 What it does not do: custom task ids (deduplication is per call; use
 ``.apply_async(task_id=...)``), and publishing atomically (a broker failure
 halfway leaves the first messages sent, as a loop would).

@@ -148,8 +148,9 @@ def publish_many(
     none). Where the transport defers publishes (Redis), each ``batch_size``
     messages go out as one pipeline, after their ``SENT`` records (a worker
     must never find ``SENT`` written after its own state). Arguments that
-    cannot be serialized are found while sending: the messages before them
-    are sent, as a loop of ``.delay()`` would send them.
+    cannot be serialized are found while sending: a pipeline that holds one is
+    discarded with its ``SENT`` records (earlier pipelines are sent); without
+    pipelines the messages before it are sent, as a loop of ``.delay()`` would.
     """
     if batch_size < 1:
         raise TaskArgumentError("batch_size must be at least 1")
