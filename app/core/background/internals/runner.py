@@ -176,10 +176,11 @@ def failure_outcome(
     task: BaseTask[Any, Any], exc: Exception, retries: int
 ) -> tuple[str | None, float]:
     """``(None, delay)``: retry after ``retries`` retries; ``(reason, 0)``: a final failure."""
+    # The delay of a final failure is never read (equivalent mutants): pragma: no mutate
     if not is_retriable(exc):
-        return "non-retriable", 0.0
+        return "non-retriable", 0.0  # pragma: no mutate
     if task.max_retries is not None and retries >= task.max_retries:
-        return "retries exhausted", 0.0
+        return "retries exhausted", 0.0  # pragma: no mutate
     delay = task.policy.delay_for(retries, delay_scale(task.app))
     # An error may say how long to wait at least (an open circuit breaker).
     return None, max(delay, float(getattr(exc, "retry_after", 0) or 0))

@@ -152,8 +152,6 @@ def publish_many(
     discarded with its ``SENT`` records (earlier pipelines are sent); without
     pipelines the messages before it are sent, as a loop of ``.delay()`` would.
     """
-    if batch_size < 1:
-        raise TaskArgumentError("batch_size must be at least 1")
     for message in messages:
         if not isinstance(message.task, str):
             message.task.check_arguments(message.args, message.kwargs)
