@@ -62,7 +62,7 @@ TARGETS = (
             "tests/integration/test_dispatch_failures.py")),
     Target("publish", f"{INTERNALS}/delivery/publish.py",
            ("tests/unit/test_run_decision.py", "tests/unit/test_after_commit.py",
-            "tests/integration/test_bulk_dispatch.py",
+            "tests/integration/test_publish.py", "tests/integration/test_bulk_dispatch.py",
             "tests/integration/test_dispatch_failures.py")),
     Target("outbox", f"{INTERNALS}/delivery/outbox.py",
            ("tests/integration/test_outbox.py", "tests/integration/test_dispatch_failures.py")),

@@ -190,7 +190,7 @@ def _after_failure(
     task: BaseTask[Any, Any], ctx: TaskContext, exc: Exception, duration: float
 ) -> BaseException:
     """The exception to raise: ``Retry`` for a retry, ``exc`` for a final failure."""
-    reason, delay = failure_outcome(task, exc, task.request.retries or 0)
+    reason, delay = failure_outcome(task, exc, task.request.retries)
     if reason is not None:
         hooks.on_failure(ctx, exc, reason, duration)
         return exc

@@ -1,0 +1,54 @@
+"""The one send path (``delivery/publish.py``): headers, the SENT record, the count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals
+from prometheus_client import REGISTRY
+
+from app.core.background import celery_app
+from app.core.background.internals.delivery.publish import Message
+from app.core.background.internals.operations.status import raw_meta
+from app.core.background.internals.registry import TOKEN_HEADER
+from tests.support import tasks
+from tests.support.services import Services
+
+WAIT = 30
+
+
+def test_the_framework_headers_join_celerys_headers() -> None:
+    message = Message(
+        tasks.always_fails, options={"headers": {"mine": 1}, "producer": object()},
+        headers={TOKEN_HEADER: "t"},
+    )  # fmt: skip
+    options = message.celery_options()
+    assert options == {"headers": {"mine": 1, TOKEN_HEADER: "t"}}  # the producer is publish's
+    assert Message(tasks.always_fails, options={"countdown": 1}).celery_options() == {
+        "countdown": 1
+    }
+
+
+def _dispatched(task_name: str, queue: str) -> float:
+    labels = {"task": task_name, "queue": queue}
+    return REGISTRY.get_sample_value("background_tasks_dispatched_total", labels) or 0.0
+
+
+def test_a_sent_task_has_its_sent_record_first_and_is_counted(stack: Services, worker: Any) -> None:
+    """The SENT record exists when the message is published, not later (a fast worker's
+    STARTED or SUCCESS must never be overwritten by it); the dispatch is counted once."""
+    records: dict[str, Any] = {}
+
+    def look(headers: Any = None, **_: Any) -> None:
+        task_id = str((headers or {}).get("id"))
+        records[task_id] = raw_meta(celery_app, task_id)
+
+    before = _dispatched("tests.where_am_i", "default")
+    signals.after_task_publish.connect(look, weak=False)
+    try:
+        result = tasks.where_am_i.delay()
+    finally:
+        signals.after_task_publish.disconnect(look)
+    assert records[result.id] is not None
+    assert _dispatched("tests.where_am_i", "default") == before + 1
+    result.get(timeout=WAIT)
