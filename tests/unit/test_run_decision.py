@@ -7,6 +7,7 @@ from celery import Celery
 from app.core.background import TaskValidationError, celery_app
 from app.core.background.internals.delivery.publish import (
     DEFAULT_DISPATCH_TIMEOUT,
+    _explain,
     dispatch_timeout,
 )
 from app.core.background.internals.retry import JITTER, delay_scale
@@ -44,3 +45,12 @@ def test_the_dispatch_timeout_is_the_setting_or_five_seconds() -> None:
     assert dispatch_timeout(app) == DEFAULT_DISPATCH_TIMEOUT == 5.0
     app.conf.background_dispatch_timeout = 2
     assert dispatch_timeout(app) == 2.0
+
+
+def test_a_dispatch_error_gives_the_cause_or_says_it_had_none() -> None:
+    app = Celery("explain", set_as_current=False)
+    with_text = _explain(app, "t.name", ["id-1"], OSError("refused"), 1.0)
+    assert "t.name [id-1] was not sent within 1.0s" in with_text
+    assert "OSError: refused --" in with_text
+    assert "OSError: no message --" in _explain(app, "t.name", ["a", "b"], OSError(), 1.0)
+    assert "[2 tasks]" in _explain(app, "t.name", ["a", "b"], OSError(), 1.0)

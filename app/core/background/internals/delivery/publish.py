@@ -71,7 +71,8 @@ DEFAULT_BATCH_SIZE = 500
 _UNREACHABLE = (KombuError, RedisError, OSError, RuntimeError)
 
 
-@dataclass(frozen=True, slots=True)
+# Nothing changes a message (frozen or not, the same): pragma: no mutate
+@dataclass(frozen=True, slots=True)  # pragma: no mutate
 class Message:
     """One task message on its way out: which task, its arguments, id and options.
 
@@ -165,27 +166,35 @@ def publish_many(
     # Every message of one call has the same task, queue and producer: pragma: no mutate
     first = messages[0]  # pragma: no mutate
     results: list[AsyncResult[Any]] = []
-    # The ids of the chunk being sent: not known to be sent until its pipeline is.
-    unconfirmed: list[str] = []
+    # The ids not known to be sent: the chunk being sent (from before the producer
+    # connects). A message published on its own is sent once its publish returns;
+    # a pipelined chunk once the pipeline has gone out.
+    unconfirmed = [message.task_id for message in messages[:batch_size]]
     try:
         with (
             bounded_dispatch(app, first.task_name, first.queue, unconfirmed),
             app.producer_or_acquire(first.options.get("producer")) as producer,
         ):
             # One message gains nothing from a pipeline (same outcome): pragma: no mutate
-            batchable = bool(getattr(producer, "supports_batch_publish", False))
+            batchable = bool(
+                getattr(producer, "supports_batch_publish", False)
+            )  # pragma: no mutate
             deferred = len(messages) > 1 and batchable  # pragma: no mutate
             for start in range(0, len(messages), batch_size):
                 chunk = messages[start : start + batch_size]
+                unconfirmed[:] = [message.task_id for message in chunk]
                 # Exits run inner first: the chunk's SENT records are written,
                 # then its messages published.
                 with _pipelined(producer, deferred, len(chunk)), _buffered(app, deferred):
                     for message in chunk:
-                        unconfirmed.append(message.task_id)
                         results.append(_send(app, producer, message))
-                for message in chunk:
-                    record_dispatch(message.task_name, message.queue)
-                unconfirmed.clear()
+                        if not deferred:
+                            unconfirmed.remove(message.task_id)
+                            record_dispatch(message.task_name, message.queue)
+                if deferred:
+                    for message in chunk:
+                        record_dispatch(message.task_name, message.queue)
+                    unconfirmed.clear()
     except EncodeError as exc:
         raise TaskArgumentError(
             f"{first.task_name}: arguments must be JSON-serializable: {exc}"
@@ -256,7 +265,7 @@ def bounded_dispatch(
         except _UNREACHABLE as exc:
             ids = list(unconfirmed)
             forget_unsent(app, ids)
-            for _ in range(max(1, len(ids))):
+            for _ in ids:
                 record_dispatch_failure(task_name, queue, "raised")
             raise TaskDispatchError(
                 _explain(app, task_name, ids, exc, time.monotonic() - started),
