@@ -166,7 +166,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         # SQLite and the file broker need their folder; the result backend opens
         # its file before the broker creates anything.
         DATA_DIR.mkdir(exist_ok=True)
-    WorkerSignals(app, settings).connect()
+    WorkerSignals(settings).connect()
     return app
 
 
@@ -202,8 +202,7 @@ def _loglevel_on_command_line() -> bool | None:
 class WorkerSignals:
     """What this process does at Celery's signals: publish, logging set-up, worker life."""
 
-    def __init__(self, app: Celery, settings: Settings) -> None:
-        self.app = app
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # Whether this Celery command was given -l/--loglevel, decided in the main
         # process (which runs inside click) and inherited by forked pool processes.
