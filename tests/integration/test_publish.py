@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import signals
+import pytest
+from celery import Celery, signals
 from prometheus_client import REGISTRY
 
-from app.core.background import celery_app
-from app.core.background.internals.delivery.publish import Message
+from app.core.background import TaskDispatchError, celery_app
+from app.core.background.internals.delivery.publish import Message, bounded_dispatch
 from app.core.background.internals.operations.status import raw_meta
 from app.core.background.internals.registry import TOKEN_HEADER
 from tests.support import tasks
@@ -27,6 +28,22 @@ def test_the_framework_headers_join_celerys_headers() -> None:
     assert Message(tasks.always_fails, options={"countdown": 1}).celery_options() == {
         "countdown": 1
     }
+
+
+def test_a_message_goes_to_its_option_or_its_tasks_queue() -> None:
+    assert Message(tasks.urgent).queue == "high_priority"
+    assert Message(tasks.urgent, options={"queue": "low_priority"}).queue == "low_priority"
+    assert Message("some.task.by.name").queue == "default"
+
+
+def test_a_failed_dispatch_says_how_long_it_tried() -> None:
+    app = Celery("bounded", set_as_current=False, backend="cache+memory://")
+    with (
+        pytest.raises(TaskDispatchError, match=r"was not sent within 0\.\ds") as raised,
+        bounded_dispatch(app, "t.name", "default", ["id-1"]),
+    ):
+        raise ConnectionRefusedError("refused")
+    assert raised.value.task_ids == ("id-1",)
 
 
 def _dispatched(task_name: str, queue: str) -> float:
@@ -52,3 +69,11 @@ def test_a_sent_task_has_its_sent_record_first_and_is_counted(stack: Services, w
     assert records[result.id] is not None
     assert _dispatched("tests.where_am_i", "default") == before + 1
     result.get(timeout=WAIT)
+
+
+def test_a_bulk_send_counts_every_message(stack: Services, worker: Any) -> None:
+    before = _dispatched("tests.where_am_i", "default")
+    results = tasks.where_am_i.delay_many([{}, {}, {}])
+    assert _dispatched("tests.where_am_i", "default") == before + 3
+    for result in results:
+        result.get(timeout=WAIT)

@@ -183,7 +183,9 @@ def failure_outcome(
         return "retries exhausted", 0.0  # pragma: no mutate
     delay = task.policy.delay_for(retries, delay_scale(task.app))
     # An error may say how long to wait at least (an open circuit breaker).
-    return None, max(delay, float(getattr(exc, "retry_after", 0) or 0))
+    hint = getattr(exc, "retry_after", 0)
+    # No hint is no floor: the delay is never negative, so "or -1" is the same. pragma: no mutate
+    return None, max(delay, float(hint or 0))  # pragma: no mutate
 
 
 def _after_failure(

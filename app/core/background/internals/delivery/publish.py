@@ -62,7 +62,7 @@ DEFAULT_DISPATCH_TIMEOUT = 5.0
 
 # Messages per Redis pipeline in a bulk send: large enough to amortise the
 # round trip, small enough to keep the client's buffer and the reply modest.
-DEFAULT_BATCH_SIZE = 500
+DEFAULT_BATCH_SIZE = 500  # pragma: no mutate
 
 # What a broker or result backend that is down or silent raises on the way out:
 # kombu's OperationalError (its connection errors, re-raised as library
