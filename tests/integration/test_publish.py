@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -9,7 +10,11 @@ from celery import Celery, signals
 from prometheus_client import REGISTRY
 
 from app.core.background import TaskDispatchError, celery_app
-from app.core.background.internals.delivery.publish import Message, bounded_dispatch
+from app.core.background.internals.delivery.publish import (
+    Message,
+    bounded_dispatch,
+    checked_message,
+)
 from app.core.background.internals.operations.status import raw_meta
 from app.core.background.internals.registry import TOKEN_HEADER
 from tests.support import tasks
@@ -28,6 +33,14 @@ def test_the_framework_headers_join_celerys_headers() -> None:
     assert Message(tasks.always_fails, options={"countdown": 1}).celery_options() == {
         "countdown": 1
     }
+
+
+def test_a_checked_message_gets_a_fresh_id_unless_given_one() -> None:
+    first, second = (checked_message(tasks.where_am_i, (), {}, {}) for _ in range(2))
+    assert first.task_id != second.task_id
+    assert uuid.UUID(first.task_id)
+    given = checked_message(tasks.where_am_i, (), {}, {"task_id": "mine", "countdown": 1})
+    assert (given.task_id, given.options) == ("mine", {"countdown": 1})
 
 
 def test_a_message_goes_to_its_option_or_its_tasks_queue() -> None:

@@ -183,7 +183,7 @@ def failure_outcome(
         return "retries exhausted", 0.0  # pragma: no mutate
     delay = task.policy.delay_for(retries, delay_scale(task.app))
     # An error may say how long to wait at least (an open circuit breaker).
-    hint = getattr(exc, "retry_after", 0)
+    hint = getattr(exc, "retry_after", None)
     # No hint is no floor: the delay is never negative, so "or -1" is the same. pragma: no mutate
     return None, max(delay, float(hint or 0))  # pragma: no mutate
 

@@ -175,10 +175,9 @@ def publish_many(
             bounded_dispatch(app, first.task_name, first.queue, unconfirmed),
             app.producer_or_acquire(first.options.get("producer")) as producer,
         ):
-            # One message gains nothing from a pipeline (same outcome): pragma: no mutate
-            batchable = bool(
-                getattr(producer, "supports_batch_publish", False)
-            )  # pragma: no mutate
+            # kombu's producers always have the property; one message gains nothing
+            # from a pipeline (same outcome): pragma: no mutate
+            batchable = producer.supports_batch_publish  # pragma: no mutate
             deferred = len(messages) > 1 and batchable  # pragma: no mutate
             for start in range(0, len(messages), batch_size):
                 chunk = messages[start : start + batch_size]
@@ -277,7 +276,10 @@ def bounded_dispatch(
 def _explain(
     app: Celery, task_name: str, task_ids: list[str], exc: BaseException, waited: float
 ) -> str:
-    which = task_ids[0] if len(task_ids) == 1 else f"{len(task_ids)} tasks"
+    which = f"{len(task_ids)} tasks"
+    if len(task_ids) == 1:
+        # One id: [0] and [-1] are the same. pragma: no mutate
+        which = task_ids[0]  # pragma: no mutate
     broker = mask_url_passwords(str(app.conf.broker_url))
     backend = mask_url_passwords(str(app.conf.result_backend))
     return (
