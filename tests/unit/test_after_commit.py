@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
 
-from app.core.background import TaskArgumentError
+from app.core.background import TaskArgumentError, TaskDispatchError
 from app.core.background.fastapi import TaskSession, pending_dispatches
 from app.core.background.internals.delivery import after_commit
 from app.core.background.internals.delivery.outbox import outbox_table
+from app.core.background.internals.delivery.publish import Message
 from tests.support.tasks_fastapi import note_row
 
 
@@ -121,3 +123,25 @@ async def test_a_failed_send_goes_to_the_outbox_and_the_rest_still_go_out(
     (record,) = caplog.records
     assert record.message.startswith("Dispatch after commit failed")
     assert record.fields["task_id"] == ids["boom"]  # type: ignore[attr-defined]
+
+
+def _unsent(*keys: str) -> list[after_commit.Unsent]:
+    return [
+        after_commit.Unsent(
+            after_commit.Dispatch(Message(note_row, (), {"key": key})),
+            ConnectionError(f"broker down ({key})"),
+        )
+        for key in keys
+    ]
+
+
+def test_tasks_reported_lost_name_the_first_one_and_every_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(note_row.app.conf, "background_after_commit_fallback", "error")
+    failed = _unsent("first", "second")
+    with pytest.raises(TaskDispatchError) as raised:
+        after_commit.keep_unsent(Session(), failed)
+    first, second = (u.dispatch.task_id for u in failed)
+    assert raised.value.task_ids == (first, second)
+    assert f"(first: {note_row.name} [{first}]: broker down (first))" in str(raised.value)
