@@ -352,7 +352,9 @@ def test_lease_of_a_crashed_worker_expires(
 def test_revoked_id_is_refused_with_a_clear_error(stack: Services, redis_leases: Target) -> None:
     k = new_key()
     task_id = f"notify-{k}"
-    redis_leases.send(tasks_dedup.run, k, task_id=task_id, countdown=2)
+    # The countdown outlasts the revoke command's start-up (seconds on a loaded machine):
+    # revoked while it waits, so the lease turns REVOKED when it falls due, and it never runs.
+    redis_leases.send(tasks_dedup.run, k, task_id=task_id, countdown=8)
     # Celery's own command, on the private broker (the env var is Celery's broker setting).
     subprocess.run(
         [sys.executable, "-m", "celery", "-A", "app.core.background.celery_app", "control",
