@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-SUITES = ("throughput", "db", "dispatch", "topology")
+SUITES = ("throughput", "db", "dispatch", "topology", "raw", "io", "io_db")
 
 
 def main() -> None:
@@ -26,6 +26,21 @@ def main() -> None:
     parser.add_argument("--db-tasks", type=int, default=1000, help="tasks per drain (INSERT)")
     parser.add_argument("--calls", type=int, default=2000, help="calls per dispatch round")
     parser.add_argument("--brokers", default="redis,rabbitmq")
+    parser.add_argument("--raw-tasks", type=int, default=3000, help="tasks per drain (raw)")
+    parser.add_argument("--io-tasks", type=int, default=5000, help="tasks per drain (io)")
+    parser.add_argument("--io-db-tasks", type=int, default=2000, help="tasks per drain (io_db)")
+    parser.add_argument(
+        "--io-max-seconds", type=float, default=25.0,
+        help="io, io_db: a side drains at most this many seconds' worth at its ceiling",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pg-pool", type=int, default=20, help="io_db: engine pool size per process (+10 overflow)"
+    )
+    parser.add_argument("--peers", default="taskiq,saq", help="io, io_db: async-native peers")
+    parser.add_argument(
+        "--async-pool", default=None,
+        help="raw, io, io_db: the framework's concurrent async pool (-P), once it exists",
+    )  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args()
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -77,6 +92,14 @@ def run_suite(
         suites.dispatch(report, services, args.rounds, args.calls)
     elif name == "topology":
         suites.topology(report, services, args.rounds, args.topology_tasks, brokers)
+    elif name == "raw":
+        suites.raw_baseline(
+            report, services, args.rounds, args.raw_tasks, args.calls, args.async_pool
+        )
+    elif name == "io":
+        suites.io_sleep(report, services, args)
+    elif name == "io_db":
+        suites.io_db(report, services, args)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def drain_once(
         started = None
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            left = client.llen("celery") + client.hlen("unacked")
+            # Celery's default queue is "celery"; the framework's settings use "default".
+            left = client.llen("celery") + client.llen("default") + client.hlen("unacked")
             now = time.perf_counter()
             if started is None and left < tasks:
                 started, at_start = now, left

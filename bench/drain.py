@@ -24,7 +24,7 @@ from celery.utils import uuid
 from kombu import Connection
 
 from app.core.background import celery_app
-from app.core.background.internals.operations.worker_process import WorkerProcess
+from app.core.background.internals.operations.worker_process import CELERY_APP, WorkerProcess
 
 IDLE_QUEUE = "low_priority"
 QUEUE = "default"
@@ -44,10 +44,14 @@ class Topology:
 
 @dataclass
 class WorkerSet:
+    """``topology``'s workers: the framework's app, or ``app`` (``-A``, e.g. raw Celery's)."""
+
     topology: Topology
     broker_url: str
     env: Mapping[str, str]
     workers: list[WorkerProcess] = field(default_factory=list)
+    app: str | None = None
+    queues: Sequence[str] = (IDLE_QUEUE,)
 
     @property
     def destinations(self) -> list[str]:
@@ -60,17 +64,26 @@ class WorkerSet:
                 self.env,
                 pool=self.topology.pool,
                 concurrency=self.topology.concurrency,
-                queues=(IDLE_QUEUE,),
-                include=("bench.tasks",),
+                queues=self.queues,
+                # The framework's bench tasks; another app brings its own tasks.
+                include=("bench.tasks",) if self.app is None else (),
                 loglevel="INFO",
                 extra_args=self.topology.extra_args,
             )
+            if self.app is not None:
+                worker.command[worker.command.index(CELERY_APP)] = self.app
             self.workers.append(worker.start())
         return self
 
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()
+        self.workers = []
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to every worker's process group (its pool processes too)."""
+        for worker in self.workers:
+            os.killpg(worker.pid, signum)
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) used so far by these workers and their pool processes.

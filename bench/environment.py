@@ -60,6 +60,12 @@ class BenchServices:
         assert self.vhost is not None
         return f"{RABBITMQ_BASE}/{self.vhost}"
 
+    def redis_url(self, db: int) -> str:
+        return f"redis://{REDIS_HOST}:{self.redis_port}/{db}"
+
+    def redis(self, db: int) -> redis.Redis:
+        return redis.Redis(host=REDIS_HOST, port=self.redis_port, db=db)
+
     def broker(self) -> redis.Redis:
         return redis.Redis(host=REDIS_HOST, port=self.redis_port, db=BROKER_DB)
 

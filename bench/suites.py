@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -233,3 +234,165 @@ def topology(
             target = ">= 2" if broker == "redis" and recommended else ""
             report.ratio(suite, f"{framework.label} / default", framework, default, target)
             report.ratio(suite, f"raw Celery: {framework.label} / default", raw, raw_default)
+
+
+# -- the framework's own cost: against raw Celery in its own workers -------------
+
+# What ``scripts/worker.sh`` starts on Redis: WORKERS (default: one per core)
+# workers of prefork c=1, and the same with its options passed through.
+WORKER_SH_TOPOLOGIES = [
+    Topology("scripts/worker.sh: 2 x prefork c=1", "prefork", 1, 2),
+    Topology("WORKERS=1 scripts/worker.sh: 1 x prefork c=1", "prefork", 1, 1),
+    Topology("scripts/worker.sh -P solo: 2 x solo", "solo", 1, 2),
+    Topology("scripts/worker.sh -P threads: 2 x threads c=1", "threads", 1, 2),
+    Topology("scripts/worker.sh -P threads -c 16: 2 x threads c=16", "threads", 16, 2),
+]
+
+
+def _raw_env(services: BenchServices) -> dict[str, str]:
+    from app.core.background import celery_app
+    from bench.io import raw_celery_env
+
+    return raw_celery_env(services, celery_app, pool_size=5)
+
+
+def _raw_celery(services: BenchServices) -> Any:
+    """The bare Celery app (bench/celery_settings_app.py) in this process, on the bench's Redis."""
+
+    os.environ.update(_raw_env(services))
+    from bench import celery_settings_app
+
+    return celery_settings_app
+
+
+def raw_baseline(
+    report: Report,
+    services: BenchServices,
+    rounds: int,
+    count: int,
+    calls: int,
+    async_pool: str | None = None,
+) -> None:
+    """The framework's no-op against raw Celery's, each in its own workers, per topology.
+
+    Raw Celery is a plain Celery app with the framework's delivery settings
+    (``bench/celery_settings_app.py``), started as its own worker processes:
+    none of the framework's signals, logging set-up, task classes or result
+    backend. On the ``scripts/worker.sh`` topology, three more sides say what
+    some of the difference is: the framework's no-op without its time limits,
+    raw Celery's with them, and raw Celery's without the STARTED state.
+    """
+    from bench.io import RAW_APP
+
+    raw_env = {**services.worker_env(), **_raw_env(services)}
+    topologies = list(WORKER_SH_TOPOLOGIES)
+    if async_pool:
+        topologies.append(Topology(f"2 x -P {async_pool} -c 16", async_pool, 16, 2))
+    backlog = redis_backlog(services.broker())
+    for index, topology in enumerate(topologies):
+        suite = f"framework vs raw Celery, no-op drain, {count} tasks, {topology.label}, Redis"
+        framework_workers = WorkerSet(topology, services.broker_url, services.worker_env())
+        raw_workers = WorkerSet(topology, services.broker_url, raw_env, app=RAW_APP)
+        framework = report.figure(suite, "@simple_task no-op", "tasks/s")
+        raw = report.figure(suite, "raw Celery no-op", "tasks/s")
+        framework_cpu = report.figure(suite, "@simple_task no-op: worker CPU per task", "µs")
+        raw_cpu = report.figure(suite, "raw Celery no-op: worker CPU per task", "µs")
+        sides = [
+            (framework, framework_workers, "bench.noop", lambda i: {"i": i}),
+            (raw, raw_workers, "bench_raw.noop", lambda i: {"i": i}),
+        ]
+        cpu = {"bench.noop": framework_cpu, "bench_raw.noop": raw_cpu}
+        extra: list[tuple[Figure, WorkerSet, str, Callable[[int], dict[str, Any]]]] = []
+        if index == 0:
+            extra = [
+                (report.figure(suite, "@simple_task no-op, time limits off", "tasks/s"),
+                 framework_workers, "bench.noop_unlimited", lambda i: {"i": i}),
+                (report.figure(suite, "raw no-op with the framework's time limits", "tasks/s"),
+                 raw_workers, "bench_raw.noop_limited", lambda i: {"i": i}),
+                (report.figure(suite, "raw no-op without STARTED", "tasks/s"),
+                 raw_workers, "bench_raw.noop_unstarted", lambda i: {"i": i}),
+            ]  # fmt: skip
+        _drain_rounds(services, services.broker_url, sides + extra, count, rounds, backlog, cpu=cpu)
+        report.ratio(suite, "framework / raw Celery", framework, raw, ">= 0.95")
+        report.ratio(suite, "raw CPU / framework CPU per task", raw_cpu, framework_cpu)
+        if extra:
+            unlimited, raw_limited, unstarted = (side[0] for side in extra)
+            report.ratio(suite, "framework / raw, both with time limits", framework, raw_limited)
+            report.ratio(suite, "framework / raw, both without time limits", unlimited, raw)
+            report.ratio(suite, "raw: with STARTED / without", raw, unstarted)
+    _delay_cost(report, services, rounds, calls)
+
+
+def _delay_cost(report: Report, services: BenchServices, rounds: int, count: int) -> None:
+    """``.delay()`` on the framework's task against raw Celery's, in this process."""
+    from celery import signals
+
+    from app.core.background.celery_app import _record_sent
+    from bench.tasks import noop
+
+    raw_app = _raw_celery(services)
+    suite = f"framework vs raw Celery, .delay() cost, {count} calls, Redis (no worker)"
+    broker = services.broker()
+
+    def framework_loop() -> None:
+        for i in range(count):
+            noop.delay(i=i)
+
+    def without_sent() -> None:
+        # The SENT record (a result-backend write per publish) switched off.
+        signals.before_task_publish.disconnect(_record_sent)
+        try:
+            framework_loop()
+        finally:
+            signals.before_task_publish.connect(_record_sent)
+
+    def raw_loop() -> None:
+        for i in range(count):
+            raw_app.noop.delay(i=i)
+
+    sides: list[tuple[Figure, Callable[[], None]]] = [
+        (report.figure(suite, "framework .delay()", "µs/call"), framework_loop),
+        (report.figure(suite, "framework .delay(), SENT record off", "µs/call"), without_sent),
+        (report.figure(suite, "raw Celery .delay()", "µs/call"), raw_loop),
+    ]
+    # Warm-up: connections and producer pools of both apps.
+    for i in range(50):
+        noop.delay(i=i)
+        raw_app.noop.delay(i=i)
+    for round_number in range(rounds):
+        turn = round_number % len(sides)
+        for figure, run in sides[turn:] + sides[:turn]:
+            started = time.perf_counter()
+            run()
+            figure.values.append((time.perf_counter() - started) / count * 1e6)
+            broker.delete("default")
+            services.results().flushdb()
+    framework, no_sent, raw = (side[0] for side in sides)
+    # A cost: the ratio is inverted (raw / framework), so ">= 0.91" is "at most 1.1x".
+    report.ratio(
+        suite, "raw cost / framework cost (>= 0.91: at most 1.1x)", framework, raw, ">= 0.91"
+    )
+    report.ratio(suite, "raw cost / framework cost, SENT record off", no_sent, raw)
+    report.ratio(suite, "framework cost with SENT / without", no_sent, framework)
+
+
+def io_sleep(report: Report, services: BenchServices, args: Any) -> None:
+    from bench.io import SLEEP, io_job
+
+    io_job(
+        report, services, SLEEP, args.rounds, args.io_tasks, pool_size=args.pg_pool,
+        max_seconds=args.io_max_seconds, peers=_peers(args), async_pool=args.async_pool,
+    )  # fmt: skip
+
+
+def io_db(report: Report, services: BenchServices, args: Any) -> None:
+    from bench.io import PG_SLEEP, io_job
+
+    io_job(
+        report, services, PG_SLEEP, args.rounds, args.io_db_tasks, pool_size=args.pg_pool,
+        max_seconds=args.io_max_seconds, peers=_peers(args), async_pool=args.async_pool,
+    )  # fmt: skip
+
+
+def _peers(args: Any) -> list[str]:
+    return [name.strip() for name in args.peers.split(",") if name.strip()]

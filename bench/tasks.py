@@ -122,3 +122,20 @@ def asyncpg_insert(value: str) -> None:
         await connection.execute("INSERT INTO bench_rows (value) VALUES ($1)", value)
 
     loop.run_until_complete(run())
+
+
+# -- I/O-bound async bodies (suites io, io_db) ----------------------------------
+
+PG_SLEEP = text("SELECT pg_sleep(:seconds)")
+
+
+@simple_task(name="bench.sleep")
+async def sleep(ctx: TaskContext, seconds: float) -> None:
+    """A task that awaits I/O and does nothing else."""
+    await asyncio.sleep(seconds)
+
+
+@db_task(name="bench.pg_sleep")
+async def pg_sleep(ctx: TaskContext, seconds: float) -> None:
+    """A task that waits in PostgreSQL, through ctx.session (commit by the framework)."""
+    await ctx.session.execute(PG_SLEEP, {"seconds": seconds})
