@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -231,6 +232,8 @@ class PeerSide:
         raise ValueError(f"unknown peer {self.name}")
 
     def start(self) -> None:
+        # The client side (enqueue) reads the same settings as the workers.
+        os.environ.update(self.env)
         self.module = importlib.import_module(f"bench.peers.{self.name}_app")
         log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
             prefix=f"peer-{self.name}-", suffix=".log", delete=False

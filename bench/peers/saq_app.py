@@ -51,14 +51,16 @@ settings = {
 
 async def enqueue(job: str, seconds: float, count: int) -> None:
     """``queue.enqueue()`` ``count`` times (the workers are paused meanwhile)."""
-    await queue.connect()
+    # A queue of its own: disconnect() closes its Redis client for good.
+    client = Queue.from_url(os.environ["BENCH_PEER_REDIS"], name=NAME)
+    await client.connect()
     try:
         for start in range(0, count, 200):
             await asyncio.gather(
-                *(queue.enqueue(job, seconds=seconds) for _ in range(min(200, count - start)))
+                *(client.enqueue(job, seconds=seconds) for _ in range(min(200, count - start)))
             )
     finally:
-        await queue.disconnect()
+        await client.disconnect()
 
 
 def backlog(client: Any) -> int:
