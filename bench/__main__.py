@@ -69,6 +69,7 @@ def main() -> None:
                 report.notes.append(f"suite {name} failed: {type(exc).__name__}: {exc}")
             print(report.table(), flush=True)
         report.notes.append(f"total run time {time.monotonic() - started:.0f}s")
+        print("\n".join(f"- {note}" for note in report.notes))
         print("\n".join(machine_lines))
         if not args.no_write:
             command = "python -m bench " + shlex.join(sys.argv[1:])
