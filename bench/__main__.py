@@ -36,7 +36,13 @@ def main() -> None:
     parser.add_argument(
         "--pg-pool", type=int, default=20, help="io_db: engine pool size per process (+10 overflow)"
     )
-    parser.add_argument("--peers", default="taskiq,saq", help="io, io_db: async-native peers")
+    parser.add_argument(
+        "--peers", default="taskiq,saq,dramatiq", help="io, io_db: async-native peers"
+    )
+    parser.add_argument(
+        "--sides", default="",
+        help="io, io_db: only the sides whose label contains one of these (comma-separated)",
+    )  # fmt: skip
     parser.add_argument(
         "--async-pool", default=None,
         help="raw, io, io_db: the framework's concurrent async pool (-P), once it exists",

@@ -54,7 +54,9 @@ from bench.report import Figure, Report
 PEER_BROKER_DB, PEER_RESULT_DB = 2, 3
 # max_overflow of every engine: SQLAlchemy's default, which the framework keeps.
 POOL_OVERFLOW = 10
-PEER_PACKAGES = {"taskiq": ("taskiq", "taskiq_redis"), "saq": ("saq",)}
+PEER_PACKAGES = {"taskiq": ("taskiq", "taskiq_redis"), "saq": ("saq",), "dramatiq": ("dramatiq",)}
+# Processes a peer runs besides its workers (a supervisor).
+PEER_SUPERVISORS = {"taskiq": 1, "saq": 0, "dramatiq": 1}
 RAW_APP = "bench.celery_settings_app"
 
 
@@ -229,6 +231,10 @@ class PeerSide:
         if self.name == "saq":
             return [sys.executable, "-m", "saq", "bench.peers.saq_app.settings",
                     "--workers", str(self.processes)]  # fmt: skip
+        if self.name == "dramatiq":
+            return [sys.executable, "-m", "dramatiq", "bench.peers.dramatiq_app",
+                    "--processes", str(self.processes),
+                    "--threads", str(self.concurrency)]  # fmt: skip
         raise ValueError(f"unknown peer {self.name}")
 
     def start(self) -> None:
@@ -246,9 +252,9 @@ class PeerSide:
             cwd=Path(__file__).resolve().parents[1],
         )  # fmt: skip
         log.close()
-        # Every worker process up (taskiq: a supervisor and its workers), then
-        # a moment for their imports and start-up hooks; the warm-up does the rest.
-        expected = self.processes + (1 if self.name == "taskiq" else 0)
+        # Every worker process up (and a supervisor, for some), then a moment
+        # for their imports and start-up hooks; the warm-up does the rest.
+        expected = self.processes + PEER_SUPERVISORS[self.name]
         deadline = time.monotonic() + 60
         while process_count(self.process.pid) < expected:
             self._check_alive()
@@ -379,6 +385,7 @@ def io_job(
     max_seconds: float,
     peers: list[str],
     async_pool: str | None,
+    only: list[str] | None = None,
 ) -> None:
     """Drain ``count`` tasks of ``job`` on every side, ``rounds`` times, sides in rotating order."""
     from app.core.background import celery_app
@@ -407,6 +414,8 @@ def io_job(
         for name in ensure_peers(peers, report)
         for n in PEER_CONCURRENCY
     ]
+    if only:
+        sides = [side for side in sides if any(part in side.label for part in only)]
     figures = []
     for side in sides:
         slots = side.concurrency

@@ -382,6 +382,7 @@ def io_sleep(report: Report, services: BenchServices, args: Any) -> None:
     io_job(
         report, services, SLEEP, args.rounds, args.io_tasks, pool_size=args.pg_pool,
         max_seconds=args.io_max_seconds, peers=_peers(args), async_pool=args.async_pool,
+        only=_split(args.sides),
     )  # fmt: skip
 
 
@@ -391,8 +392,13 @@ def io_db(report: Report, services: BenchServices, args: Any) -> None:
     io_job(
         report, services, PG_SLEEP, args.rounds, args.io_db_tasks, pool_size=args.pg_pool,
         max_seconds=args.io_max_seconds, peers=_peers(args), async_pool=args.async_pool,
+        only=_split(args.sides),
     )  # fmt: skip
 
 
 def _peers(args: Any) -> list[str]:
-    return [name.strip() for name in args.peers.split(",") if name.strip()]
+    return _split(args.peers)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
