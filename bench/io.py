@@ -58,6 +58,7 @@ PEER_PACKAGES = {"taskiq": ("taskiq", "taskiq_redis"), "saq": ("saq",), "dramati
 # Processes a peer runs besides its workers (a supervisor).
 PEER_SUPERVISORS = {"taskiq": 1, "saq": 0, "dramatiq": 1}
 RAW_APP = "bench.celery_settings_app"
+STALL_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,11 @@ class PeerSide:
 
 
 def gated_drain(side: Side, count: int, timeout: float) -> tuple[float, float]:
-    """(tasks/s, worker CPU µs per task) for ``count`` tasks queued while ``side`` was paused."""
+    """(tasks/s, worker CPU µs per task) for ``count`` tasks queued while ``side`` was paused.
+
+    Fails after ``timeout`` seconds, or after ``STALL_SECONDS`` without progress
+    (a side that lost tasks must not hold up the run for the whole timeout).
+    """
     side.pause()
     try:
         side.enqueue(count)
@@ -323,10 +328,15 @@ def gated_drain(side: Side, count: int, timeout: float) -> tuple[float, float]:
         started = time.perf_counter()
         side.resume()
     deadline = time.monotonic() + timeout
-    while side.backlog() > 0:
-        if time.monotonic() > deadline:
+    last, progress_at = count, time.monotonic()
+    while (left := side.backlog()) > 0:
+        now = time.monotonic()
+        if left != last:
+            last, progress_at = left, now
+        if now > deadline or now - progress_at > STALL_SECONDS:
             raise RuntimeError(
-                f"{side.label}: not drained in {timeout:.0f}s ({side.backlog()} left)"
+                f"{side.label}: {left} of {count} tasks left after {now - deadline + timeout:.0f}s"
+                f" ({now - progress_at:.0f}s without progress)"
             )
         time.sleep(0.005)
     elapsed = time.perf_counter() - started

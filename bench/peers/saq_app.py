@@ -10,7 +10,8 @@ import asyncio
 import os
 from typing import Any
 
-from saq import Queue
+from redis import asyncio as aioredis
+from saq.queue.redis import RedisQueue as Queue
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from bench.peers.common import create_engine
@@ -18,7 +19,20 @@ from bench.peers.common import pg_sleep as run_pg_sleep
 
 NAME = "bench-saq"
 
-queue = Queue.from_url(os.environ["BENCH_PEER_REDIS"], name=NAME)
+CONCURRENCY = int(os.environ.get("BENCH_PEER_CONCURRENCY", "10"))
+
+
+def _queue() -> Queue:
+    # Queue.from_url(url) as saq documents it, but with a connection pool that
+    # fits the concurrency: redis-py 6+ caps an asyncio pool at 100
+    # connections, and each waiting dequeue holds one. At concurrency 100 the
+    # cap was reached: a job's finish failed with MaxConnectionsError and the
+    # job stayed "active" for good (a 2,000-task drain never ended).
+    client = aioredis.from_url(os.environ["BENCH_PEER_REDIS"], max_connections=CONCURRENCY + 50)
+    return Queue(client, name=NAME)
+
+
+queue = _queue()
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -43,7 +57,7 @@ async def pg_sleep(ctx: dict[str, Any], *, seconds: float) -> None:
 settings = {
     "queue": queue,
     "functions": [sleep, pg_sleep],
-    "concurrency": int(os.environ.get("BENCH_PEER_CONCURRENCY", "10")),
+    "concurrency": CONCURRENCY,
     "startup": startup,
     "shutdown": shutdown,
 }
@@ -52,7 +66,7 @@ settings = {
 async def enqueue(job: str, seconds: float, count: int) -> None:
     """``queue.enqueue()`` ``count`` times (the workers are paused meanwhile)."""
     # A queue of its own: disconnect() closes its Redis client for good.
-    client = Queue.from_url(os.environ["BENCH_PEER_REDIS"], name=NAME)
+    client = _queue()
     await client.connect()
     try:
         for start in range(0, count, 200):
