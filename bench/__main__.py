@@ -41,7 +41,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--sides", default="",
-        help="io, io_db: only the sides whose label contains one of these (comma-separated)",
+        help="raw (topologies), io, io_db: only the sides whose label contains one of these"
+        " (comma-separated)",
     )  # fmt: skip
     parser.add_argument(
         "--async-pool", default=None,
@@ -100,8 +101,9 @@ def run_suite(
     elif name == "topology":
         suites.topology(report, services, args.rounds, args.topology_tasks, brokers)
     elif name == "raw":
+        only = [part.strip() for part in args.sides.split(",") if part.strip()]
         suites.raw_baseline(
-            report, services, args.rounds, args.raw_tasks, args.calls, args.async_pool
+            report, services, args.rounds, args.raw_tasks, args.calls, args.async_pool, only
         )
     elif name == "io":
         suites.io_sleep(report, services, args)

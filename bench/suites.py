@@ -272,6 +272,7 @@ def raw_baseline(
     count: int,
     calls: int,
     async_pool: str | None = None,
+    only: list[str] | None = None,
 ) -> None:
     """The framework's no-op against raw Celery's, each in its own workers, per topology.
 
@@ -288,6 +289,8 @@ def raw_baseline(
     topologies = list(WORKER_SH_TOPOLOGIES)
     if async_pool:
         topologies.append(Topology(f"2 x -P {async_pool} -c 16", async_pool, 16, 2))
+    if only:
+        topologies = [t for t in topologies if any(part in t.label for part in only)]
     backlog = redis_backlog(services.broker())
     for index, topology in enumerate(topologies):
         suite = f"framework vs raw Celery, no-op drain, {count} tasks, {topology.label}, Redis"
