@@ -63,7 +63,7 @@ class BenchServices:
     def redis_url(self, db: int) -> str:
         return f"redis://{REDIS_HOST}:{self.redis_port}/{db}"
 
-    def redis(self, db: int) -> redis.Redis:
+    def redis_db(self, db: int) -> redis.Redis:
         return redis.Redis(host=REDIS_HOST, port=self.redis_port, db=db)
 
     def broker(self) -> redis.Redis:

@@ -108,10 +108,16 @@ def async_mode_sides(pool: str | None) -> list[Topology]:
 
 
 class Side(Protocol):
-    label: str
-    processes: int
-    concurrency: int
-    group: str  # "framework", "raw", or the peer's name
+    @property
+    def label(self) -> str: ...
+    @property
+    def processes(self) -> int: ...
+    @property
+    def concurrency(self) -> int: ...
+    @property
+    def group(self) -> str:
+        """``framework``, ``raw``, or the peer's name."""
+        ...
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
@@ -302,7 +308,7 @@ class PeerSide:
         _client_loop.run_until_complete(self.module.enqueue(self.job.key, self.job.seconds, count))
 
     def backlog(self) -> int:
-        return int(self.module.backlog(self.services.redis(PEER_BROKER_DB)))
+        return int(self.module.backlog(self.services.redis_db(PEER_BROKER_DB)))
 
     def cpu_seconds(self) -> float:
         assert self.process is not None
