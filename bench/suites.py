@@ -288,7 +288,7 @@ def raw_baseline(
     raw_env = {**services.worker_env(), **_raw_env(services)}
     topologies = list(WORKER_SH_TOPOLOGIES)
     if async_pool:
-        topologies.append(Topology(f"2 x -P {async_pool} -c 16", async_pool, 16, 2))
+        topologies.append(Topology(f"async mode: 2 x -P {async_pool} -c 16", async_pool, 16, 2))
     if only:
         topologies = [t for t in topologies if any(part in t.label for part in only)]
     backlog = redis_backlog(services.broker())
