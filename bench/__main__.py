@@ -60,7 +60,8 @@ def main() -> None:
 
     from bench.environment import bench_services
 
-    with bench_services(rabbitmq="topology" in chosen and "rabbitmq" in brokers) as services:
+    rabbitmq = bool({"topology", "raw"} & set(chosen)) and "rabbitmq" in brokers
+    with bench_services(rabbitmq=rabbitmq) as services:
         # Imported only now: the app reads the environment set up above.
         from bench import suites
         from bench.report import Report, machine, write_results
@@ -103,8 +104,9 @@ def run_suite(
     elif name == "raw":
         only = [part.strip() for part in args.sides.split(",") if part.strip()]
         suites.raw_baseline(
-            report, services, args.rounds, args.raw_tasks, args.calls, args.async_pool, only
-        )
+            report, services, args.rounds, args.raw_tasks, args.calls, brokers, args.async_pool,
+            only,
+        )  # fmt: skip
     elif name == "io":
         suites.io_sleep(report, services, args)
     elif name == "io_db":

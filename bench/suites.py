@@ -247,6 +247,8 @@ WORKER_SH_TOPOLOGIES = [
     Topology("scripts/worker.sh -P threads: 2 x threads c=1", "threads", 1, 2),
     Topology("scripts/worker.sh -P threads -c 16: 2 x threads c=16", "threads", 16, 2),
 ]
+# On RabbitMQ (or the file broker) scripts/worker.sh starts one prefork worker, c = cores.
+RABBITMQ_WORKER_SH = Topology("scripts/worker.sh: 1 x prefork c=2", "prefork", 2, 1)
 
 
 def _raw_env(services: BenchServices) -> dict[str, str]:
@@ -271,6 +273,7 @@ def raw_baseline(
     rounds: int,
     count: int,
     calls: int,
+    brokers: list[str],
     async_pool: str | None = None,
     only: list[str] | None = None,
 ) -> None:
@@ -285,17 +288,25 @@ def raw_baseline(
     """
     from bench.io import RAW_APP
 
-    raw_env = {**services.worker_env(), **_raw_env(services)}
-    topologies = list(WORKER_SH_TOPOLOGIES)
+    runs = [(t, "redis") for t in WORKER_SH_TOPOLOGIES]
+    if "rabbitmq" in brokers and services.vhost is not None:
+        runs.append((RABBITMQ_WORKER_SH, "rabbitmq"))
     if async_pool:
-        topologies.append(Topology(f"async mode: 2 x -P {async_pool} -c 16", async_pool, 16, 2))
+        runs.append(
+            (Topology(f"async mode: 2 x -P {async_pool} -c 16", async_pool, 16, 2), "redis")
+        )
     if only:
-        topologies = [t for t in topologies if any(part in t.label for part in only)]
-    backlog = redis_backlog(services.broker())
-    for index, topology in enumerate(topologies):
-        suite = f"framework vs raw Celery, no-op drain, {count} tasks, {topology.label}, Redis"
-        framework_workers = WorkerSet(topology, services.broker_url, services.worker_env())
-        raw_workers = WorkerSet(topology, services.broker_url, raw_env, app=RAW_APP)
+        runs = [(t, b) for t, b in runs if any(part in t.label for part in only)]
+    for topology, broker in runs:
+        url = services.broker_url if broker == "redis" else services.rabbit_url
+        if broker == "redis":
+            backlog, close = redis_backlog(services.broker()), (lambda: None)
+        else:
+            backlog, close = rabbit_backlog(url)
+        raw_env = {**services.worker_env(url), **_raw_env(services), "BENCH_BROKER": url}
+        suite = f"framework vs raw Celery, no-op drain, {count} tasks, {topology.label}, {broker}"
+        framework_workers = WorkerSet(topology, url, services.worker_env(url))
+        raw_workers = WorkerSet(topology, url, raw_env, app=RAW_APP)
         framework = report.figure(suite, "@simple_task no-op", "tasks/s")
         raw = report.figure(suite, "raw Celery no-op", "tasks/s")
         framework_cpu = report.figure(suite, "@simple_task no-op: worker CPU per task", "µs")
@@ -306,7 +317,7 @@ def raw_baseline(
         ]
         cpu = {"bench.noop": framework_cpu, "bench_raw.noop": raw_cpu}
         extra: list[tuple[Figure, WorkerSet, str, Callable[[int], dict[str, Any]]]] = []
-        if index == 0:
+        if topology is WORKER_SH_TOPOLOGIES[0]:
             extra = [
                 (report.figure(suite, "@simple_task no-op, time limits off", "tasks/s"),
                  framework_workers, "bench.noop_unlimited", lambda i: {"i": i}),
@@ -315,7 +326,10 @@ def raw_baseline(
                 (report.figure(suite, "raw no-op without STARTED", "tasks/s"),
                  raw_workers, "bench_raw.noop_unstarted", lambda i: {"i": i}),
             ]  # fmt: skip
-        _drain_rounds(services, services.broker_url, sides + extra, count, rounds, backlog, cpu=cpu)
+        try:
+            _drain_rounds(services, url, sides + extra, count, rounds, backlog, cpu=cpu)
+        finally:
+            close()
         report.ratio(suite, "framework / raw Celery", framework, raw, ">= 0.95")
         report.ratio(suite, "raw CPU / framework CPU per task", raw_cpu, framework_cpu)
         if extra:
