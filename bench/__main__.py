@@ -46,7 +46,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--async-pool", default=None,
-        help="raw, io, io_db: the framework's concurrent async pool (-P), once it exists",
+        help="db, raw, io, io_db: the framework's concurrent async pool (-P), once it exists",
     )  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args()
@@ -96,7 +96,7 @@ def run_suite(
     if name == "throughput":
         suites.throughput(report, services, args.rounds, args.tasks)
     elif name == "db":
-        suites.database(report, services, args.rounds, args.db_tasks)
+        suites.database(report, services, args.rounds, args.db_tasks, args.async_pool)
     elif name == "dispatch":
         suites.dispatch(report, services, args.rounds, args.calls)
     elif name == "topology":

@@ -27,7 +27,7 @@ def _drain_rounds(
     backlog: Callable[[], int],
     cpu: dict[str, Figure] | None = None,
 ) -> None:
-    """Drain ``count`` tasks per side and round; ``cpu``: task name -> CPU µs per task figure."""
+    """Drain ``count`` tasks per side and round; ``cpu``: task name (or side label) -> CPU µs."""
     for worker_set in {id(s[1]): s[1] for s in sides}.values():
         worker_set.start()
     try:
@@ -43,8 +43,11 @@ def _drain_rounds(
                 fill(broker_url, task_name, (make_call(i) for i in range(count)))
                 used = workers.cpu_seconds()
                 figure.values.append(drain(workers, backlog, count, timeout=600))
-                if cpu is not None and task_name in cpu:
-                    cpu[task_name].values.append((workers.cpu_seconds() - used) / count * 1e6)
+                # ``cpu`` is keyed by task name, or by the side's label where
+                # two sides run the same task on different workers.
+                key = figure.label if cpu is not None and figure.label in cpu else task_name
+                if cpu is not None and key in cpu:
+                    cpu[key].values.append((workers.cpu_seconds() - used) / count * 1e6)
                 services.results().flushdb()
     finally:
         for worker_set in {id(s[1]): s[1] for s in sides}.values():
@@ -96,7 +99,9 @@ def _create_table(services: BenchServices) -> None:
     asyncio.run(create())
 
 
-def database(report: Report, services: BenchServices, rounds: int, count: int) -> None:
+def database(
+    report: Report, services: BenchServices, rounds: int, count: int, async_pool: str | None = None
+) -> None:
     """@db_task one INSERT vs (a) naive, (b) hand-tuned raw, and raw asyncpg."""
     _create_table(services)
     suite = f"one INSERT per task, {count} tasks, prefork c=2, Redis, PostgreSQL"
@@ -124,6 +129,39 @@ def database(report: Report, services: BenchServices, rounds: int, count: int) -
     report.ratio(suite, "@db_task / (a) naive", framework, naive, ">= 4")
     report.ratio(suite, "@db_task / (b) hand-tuned", framework, tuned, ">= 0.9")
     report.ratio(suite, "(b) hand-tuned / raw asyncpg", tuned, raw_asyncpg)
+    if async_pool:
+        _insert_in_async_mode(report, services, rounds, count, async_pool)
+
+
+def _insert_in_async_mode(
+    report: Report, services: BenchServices, rounds: int, count: int, pool: str
+) -> None:
+    """The one-INSERT @db_task in the async mode against scripts/worker.sh's prefork (issue 14)."""
+    suite = f"one INSERT per task, {count} tasks, async mode vs scripts/worker.sh, Redis"
+    prefork = WorkerSet(Topology("2 x prefork c=1", "prefork", 1, 2), services.broker_url,
+                        services.worker_env())  # fmt: skip
+    async_mode = WorkerSet(Topology(f"2 x -P {pool} -c 16", pool, 16, 2), services.broker_url,
+                           services.worker_env())  # fmt: skip
+    sides = [
+        (report.figure(suite, "@db_task, scripts/worker.sh (2 x prefork c=1)", "tasks/s"), prefork),
+        (
+            report.figure(suite, f"@db_task, async mode (2 x -P {pool} -c 16)", "tasks/s"),
+            async_mode,
+        ),
+    ]
+    cpu = {
+        figure.label: report.figure(suite, f"{figure.label}: worker CPU per task", "µs")
+        for figure, _ in sides
+    }
+    _drain_rounds(
+        services, services.broker_url,
+        [(figure, workers, "bench.db_insert", lambda i: {"value": f"v{i}"})
+         for figure, workers in sides],
+        count, rounds, redis_backlog(services.broker()), cpu=cpu,
+    )  # fmt: skip
+    report.ratio(suite, "async mode / prefork", sides[1][0], sides[0][0], ">= 0.9")
+    prefork_cpu, async_cpu = cpu.values()
+    report.ratio(suite, "CPU per task: prefork / async mode", prefork_cpu, async_cpu)
 
 
 def dispatch(report: Report, services: BenchServices, rounds: int, count: int) -> None:
