@@ -366,6 +366,9 @@ class SideFigures:
 
 def ensure_peers(peers: list[str], report: Report) -> list[str]:
     """The peers whose libraries import, installing the ``bench`` extra if some are missing."""
+    for name in [name for name in peers if name not in PEER_PACKAGES]:
+        report.notes.append(f"unknown peer {name} skipped (known: {', '.join(PEER_PACKAGES)})")
+        peers = [peer for peer in peers if peer != name]
 
     def missing() -> list[str]:
         return [
