@@ -382,7 +382,7 @@ def _delay_cost(report: Report, services: BenchServices, rounds: int, count: int
     """``.delay()`` on the framework's task against raw Celery's, in this process."""
     from celery import signals
 
-    from app.core.background.celery_app import _record_sent
+    from app.core.background.celery_app import record_sent
     from bench.tasks import noop
 
     raw_app = _raw_celery(services)
@@ -395,11 +395,11 @@ def _delay_cost(report: Report, services: BenchServices, rounds: int, count: int
 
     def without_sent() -> None:
         # The SENT record (a result-backend write per publish) switched off.
-        signals.before_task_publish.disconnect(_record_sent)
+        signals.before_task_publish.disconnect(record_sent)
         try:
             framework_loop()
         finally:
-            signals.before_task_publish.connect(_record_sent)
+            signals.before_task_publish.connect(record_sent)
 
     def raw_loop() -> None:
         for i in range(count):
