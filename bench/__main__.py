@@ -45,8 +45,10 @@ def main() -> None:
         " (comma-separated)",
     )  # fmt: skip
     parser.add_argument(
-        "--async-pool", default=None,
-        help="db, raw, io, io_db: the framework's concurrent async pool (-P), once it exists",
+        "--async-pool", default="app.core.background.pool:AsyncioPool",
+        help="db, raw, io, io_db: the framework's async mode, -P custom with this pool"
+        " (module:Class, CELERY_CUSTOM_WORKER_POOL); skipped with a note where it does"
+        " not import; 'none' leaves it out (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args()

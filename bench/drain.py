@@ -40,6 +40,8 @@ class Topology:
     concurrency: int = 2
     count: int = 1
     extra_args: Sequence[str] = ()
+    # Added to the workers' environment (e.g. the custom pool of ``-P custom``).
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,7 +63,7 @@ class WorkerSet:
     def start(self) -> WorkerSet:
         for _ in range(self.topology.count):
             worker = WorkerProcess(
-                self.env,
+                {**self.env, **self.topology.env},
                 pool=self.topology.pool,
                 concurrency=self.topology.concurrency,
                 queues=self.queues,

@@ -12,8 +12,10 @@ starts them (prefork, 2 processes with concurrency 1) and with ``-P threads``
 at 16 and 100 per process (2 processes); raw Celery (``bench/celery_settings_app.py``,
 the framework's delivery settings, no framework code) with threads at 16 and
 100; and the async-native peers (``bench/peers/``) at 16 and 100 per process,
-2 processes. The framework's concurrent async mode joins with
-``--async-pool POOL`` (``-P POOL`` at 16 and 100 per process).
+2 processes. The framework's concurrent async mode joins them: ``-P custom``
+with ``CELERY_CUSTOM_WORKER_POOL`` set to ``--async-pool`` (by default
+``app.core.background.pool:AsyncioPool``) at 16 and 100 per process; where
+that pool does not import, its sides are skipped with a note.
 
 How a drain is timed, the same for every side: the side's worker processes
 are started and warmed up, then stopped with SIGSTOP (their whole process
@@ -47,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench import async_mode
 from bench.drain import Topology, WorkerSet, fill, redis_backlog
 from bench.environment import BenchServices
 from bench.report import Figure, Report
@@ -87,9 +90,9 @@ FRAMEWORK_SIDES: list[Topology] = [
     Topology("framework, 2 x -P threads -c 16", "threads", 16, 2),
     Topology("framework, 2 x -P threads -c 100", "threads", 100, 2),
 ]
-# The framework's concurrent async execution mode (issue 14), once it exists:
-# ``python -m bench --only io,io_db --async-pool <pool>`` adds ``-P <pool>``
-# at each of these concurrencies per process, 2 processes, to the sides above.
+# The framework's concurrent async execution mode (issue 14): ``-P custom``
+# with the asyncio pool (``--async-pool``, ``bench/async_mode.py``) at each of
+# these concurrencies per process, 2 processes, beside the sides above.
 ASYNC_MODE_CONCURRENCY = (16, 100)
 RAW_SIDES: list[Topology] = [
     Topology("raw Celery, 2 x -P threads -c 16", "threads", 16, 2),
@@ -100,10 +103,11 @@ PEER_PROCESSES = 2
 
 
 def async_mode_sides(pool: str | None) -> list[Topology]:
+    """The async mode's sides (``bench/async_mode.py``); none where ``pool`` is None."""
     if not pool:
         return []
     return [
-        Topology(f"framework async mode, 2 x -P {pool} -c {n}", pool, n, 2)
+        async_mode.topology(pool, f"framework async mode, 2 x -P custom -c {n}", n)
         for n in ASYNC_MODE_CONCURRENCY
     ]
 
@@ -411,6 +415,11 @@ def io_job(
     from app.core.background import celery_app
 
     suite = f"I/O: {job.describe()}, up to {count:,} tasks, 2 processes, Redis"
+    # Checked (and a note made where it is missing) only if --sides keeps its sides.
+    if any(_picked(t.label, only) for t in async_mode_sides(async_pool)):
+        async_pool = async_mode.chosen_pool(async_pool, report, suite)
+    else:
+        async_pool = None
     framework_env = {**services.worker_env(), "DATABASE_POOL_SIZE": str(pool_size)}
     raw_env = raw_celery_env(services, celery_app, pool_size)
     peer_env = {
@@ -434,8 +443,7 @@ def io_job(
         for name in ensure_peers(peers, report)
         for n in PEER_CONCURRENCY
     ]
-    if only:
-        sides = [side for side in sides if any(part in side.label for part in only)]
+    sides = [side for side in sides if _picked(side.label, only)]
     figures = []
     for side in sides:
         slots = side.concurrency
@@ -477,6 +485,11 @@ def io_job(
             entry.fraction.values.append(100 * rate / entry.ceiling)
             entry.cpu.values.append(cpu)
     _ratios(report, suite, figures)
+
+
+def _picked(label: str, only: list[str] | None) -> bool:
+    """Whether ``--sides`` keeps the side ``label`` (all are kept without it)."""
+    return not only or any(part in label for part in only)
 
 
 def _ratios(report: Report, suite: str, figures: list[SideFigures]) -> None:

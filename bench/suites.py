@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 
+from bench import async_mode
 from bench.drain import Topology, WorkerSet, drain, fill, rabbit_backlog, redis_backlog
 from bench.environment import BenchServices
 from bench.report import Figure, Report
@@ -129,39 +130,66 @@ def database(
     report.ratio(suite, "@db_task / (a) naive", framework, naive, ">= 4")
     report.ratio(suite, "@db_task / (b) hand-tuned", framework, tuned, ">= 0.9")
     report.ratio(suite, "(b) hand-tuned / raw asyncpg", tuned, raw_asyncpg)
-    if async_pool:
-        _insert_in_async_mode(report, services, rounds, count, async_pool)
+    pool = async_mode.chosen_pool(async_pool, report, "db")
+    if pool:
+        suite = f"one INSERT per task, {count} tasks, async mode vs scripts/worker.sh, Redis"
+        try:
+            _against_prefork_in_async_mode(
+                report, services, rounds, count, pool, suite,
+                "@db_task", "bench.db_insert", lambda i: {"value": f"v{i}"},
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - the suite's other figures stand
+            report.notes.append(f"{suite} failed: {type(exc).__name__}: {exc}"[:800])
 
 
-def _insert_in_async_mode(
-    report: Report, services: BenchServices, rounds: int, count: int, pool: str
-) -> None:
-    """The one-INSERT @db_task in the async mode against scripts/worker.sh's prefork (issue 14)."""
-    suite = f"one INSERT per task, {count} tasks, async mode vs scripts/worker.sh, Redis"
+ASYNC_MODE_DRAIN_CONCURRENCY = 16
+
+
+def _against_prefork_in_async_mode(
+    report: Report,
+    services: BenchServices,
+    rounds: int,
+    count: int,
+    pool: str,
+    suite: str,
+    what: str,
+    task_name: str,
+    make_call: Callable[[int], dict[str, Any]],
+    more: list[tuple[Figure, WorkerSet, str]] | None = None,
+) -> list[Figure]:
+    """``task_name`` in the async mode against scripts/worker.sh's prefork (issue 14: >= 0.9).
+
+    ``more``: further sides (figure, workers, task) drained in the same rounds.
+    Returns the two framework sides' figures: prefork, async mode.
+    """
+    n = ASYNC_MODE_DRAIN_CONCURRENCY
     prefork = WorkerSet(Topology("2 x prefork c=1", "prefork", 1, 2), services.broker_url,
                         services.worker_env())  # fmt: skip
-    async_mode = WorkerSet(Topology(f"2 x -P {pool} -c 16", pool, 16, 2), services.broker_url,
-                           services.worker_env())  # fmt: skip
+    in_async_mode = WorkerSet(
+        async_mode.topology(pool, f"2 x -P custom -c {n}", n),
+        services.broker_url, services.worker_env(),
+    )  # fmt: skip
     sides = [
-        (report.figure(suite, "@db_task, scripts/worker.sh (2 x prefork c=1)", "tasks/s"), prefork),
-        (
-            report.figure(suite, f"@db_task, async mode (2 x -P {pool} -c 16)", "tasks/s"),
-            async_mode,
-        ),
-    ]
+        (report.figure(suite, f"{what}, scripts/worker.sh (2 x prefork c=1)", "tasks/s"), prefork),
+        (report.figure(suite, f"{what}, async mode (2 x -P custom -c {n})", "tasks/s"),
+         in_async_mode),
+    ]  # fmt: skip
     cpu = {
         figure.label: report.figure(suite, f"{figure.label}: worker CPU per task", "µs")
         for figure, _ in sides
     }
+    drained = [(figure, workers, task_name, make_call) for figure, workers in sides]
+    for figure, workers, other_task in more or []:
+        cpu[figure.label] = report.figure(suite, f"{figure.label}: worker CPU per task", "µs")
+        drained.append((figure, workers, other_task, make_call))
     _drain_rounds(
-        services, services.broker_url,
-        [(figure, workers, "bench.db_insert", lambda i: {"value": f"v{i}"})
-         for figure, workers in sides],
-        count, rounds, redis_backlog(services.broker()), cpu=cpu,
+        services, services.broker_url, drained, count, rounds, redis_backlog(services.broker()),
+        cpu=cpu,
     )  # fmt: skip
     report.ratio(suite, "async mode / prefork", sides[1][0], sides[0][0], ">= 0.9")
-    prefork_cpu, async_cpu = cpu.values()
+    prefork_cpu, async_cpu = cpu[sides[0][0].label], cpu[sides[1][0].label]
     report.ratio(suite, "CPU per task: prefork / async mode", prefork_cpu, async_cpu)
+    return [figure for figure, _ in sides]
 
 
 def dispatch(report: Report, services: BenchServices, rounds: int, count: int) -> None:
@@ -329,10 +357,6 @@ def raw_baseline(
     runs = [(t, "redis") for t in WORKER_SH_TOPOLOGIES]
     if "rabbitmq" in brokers and services.vhost is not None:
         runs.append((RABBITMQ_WORKER_SH, "rabbitmq"))
-    if async_pool:
-        runs.append(
-            (Topology(f"async mode: 2 x -P {async_pool} -c 16", async_pool, 16, 2), "redis")
-        )
     if only:
         runs = [(t, b) for t, b in runs if any(part in t.label for part in only)]
     for topology, broker in runs:
@@ -375,7 +399,46 @@ def raw_baseline(
             report.ratio(suite, "framework / raw, both with time limits", framework, raw_limited)
             report.ratio(suite, "framework / raw, both without time limits", unlimited, raw)
             report.ratio(suite, "raw: with STARTED / without", raw, unstarted)
+    if not only or any(part in RAW_ASYNC_MODE_LABEL for part in only):
+        pool = async_mode.chosen_pool(async_pool, report, "raw")
+        try:
+            if pool:
+                _noop_in_async_mode(report, services, rounds, count, pool)
+        except Exception as exc:  # noqa: BLE001 - .delay()'s cost is still measured
+            report.notes.append(
+                f"raw, {RAW_ASYNC_MODE_LABEL} failed: {type(exc).__name__}: {exc}"[:800]
+            )
     _delay_cost(report, services, rounds, calls)
+
+
+RAW_ASYNC_MODE_LABEL = f"async mode: 2 x -P custom -c {ASYNC_MODE_DRAIN_CONCURRENCY}"
+
+
+def _noop_in_async_mode(
+    report: Report, services: BenchServices, rounds: int, count: int, pool: str
+) -> None:
+    """The no-op in the async mode against scripts/worker.sh's prefork, raw Celery for context.
+
+    Raw Celery does not run on the framework's pool: ``-P custom`` would import
+    ``app.core.background`` (the framework's app and signals) into its workers.
+    Its side here is Celery's own thread pool at the same concurrency, where a
+    sync no-op runs as it does in the async mode (in a thread).
+    """
+    from bench.io import RAW_APP
+
+    n = ASYNC_MODE_DRAIN_CONCURRENCY
+    suite = f"framework vs raw Celery, no-op drain, {count} tasks, {RAW_ASYNC_MODE_LABEL}, redis"
+    raw_env = {**services.worker_env(), **_raw_env(services)}
+    raw_workers = WorkerSet(
+        Topology(f"raw 2 x threads c={n}", "threads", n, 2), services.broker_url, raw_env,
+        app=RAW_APP,
+    )  # fmt: skip
+    raw = report.figure(suite, f"raw Celery no-op, 2 x -P threads -c {n}", "tasks/s")
+    _, in_async_mode = _against_prefork_in_async_mode(
+        report, services, rounds, count, pool, suite, "@simple_task no-op", "bench.noop",
+        lambda i: {"i": i}, more=[(raw, raw_workers, "bench_raw.noop")],
+    )  # fmt: skip
+    report.ratio(suite, f"async mode / raw Celery -P threads -c {n}", in_async_mode, raw)
 
 
 def _delay_cost(report: Report, services: BenchServices, rounds: int, count: int) -> None:
