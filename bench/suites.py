@@ -155,12 +155,12 @@ def _against_prefork_in_async_mode(
     what: str,
     task_name: str,
     make_call: Callable[[int], dict[str, Any]],
-    more: list[tuple[Figure, WorkerSet, str]] | None = None,
+    more: list[tuple[str, WorkerSet, str]] | None = None,
 ) -> list[Figure]:
     """``task_name`` in the async mode against scripts/worker.sh's prefork (issue 14: >= 0.9).
 
-    ``more``: further sides (figure, workers, task) drained in the same rounds.
-    Returns the two framework sides' figures: prefork, async mode.
+    ``more``: further sides (label, workers, task) drained in the same rounds.
+    Returns the figures of the sides: prefork, async mode, then ``more``'s.
     """
     n = ASYNC_MODE_DRAIN_CONCURRENCY
     prefork = WorkerSet(Topology("2 x prefork c=1", "prefork", 1, 2), services.broker_url,
@@ -179,8 +179,9 @@ def _against_prefork_in_async_mode(
         for figure, _ in sides
     }
     drained = [(figure, workers, task_name, make_call) for figure, workers in sides]
-    for figure, workers, other_task in more or []:
-        cpu[figure.label] = report.figure(suite, f"{figure.label}: worker CPU per task", "µs")
+    for label, workers, other_task in more or []:
+        figure = report.figure(suite, label, "tasks/s")
+        cpu[label] = report.figure(suite, f"{label}: worker CPU per task", "µs")
         drained.append((figure, workers, other_task, make_call))
     _drain_rounds(
         services, services.broker_url, drained, count, rounds, redis_backlog(services.broker()),
@@ -189,7 +190,7 @@ def _against_prefork_in_async_mode(
     report.ratio(suite, "async mode / prefork", sides[1][0], sides[0][0], ">= 0.9")
     prefork_cpu, async_cpu = cpu[sides[0][0].label], cpu[sides[1][0].label]
     report.ratio(suite, "CPU per task: prefork / async mode", prefork_cpu, async_cpu)
-    return [figure for figure, _ in sides]
+    return [figure for figure, *_ in drained]
 
 
 def dispatch(report: Report, services: BenchServices, rounds: int, count: int) -> None:
@@ -433,10 +434,10 @@ def _noop_in_async_mode(
         Topology(f"raw 2 x threads c={n}", "threads", n, 2), services.broker_url, raw_env,
         app=RAW_APP,
     )  # fmt: skip
-    raw = report.figure(suite, f"raw Celery no-op, 2 x -P threads -c {n}", "tasks/s")
-    _, in_async_mode = _against_prefork_in_async_mode(
+    raw_label = f"raw Celery no-op, 2 x -P threads -c {n}"
+    _, in_async_mode, raw = _against_prefork_in_async_mode(
         report, services, rounds, count, pool, suite, "@simple_task no-op", "bench.noop",
-        lambda i: {"i": i}, more=[(raw, raw_workers, "bench_raw.noop")],
+        lambda i: {"i": i}, more=[(raw_label, raw_workers, "bench_raw.noop")],
     )  # fmt: skip
     report.ratio(suite, f"async mode / raw Celery -P threads -c {n}", in_async_mode, raw)
 
