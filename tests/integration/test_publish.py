@@ -9,12 +9,14 @@ import pytest
 from celery import Celery, signals
 from prometheus_client import REGISTRY
 
-from app.core.background import TaskDispatchError, celery_app
+from app.core.background import TaskArgumentError, TaskDispatchError, celery_app
 from app.core.background.internals.delivery.publish import (
     Message,
     bounded_dispatch,
     checked_message,
+    publish,
 )
+from app.core.background.internals.logging import HIDDEN_VALUES
 from app.core.background.internals.operations.status import raw_meta
 from app.core.background.internals.registry import TOKEN_HEADER
 from tests.support import tasks
@@ -90,3 +92,41 @@ def test_a_bulk_send_counts_every_message(stack: Services, worker: Any) -> None:
     assert _dispatched("tests.where_am_i", "default") == before + 3
     for result in results:
         result.get(timeout=WAIT)
+
+
+def test_arguments_that_cannot_be_encoded_leave_no_sent_record(stack: Services) -> None:
+    """Celery writes SENT before kombu encodes: a message that never left has no status."""
+    message = Message(tasks.echo, kwargs={"payload": object()})
+    with pytest.raises(TaskArgumentError, match="JSON-serializable"):
+        publish(celery_app, message)
+    assert raw_meta(celery_app, message.task_id) is None
+
+
+def _published_headers(send: Any) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    def look(headers: Any = None, **_: Any) -> None:
+        seen.update(headers or {})
+
+    signals.before_task_publish.connect(look, weak=False)
+    try:
+        send()
+    finally:
+        signals.before_task_publish.disconnect(look)
+    return seen
+
+
+def test_messages_show_their_arguments_only_when_logging_them_is_allowed(stack: Services) -> None:
+    """Celery copies a repr of the arguments into each message (events, Flower, inspect)."""
+
+    def send() -> None:
+        tasks.echo.delay(password="hunter2")
+
+    headers = _published_headers(send)
+    assert (headers["argsrepr"], headers["kwargsrepr"]) == (HIDDEN_VALUES, HIDDEN_VALUES)
+    celery_app.conf.background_log_task_arguments = True
+    try:
+        headers = _published_headers(send)
+    finally:
+        celery_app.conf.background_log_task_arguments = False
+    assert "hunter2" in headers["kwargsrepr"]

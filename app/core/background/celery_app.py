@@ -91,6 +91,7 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         # (a broker restart of a second or two is ridden out) until the
         # dispatch timeout, never longer; each attempt's sockets time out too.
         "background_dispatch_timeout": settings.background_dispatch_timeout,
+        "background_log_task_arguments": settings.background_log_task_arguments,
         "background_after_commit_fallback": settings.background_after_commit_fallback,
         "task_publish_retry_policy": {
             "max_retries": None,

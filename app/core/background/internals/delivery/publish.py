@@ -50,7 +50,7 @@ from kombu.utils.json import dumps
 from redis.exceptions import RedisError
 
 from ..exceptions import TaskArgumentError, TaskDispatchError
-from ..logging import mask_url_passwords
+from ..logging import HIDDEN_VALUES, mask_url_passwords
 from ..monitoring import record_dispatch, record_dispatch_failure
 from ..operations.status import buffered_sent_records, forget_unsent
 from ..transport.deadline import deadline_in
@@ -170,6 +170,7 @@ def publish_many(
     # connects). A message published on its own is sent once its publish returns;
     # a pipelined chunk once the pipeline has gone out.
     unconfirmed = [message.task_id for message in messages[:batch_size]]
+    hide_arguments = not app.conf.get("background_log_task_arguments")
     try:
         with (
             bounded_dispatch(app, first.task_name, first.queue, unconfirmed),
@@ -186,7 +187,7 @@ def publish_many(
                 # then its messages published.
                 with _pipelined(producer, deferred, len(chunk)), _buffered(app, deferred):
                     for message in chunk:
-                        results.append(_send(app, producer, message))
+                        results.append(_send(app, producer, message, hide_arguments))
                         if not deferred:
                             unconfirmed.remove(message.task_id)
                             record_dispatch(message.task_name, message.queue)
@@ -195,14 +196,23 @@ def publish_many(
                         record_dispatch(message.task_name, message.queue)
                     unconfirmed.clear()
     except EncodeError as exc:
+        # Celery wrote the SENT record before kombu found it could not encode the message.
+        forget_unsent(app, list(unconfirmed))
         raise TaskArgumentError(
             f"{first.task_name}: arguments must be JSON-serializable: {exc}"
         ) from exc
     return results
 
 
-def _send(app: Celery, producer: Any, message: Message) -> AsyncResult[Any]:
+def _send(app: Celery, producer: Any, message: Message, hide_arguments: bool) -> AsyncResult[Any]:
     options = message.celery_options()
+    if hide_arguments:
+        # Celery copies a repr of the arguments into every message for display
+        # (events, Flower, `celery inspect`): arguments stay out of sight unless
+        # BACKGROUND_LOG_TASK_ARGUMENTS opts in, as in the logs; and that repr
+        # is a tenth of the cost of a send.
+        options.setdefault("argsrepr", HIDDEN_VALUES)
+        options.setdefault("kwargsrepr", HIDDEN_VALUES)
     if isinstance(message.task, str):
         return app.send_task(
             message.task, message.args, dict(message.kwargs), task_id=message.task_id,
