@@ -259,3 +259,50 @@ def refused_database() -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield f"postgresql+asyncpg://postgres@127.0.0.1:{sock.getsockname()[1]}/x"
+
+
+def test_a_relay_skips_rows_another_relay_holds(stack: Services) -> None:
+    """A relay stuck on its rows (locked, not yet sent) does not stall another one."""
+    keys = [uuid.uuid4().hex for _ in range(4)]
+
+    async def work(sessions: Any) -> tuple[list[str], int]:
+        async with sessions() as session:
+            ids = [tasks_fastapi.note_row.delay_via_outbox(session, key=k).id for k in keys]
+            await session.commit()
+        other = engine_from_settings(get_settings())
+        try:
+            async with other.connect() as stuck, stuck.begin():
+                # What a relay's pass holds while it publishes: the first rows, locked.
+                await stuck.exec_driver_sql(
+                    "SELECT id FROM background_outbox WHERE task_id = ANY($1) FOR UPDATE",
+                    (ids[:2],),
+                )
+                sent = await asyncio.wait_for(run_relay(sessions, celery_app, once=True), 30)
+        finally:
+            await other.dispose()
+        return ids, sent
+
+    with recorded_messages() as published:
+        ids, sent = run_in_session(work)
+    assert [task_id for task_id, _ in published] == ids[2:]
+    assert sent == 2
+    run_in_session(lambda sessions: relay_outbox(sessions, celery_app))  # deliver the rest
+
+
+def test_relay_once_drains_every_batch_and_counts_what_it_sent(
+    stack: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = [uuid.uuid4().hex for _ in range(5)]
+
+    async def work(sessions: Any) -> int:
+        async with sessions() as session:
+            for k in keys:
+                tasks_fastapi.note_row.delay_via_outbox(session, key=k)
+            await session.commit()
+        return await asyncio.wait_for(run_relay(sessions, celery_app, batch_size=2, once=True), 30)
+
+    with caplog.at_level("INFO", logger="app.core.background.outbox"):
+        assert run_in_session(work) == 5  # two full batches, then the last row
+    relayed = [r for r in caplog.records if r.getMessage() == "Outbox relayed"]
+    assert [r.fields["sent"] for r in relayed] == [2, 2, 1]  # type: ignore[attr-defined]
+    assert not fetchval(stack, PENDING)
