@@ -184,12 +184,20 @@ def test_task_arguments_are_logged_when_opted_in(
     completions_db: Services, guarded_redis: PrivateRedis
 ) -> None:
     """The counterpart: with the opt-in, the same check would see the argument."""
+    from app.core.background import celery_app
+
     run = TaskRun("security opt-in", guarded_redis.url(), completions_db.postgres_dsn, 1, 0)
     with reliability_worker(
         guarded_redis.url(),
         completions_db.postgres_url,
         extra_env={"BACKGROUND_LOG_TASK_ARGUMENTS": "true"},
     ) as worker:
-        run.send()
+        # The sender opts in too: it decides whether its messages carry the arguments'
+        # repr, which Celery's lines on the worker print.
+        celery_app.conf.background_log_task_arguments = True
+        try:
+            run.send()
+        finally:
+            celery_app.conf.background_log_task_arguments = False
         assert run.wait_all(60)
         assert wait_until(lambda: run.keys[0] in worker.log(), 10), worker.log()[-3000:]
