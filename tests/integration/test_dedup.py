@@ -349,6 +349,36 @@ def test_lease_of_a_crashed_worker_expires(
             wait_for(lambda: store.holder(task_id) is None)
 
 
+def test_a_task_that_starts_extends_its_lease_past_the_original_lifetime(
+    stack: Services, redis_leases: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker extends the lease when the task starts: a full lifetime from the start.
+
+    Lifetime 6 s. The task starts after 3 s and runs 8 s. The control, sent
+    just after it with the same lifetime but a 10 s countdown, has not started
+    when its lease expires (the lifetime really was 6 s); the task's lease,
+    taken first, is still held then, with the same token: extended.
+    """
+    lifetime = 6.0
+    monkeypatch.setattr(dedup, "lease_lifetime", lambda *_: lifetime)
+    store = redis_leases.store
+    k, waiting = new_key(), new_key()
+    task_id, control_id = f"update-{k}", f"update-{waiting}"
+    result = redis_leases.send(tasks_dedup.run, k, 8.0, task_id=task_id, countdown=3)
+    control = redis_leases.send(tasks_dedup.run, waiting, task_id=control_id, countdown=10)
+    holder = store.holder(task_id)
+    assert holder not in (None, REVOKED)
+    wait_for(lambda: executions(stack, k) == 1)  # started
+    # Not started: the control's lease expires after its lifetime (so would the task's).
+    wait_for(lambda: store.holder(control_id) is None, timeout=lifetime + 5)
+    assert executions(stack, waiting) == 0, "the control started too early to mean anything"
+    assert not result.ready()
+    assert store.holder(task_id) == holder  # started: extended
+    assert result.get(timeout=RESULT_TIMEOUT) == task_id
+    wait_for(lambda: store.holder(task_id) is None)
+    control.get(timeout=RESULT_TIMEOUT)
+
+
 def test_revoked_id_is_refused_with_a_clear_error(stack: Services, redis_leases: Target) -> None:
     k = new_key()
     task_id = f"notify-{k}"
