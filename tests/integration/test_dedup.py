@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,12 @@ from app.core.background.internals.delivery.lease_stores import (
 from app.core.background.internals.delivery.publish import Message, publish
 from app.core.background.internals.logging import FRAMEWORK_LOGGER_NAME
 from app.core.background.internals.operations.worker_process import WorkerProcess
-from app.core.background.internals.registry import PERIOD_HEADER, TOKEN_HEADER, TTL_HEADER
+from app.core.background.internals.registry import (
+    KEEP_UNTIL_HEADER,
+    PERIOD_HEADER,
+    TOKEN_HEADER,
+    TTL_HEADER,
+)
 from tests.support import tasks_dedup
 from tests.support.db import fetchval
 from tests.support.dedup_race import race
@@ -377,6 +383,33 @@ def test_a_task_that_starts_extends_its_lease_past_the_original_lifetime(
     assert result.get(timeout=RESULT_TIMEOUT) == task_id
     wait_for(lambda: store.holder(task_id) is None)
     control.get(timeout=RESULT_TIMEOUT)
+
+
+def test_a_period_ending_within_the_second_keeps_its_id_until_then(
+    redis_leases: Target,
+) -> None:
+    """The end of a run in its period's last second: the id is kept, not freed early."""
+    store, task_id, token = redis_leases.store, f"tick-{new_key()}", uuid.uuid4().hex
+    assert store.acquire(task_id, token, 30.0) == token
+    ends = time.time() + 0.8
+    deduplicator.finished(task_id, {TOKEN_HEADER: token, KEEP_UNTIL_HEADER: ends})
+    assert store.holder(task_id) == token
+    wait_for(lambda: store.holder(task_id) is None, timeout=10)  # kept until the period ends
+
+
+def test_a_failing_lease_store_is_logged_with_the_task_id(
+    redis_leases: Target, framework_log: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease then expires by itself; the line names the task whose lease it is."""
+    task_id = f"update-{new_key()}"
+    # A lease store whose server refuses connections: a real failure.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        broken = RedisLeaseStore(f"redis://127.0.0.1:{sock.getsockname()[1]}/0")
+        monkeypatch.setattr(deduplicator, "_store", broken)
+        deduplicator.started(task_id, {TOKEN_HEADER: "t", TTL_HEADER: 60.0})
+    (line,) = [r for r in framework_log.records if r.getMessage().startswith("Task lease update")]
+    assert line.fields["task_id"] == task_id  # type: ignore[attr-defined]
 
 
 def test_revoked_id_is_refused_with_a_clear_error(stack: Services, redis_leases: Target) -> None:
