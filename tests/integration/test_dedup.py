@@ -433,6 +433,42 @@ def test_revoked_id_is_refused_with_a_clear_error(stack: Services, redis_leases:
     assert executions(stack, k) == 0
 
 
+# Its own waits: the control command 60 + a worker start 60 + 30 + 30 = 180 s.
+@pytest.mark.timeout(240)
+def test_a_revoke_while_no_worker_runs_is_not_remembered(
+    stack: Services, redis_leases: Target, private_redis: RedisServer
+) -> None:
+    """No worker hears the revoke: the task runs once one starts, and its lease ends normally.
+
+    (The guide's "Revoked and expired ids": Celery does not remember it either.)
+    """
+    store = redis_leases.store
+    broker = private_redis.url(4)  # a broker no worker consumes from yet
+    env = {"CELERY_BROKER_URL": broker, "BACKGROUND_DEDUP_REDIS_URL": redis_leases.broker_url}
+    k = new_key()
+    task_id = f"notify-{k}"
+    with Connection(broker) as connection:
+        producer = celery_app.amqp.Producer(connection, auto_declare=True)
+        tasks_dedup.run.apply_async((k,), task_id=task_id, producer=producer)
+        holder = store.holder(task_id)
+        assert holder not in (None, REVOKED)
+        revoke = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "app.core.background.celery_app", "control",
+             "revoke", task_id],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        # Celery's own word that no worker heard it.
+        assert "No nodes replied" in revoke.stdout + revoke.stderr, revoke
+        assert store.holder(task_id) == holder  # not marked revoked
+        with WorkerProcess(env, include=DEDUP_TASKS):
+            wait_for(lambda: executions(stack, k) == 1)
+            wait_for(lambda: store.holder(task_id) is None)
+    assert executions(stack, k) == 1
+
+
 def test_expired_task_is_refused_like_a_revoked_one(stack: Services, redis_leases: Target) -> None:
     """``expires`` passed before the run: Celery marks the id revoked, so do we."""
     k = new_key()
