@@ -412,6 +412,40 @@ def test_a_failing_lease_store_is_logged_with_the_task_id(
     assert line.fields["task_id"] == task_id  # type: ignore[attr-defined]
 
 
+def test_a_retry_extends_its_lease_and_a_retry_without_one_takes_none(
+    stack: Services, redis_leases: Target
+) -> None:
+    """What Celery's ``Task.retry`` sends: the same id, ``retries`` > 0, the first send's headers.
+
+    The retry's send extends the lease it carries (a full lifetime from now):
+    past the short lifetime the lease was taken with, and before the retry
+    runs, it is still held, while the control, taken at the same time with the
+    same lifetime, has expired.
+    A retry of a task sent without a custom id carries no lease and takes none.
+    """
+    store, short = redis_leases.store, 1.0
+    k, control_id = new_key(), f"update-{new_key()}"
+    task_id, token = f"update-{k}", uuid.uuid4().hex
+    assert store.acquire(task_id, token, short) == token
+    assert store.acquire(control_id, "control", short) == "control"
+    with recorded_publishes() as published:
+        # A retry's countdown: the worker holds it, its start does not extend the lease yet.
+        redis_leases.send(tasks_dedup.run, k, task_id=task_id, retries=1, countdown=6,
+                          headers={TOKEN_HEADER: token, TTL_HEADER: 60.0})  # fmt: skip
+    assert published == ["tests.dedup.run"]  # a retry is sent, never deduplicated
+    wait_for(lambda: store.holder(control_id) is None, timeout=short + 4)
+    assert executions(stack, k) == 0, "the retry ran too early to mean anything"
+    assert store.holder(task_id) == token  # extended by the retry's send
+    wait_for(lambda: executions(stack, k) == 1)
+    wait_for(lambda: store.holder(task_id) is None)
+
+    plain = new_key()
+    plain_id = uuid.uuid4().hex  # Celery's own id of a task sent without task_id
+    redis_leases.send(tasks_dedup.run, plain, task_id=plain_id, retries=1, headers={})
+    assert store.holder(plain_id) is None
+    wait_for(lambda: executions(stack, plain) == 1)
+
+
 def test_revoked_id_is_refused_with_a_clear_error(stack: Services, redis_leases: Target) -> None:
     k = new_key()
     task_id = f"notify-{k}"
