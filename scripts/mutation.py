@@ -70,11 +70,11 @@ TARGETS = (
     # revoke, the worker signals) by the Redis-backend scenarios of
     # test_dedup.py, one worker for all: each path once (release after success,
     # failure, Ignore, a hard time limit, a lost worker; kept on retry and
-    # Reject; extended at start; revoked and expired ids; run-once; a period's
-    # lease), and a failed send giving its lease back. Left out, for speed: the
-    # same scenarios on the SQLite and PostgreSQL lease stores (the store is
-    # lease_stores' target), the 24-racer race, the crashed-worker expiry and
-    # the two-beat run.
+    # Reject; extended at start and by a retry's send; revoked and expired ids;
+    # run-once; a period's lease), and a failed send giving its lease back.
+    # Left out, for speed: the same scenarios on the SQLite and PostgreSQL
+    # lease stores (the store is lease_stores' target), the 24-racer race, the
+    # crashed-worker expiry, the revoke no worker heard and the two-beat run.
     Target("dedup_keys", f"{INTERNALS}/delivery/dedup.py", ("tests/unit/test_dedup_keys.py",),
            definitions=("notify_key", "update_key", "daily_key", "args_key", "lease_lifetime",
                         "period_key", "_next_day")),
@@ -89,6 +89,7 @@ TARGETS = (
             "test_a_run_ended_by_ignore_frees_its_id",
             "test_calls_without_task_id_do_not_touch_leases",
             "test_a_task_that_starts_extends_its_lease_past_the_original_lifetime",
+            "test_a_retry_extends_its_lease_and_a_retry_without_one_takes_none",
             "test_a_period_ending_within_the_second_keeps_its_id_until_then",
             "test_a_failing_lease_store_is_logged_with_the_task_id",
             "test_revoked_id_is_refused_with_a_clear_error",
