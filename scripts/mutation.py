@@ -69,8 +69,8 @@ TARGETS = (
     # covered by unit tests in seconds. The lease paths (send, start, end,
     # revoke, the worker signals) by the Redis-backend scenarios of
     # test_dedup.py, one worker for all: each path once (release after success,
-    # failure, Ignore, a hard time limit, a lost worker; kept on retry and
-    # Reject; extended at start and by a retry's send; revoked and expired ids;
+    # failure, Ignore, Reject, a hard time limit, a lost worker; kept on retry
+    # and a requeue; extended at start and by a retry's send; revoked and expired ids;
     # run-once; a period's lease), and a failed send giving its lease back.
     # Left out, for speed: the same scenarios on the SQLite and PostgreSQL
     # lease stores (the store is lease_stores' target), the 24-racer race, the
@@ -87,6 +87,7 @@ TARGETS = (
             "test_retrying_task_keeps_its_id_and_runs_once_per_attempt[redis]",
             "test_a_rejected_and_requeued_message_keeps_its_lease_until_it_ends",
             "test_a_run_ended_by_ignore_frees_its_id",
+            "test_a_message_rejected_for_good_frees_its_id",
             "test_calls_without_task_id_do_not_touch_leases",
             "test_a_task_that_starts_extends_its_lease_past_the_original_lifetime",
             "test_a_retry_extends_its_lease_and_a_retry_without_one_takes_none",

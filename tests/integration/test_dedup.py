@@ -308,6 +308,15 @@ def test_a_run_ended_by_ignore_frees_its_id(stack: Services, redis_leases: Targe
     wait_for(lambda: redis_leases.store.holder(task_id) is None)
 
 
+def test_a_message_rejected_for_good_frees_its_id(stack: Services, redis_leases: Target) -> None:
+    """``Reject(requeue=False)``: the message does not come back, so its lease goes."""
+    k = new_key()
+    task_id = f"update-{k}"
+    redis_leases.send(tasks_dedup.reject_for_good, k, task_id=task_id)
+    wait_for(lambda: executions(stack, k) == 1)
+    wait_for(lambda: redis_leases.store.holder(task_id) is None)
+
+
 # -- Redis-only scenarios ------------------------------------------------------
 
 
