@@ -50,30 +50,92 @@ class Target:
     timeout: float = 180.0
 
 
+DISPATCH_FAILURES = "tests/integration/test_dispatch_failures.py"
+# The dispatch-failure tests that reach after_commit.py (the others do not).
+ON_COMMIT_FAILURES = tuple(
+    f"{DISPATCH_FAILURES}::{name}"
+    for name in (
+        "test_delay_on_commit_with_the_broker_down_goes_to_the_outbox",
+        "test_delay_on_commit_with_fallback_error_reports_the_task_lost",
+        "test_delay_on_commit_without_an_outbox_table_reports_the_task_lost",
+    )
+)
+DEDUP_TESTS = "tests/integration/test_dedup.py"
+
 TARGETS = (
     Target("lease_stores", f"{INTERNALS}/delivery/lease_stores.py",
            ("tests/integration/test_lease_stores.py",)),
-    Target("dedup", f"{INTERNALS}/delivery/dedup.py",
-           ("tests/unit/test_dedup_keys.py", "tests/integration/test_dedup.py"), timeout=400),
+    # dedup.py in two targets. Its pure functions (keys, periods, lifetimes) are
+    # covered by unit tests in seconds. The lease paths (send, start, end,
+    # revoke, the worker signals) by the Redis-backend scenarios of
+    # test_dedup.py, one worker for all: each path once (release after success,
+    # failure, Ignore, Reject, a hard time limit, a lost worker; kept on retry
+    # and a requeue; extended at start and by a retry's send; revoked and expired ids;
+    # run-once; a period's lease), and a failed send giving its lease back.
+    # Left out, for speed: the same scenarios on the SQLite and PostgreSQL
+    # lease stores (the store is lease_stores' target), the 24-racer race, the
+    # crashed-worker expiry, the revoke no worker heard and the two-beat run.
+    Target("dedup_keys", f"{INTERNALS}/delivery/dedup.py", ("tests/unit/test_dedup_keys.py",),
+           definitions=("notify_key", "update_key", "daily_key", "args_key", "lease_lifetime",
+                        "period_key", "_next_day")),
+    Target("dedup", f"{INTERNALS}/delivery/dedup.py", (
+        "tests/unit/test_settings.py::test_auto_dedup_backend_follows_the_broker",
+        "tests/unit/test_settings.py::test_an_explicit_dedup_backend_wins_over_the_broker",
+        *(f"{DEDUP_TESTS}::{name}" for name in (
+            "test_second_call_while_running_is_deduplicated_and_id_freed_after_success[redis]",
+            "test_id_freed_after_failure[redis]",
+            "test_retrying_task_keeps_its_id_and_runs_once_per_attempt[redis]",
+            "test_a_rejected_and_requeued_message_keeps_its_lease_until_it_ends",
+            "test_a_run_ended_by_ignore_frees_its_id",
+            "test_a_message_rejected_for_good_frees_its_id",
+            "test_calls_without_task_id_do_not_touch_leases",
+            "test_a_task_that_starts_extends_its_lease_past_the_original_lifetime",
+            "test_a_retry_extends_its_lease_and_a_retry_without_one_takes_none",
+            "test_a_period_ending_within_the_second_keeps_its_id_until_then",
+            "test_a_failing_lease_store_is_logged_with_the_task_id",
+            "test_revoked_id_is_refused_with_a_clear_error",
+            "test_expired_task_is_refused_like_a_revoked_one",
+            "test_hard_time_limit_fails_the_task_and_frees_its_id",
+            "test_worker_death_without_retries_left_frees_the_id",
+            "test_db_task_killed_after_its_commit_is_not_run_again",
+            "test_same_period_fired_twice_runs_once_and_keeps_its_lease",
+        )),
+        f"{DISPATCH_FAILURES}::test_a_failed_send_with_a_task_id_gives_its_lease_back",
+    ), definitions=("is_deduplicated", "log_deduplicated", "TaskIdRevokedError", "Deduplicator",
+                    "_lease_headers", "run_once_key", "_on_prerun", "_on_postrun", "_on_failure",
+                    "_on_revoked", "connect_worker_signals", "store_from_settings"), timeout=400),
     Target("completions", f"{INTERNALS}/delivery/completions.py",
            ("tests/integration/test_completions.py",)),
     Target("after_commit", f"{INTERNALS}/delivery/after_commit.py",
            ("tests/unit/test_after_commit.py", "tests/integration/test_after_commit_worker.py",
-            "tests/integration/test_dispatch_failures.py")),
+            *ON_COMMIT_FAILURES)),
     Target("publish", f"{INTERNALS}/delivery/publish.py",
            ("tests/unit/test_run_decision.py", "tests/unit/test_after_commit.py",
             "tests/integration/test_publish.py", "tests/integration/test_bulk_dispatch.py",
-            "tests/integration/test_dispatch_failures.py")),
+            DISPATCH_FAILURES)),
     Target("outbox", f"{INTERNALS}/delivery/outbox.py",
-           ("tests/integration/test_outbox.py", "tests/integration/test_dispatch_failures.py")),
+           ("tests/integration/test_outbox.py",
+            f"{DISPATCH_FAILURES}::test_relay_once_fails_when_the_broker_does_not_take_a_row",
+            *ON_COMMIT_FAILURES)),
     Target("exceptions", f"{INTERNALS}/exceptions.py",
            ("tests/unit/test_error_classification.py",
             "tests/integration/test_postgres_errors.py")),
     Target("retry", f"{INTERNALS}/retry.py", ("tests/unit/test_retry_policies.py",)),
+    # The run decision: retry or fail (test_worker_redis_postgres, without its
+    # thousand-task throughput run), and run-once in the db task's transaction
+    # (the run-once scenarios of test_dedup, on the Redis lease store).
     Target("run_decision", f"{INTERNALS}/runner.py",
            ("tests/unit/test_run_decision.py", "tests/integration/test_worker_redis_postgres.py",
-            "tests/integration/test_dedup.py::test_db_task_killed_after_its_commit_is_not_run_again",
-            "tests/integration/test_dedup.py::test_two_deliveries_running_at_once_commit_once"),
+            "--deselect",
+            "tests/integration/test_worker_redis_postgres.py::test_a_thousand_db_tasks_through_prefork",
+            *(f"{DEDUP_TESTS}::{name}" for name in (
+                "test_db_task_killed_after_its_commit_is_not_run_again",
+                "test_db_task_killed_after_its_own_explicit_commit_is_not_run_again",
+                "test_db_task_failing_after_an_explicit_commit_is_retried_and_runs_again",
+                "test_a_bulk_job_killed_after_a_batch_runs_again_from_the_start",
+                "test_without_task_id_the_same_death_completes_the_work_twice",
+                "test_two_deliveries_running_at_once_commit_once",
+            ))),
            definitions=("_after_failure", "failure_outcome", "_run_in_transaction", "execute"),
            timeout=300),
 )  # fmt: skip

@@ -17,9 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core.background import celery_app
 from app.core.background.fastapi import TaskSession
+from app.core.background.internals.delivery.dedup import deduplicator
 from app.core.background.internals.operations.status import get_task_status
 from app.core.config import get_settings
 from app.core.engine import engine_from_settings
+from tests.support.publishes import recorded_publishes
 from tests.support.tasks_fastapi import note_row
 
 pytestmark = [pytest.mark.usefixtures("worker"), pytest.mark.redis, pytest.mark.postgres]
@@ -81,3 +83,25 @@ def test_a_task_session_discards_what_was_registered_before_any_statement() -> N
     discarded, kept = in_session(TaskSession, work)
     celery_app.AsyncResult(kept).get(timeout=RESULT_TIMEOUT)
     assert get_task_status(celery_app, discarded).state == "unknown"
+
+
+def test_a_custom_id_sent_after_commit_is_deduplicated_and_a_fresh_one_is_not() -> None:
+    """``task_id`` chosen by the caller: a lease held on it means no second message."""
+    held, free = f"update-{uuid.uuid4().hex}", f"update-{uuid.uuid4().hex}"
+    # Someone else's task holds ``held`` (as a running task with that id would).
+    assert deduplicator.store.acquire(held, "another-holder", 60.0) == "another-holder"
+
+    async def work(session: AsyncSession) -> None:
+        note_row.options(task_id=held).delay_on_commit(session, key=uuid.uuid4().hex)
+        note_row.options(task_id=free).delay_on_commit(session, key=uuid.uuid4().hex)
+        note_row.delay_on_commit(session, key=uuid.uuid4().hex)  # a fresh id: no lease
+        await session.commit()
+
+    try:
+        with recorded_publishes() as published:
+            in_session(TaskSession, work)
+        assert published == [note_row.name, note_row.name]  # the free id and the fresh one
+        assert deduplicator.store.holder(held) == "another-holder"
+        celery_app.AsyncResult(free).get(timeout=RESULT_TIMEOUT)
+    finally:
+        deduplicator.store.release(held, "another-holder")

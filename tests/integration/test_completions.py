@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -182,5 +183,82 @@ def test_a_second_delivery_recording_the_same_run_is_told_so(database_url: str) 
         async with AsyncSession(engine) as second:
             assert not await log.record(second, run, "update-1", ttl=60)
             await second.rollback()
+
+    on_engine(database_url, scenario)
+
+
+# -- under mutation (scripts/mutation.sh completions) --------------------------
+
+
+def completion_rows(session: AsyncSession, tok: str) -> Awaitable[int | None]:
+    query = text(f"SELECT count(*) FROM {completions.TABLE} WHERE token = :t")
+    return session.scalar(query, {"t": tok})
+
+
+def test_a_row_lives_for_its_ttl_and_cleanup_runs_at_most_once_an_interval(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live row survives a cleanup; expiry is now + ttl; cleanup waits an interval."""
+
+    async def scenario(engine: AsyncEngine) -> None:
+        log = CompletionLog()
+        live, expired = token(), token()
+        async with AsyncSession(engine) as session:
+            await log.completed(session, live)
+            await log.record(session, live, "update-live", ttl=60)
+            await session.commit()
+            expires_at = await session.scalar(
+                text(f"SELECT expires_at FROM {completions.TABLE} WHERE token = :t"), {"t": live}
+            )
+        assert 55 < expires_at - time.time() <= 60
+        # The first record of this log cleaned up; the next ones within the hour do not.
+        async with AsyncSession(engine) as session:
+            await log.record(session, expired, "update-expired", ttl=-1)
+            await session.commit()
+        async with AsyncSession(engine) as session:
+            await log.record(session, token(), "update-later", ttl=60)
+            await session.commit()
+            assert await completion_rows(session, expired) == 1  # no cleanup yet
+        monkeypatch.setattr(completions, "CLEANUP_INTERVAL", 0.0)
+        async with AsyncSession(engine) as session:
+            await log.record(session, token(), "update-last", ttl=60)
+            await session.commit()
+            assert await completion_rows(session, expired) == 0
+            assert await completion_rows(session, live) == 1  # not expired: kept
+
+    on_engine(database_url, scenario)
+
+
+def test_a_detached_marker_writes_nothing(database_url: str) -> None:
+    async def scenario(engine: AsyncEngine) -> None:
+        log = CompletionLog()
+        tok = token()
+        async with AsyncSession(engine) as session:
+            await log.completed(session, tok)
+            marker = CompletionMarker(session, tok, "update-1", 60, log=log)
+            marker.detach()
+            marker.detach()  # twice is harmless
+            await session.commit()
+            assert not marker.committed
+            assert await completion_rows(session, tok) == 0
+
+    on_engine(database_url, scenario)
+
+
+def test_a_rollback_before_the_first_commit_does_not_stop_the_row(database_url: str) -> None:
+    """The run's first commit after a rollback (a failed commit, a body's own) still writes it."""
+
+    async def scenario(engine: AsyncEngine) -> None:
+        log = CompletionLog()
+        tok = token()
+        async with AsyncSession(engine) as session:
+            await log.completed(session, tok)
+            marker = CompletionMarker(session, tok, "update-1", 60, log=log)
+            await session.rollback()
+            await session.commit()
+            assert marker.committed
+            marker.detach()
+        async with AsyncSession(engine) as session:
+            assert await log.completed(session, tok)
 
     on_engine(database_url, scenario)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,12 @@ from app.core.background.internals.delivery.lease_stores import (
 from app.core.background.internals.delivery.publish import Message, publish
 from app.core.background.internals.logging import FRAMEWORK_LOGGER_NAME
 from app.core.background.internals.operations.worker_process import WorkerProcess
-from app.core.background.internals.registry import PERIOD_HEADER, TOKEN_HEADER, TTL_HEADER
+from app.core.background.internals.registry import (
+    KEEP_UNTIL_HEADER,
+    PERIOD_HEADER,
+    TOKEN_HEADER,
+    TTL_HEADER,
+)
 from tests.support import tasks_dedup
 from tests.support.db import fetchval
 from tests.support.dedup_race import race
@@ -302,6 +308,15 @@ def test_a_run_ended_by_ignore_frees_its_id(stack: Services, redis_leases: Targe
     wait_for(lambda: redis_leases.store.holder(task_id) is None)
 
 
+def test_a_message_rejected_for_good_frees_its_id(stack: Services, redis_leases: Target) -> None:
+    """``Reject(requeue=False)``: the message does not come back, so its lease goes."""
+    k = new_key()
+    task_id = f"update-{k}"
+    redis_leases.send(tasks_dedup.reject_for_good, k, task_id=task_id)
+    wait_for(lambda: executions(stack, k) == 1)
+    wait_for(lambda: redis_leases.store.holder(task_id) is None)
+
+
 # -- Redis-only scenarios ------------------------------------------------------
 
 
@@ -349,6 +364,97 @@ def test_lease_of_a_crashed_worker_expires(
             wait_for(lambda: store.holder(task_id) is None)
 
 
+def test_a_task_that_starts_extends_its_lease_past_the_original_lifetime(
+    stack: Services, redis_leases: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker extends the lease when the task starts: a full lifetime from the start.
+
+    Lifetime 6 s. The task starts after 3 s and runs 8 s. The control, sent
+    just after it with the same lifetime but a 10 s countdown, has not started
+    when its lease expires (the lifetime really was 6 s); the task's lease,
+    taken first, is still held then, with the same token: extended.
+    """
+    lifetime = 6.0
+    monkeypatch.setattr(dedup, "lease_lifetime", lambda *_: lifetime)
+    store = redis_leases.store
+    k, waiting = new_key(), new_key()
+    task_id, control_id = f"update-{k}", f"update-{waiting}"
+    result = redis_leases.send(tasks_dedup.run, k, 8.0, task_id=task_id, countdown=3)
+    control = redis_leases.send(tasks_dedup.run, waiting, task_id=control_id, countdown=10)
+    holder = store.holder(task_id)
+    assert holder not in (None, REVOKED)
+    wait_for(lambda: executions(stack, k) == 1)  # started
+    # Not started: the control's lease expires after its lifetime (so would the task's).
+    wait_for(lambda: store.holder(control_id) is None, timeout=lifetime + 5)
+    assert executions(stack, waiting) == 0, "the control started too early to mean anything"
+    assert not result.ready()
+    assert store.holder(task_id) == holder  # started: extended
+    assert result.get(timeout=RESULT_TIMEOUT) == task_id
+    wait_for(lambda: store.holder(task_id) is None)
+    control.get(timeout=RESULT_TIMEOUT)
+
+
+def test_a_period_ending_within_the_second_keeps_its_id_until_then(
+    redis_leases: Target,
+) -> None:
+    """The end of a run in its period's last second: the id is kept, not freed early."""
+    store, task_id, token = redis_leases.store, f"tick-{new_key()}", uuid.uuid4().hex
+    assert store.acquire(task_id, token, 30.0) == token
+    ends = time.time() + 0.8
+    deduplicator.finished(task_id, {TOKEN_HEADER: token, KEEP_UNTIL_HEADER: ends})
+    assert store.holder(task_id) == token
+    wait_for(lambda: store.holder(task_id) is None, timeout=10)  # kept until the period ends
+
+
+def test_a_failing_lease_store_is_logged_with_the_task_id(
+    redis_leases: Target, framework_log: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease then expires by itself; the line names the task whose lease it is."""
+    task_id = f"update-{new_key()}"
+    # A lease store whose server refuses connections: a real failure.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        broken = RedisLeaseStore(f"redis://127.0.0.1:{sock.getsockname()[1]}/0")
+        monkeypatch.setattr(deduplicator, "_store", broken)
+        deduplicator.started(task_id, {TOKEN_HEADER: "t", TTL_HEADER: 60.0})
+    (line,) = [r for r in framework_log.records if r.getMessage().startswith("Task lease update")]
+    assert line.fields["task_id"] == task_id  # type: ignore[attr-defined]
+
+
+def test_a_retry_extends_its_lease_and_a_retry_without_one_takes_none(
+    stack: Services, redis_leases: Target
+) -> None:
+    """What Celery's ``Task.retry`` sends: the same id, ``retries`` > 0, the first send's headers.
+
+    The retry's send extends the lease it carries (a full lifetime from now):
+    past the short lifetime the lease was taken with, and before the retry
+    runs, it is still held, while the control, taken at the same time with the
+    same lifetime, has expired.
+    A retry of a task sent without a custom id carries no lease and takes none.
+    """
+    store, short = redis_leases.store, 1.0
+    k, control_id = new_key(), f"update-{new_key()}"
+    task_id, token = f"update-{k}", uuid.uuid4().hex
+    assert store.acquire(task_id, token, short) == token
+    assert store.acquire(control_id, "control", short) == "control"
+    with recorded_publishes() as published:
+        # A retry's countdown: the worker holds it, its start does not extend the lease yet.
+        redis_leases.send(tasks_dedup.run, k, task_id=task_id, retries=1, countdown=6,
+                          headers={TOKEN_HEADER: token, TTL_HEADER: 60.0})  # fmt: skip
+    assert published == ["tests.dedup.run"]  # a retry is sent, never deduplicated
+    wait_for(lambda: store.holder(control_id) is None, timeout=short + 4)
+    assert executions(stack, k) == 0, "the retry ran too early to mean anything"
+    assert store.holder(task_id) == token  # extended by the retry's send
+    wait_for(lambda: executions(stack, k) == 1)
+    wait_for(lambda: store.holder(task_id) is None)
+
+    plain = new_key()
+    plain_id = uuid.uuid4().hex  # Celery's own id of a task sent without task_id
+    redis_leases.send(tasks_dedup.run, plain, task_id=plain_id, retries=1, headers={})
+    assert store.holder(plain_id) is None
+    wait_for(lambda: executions(stack, plain) == 1)
+
+
 def test_revoked_id_is_refused_with_a_clear_error(stack: Services, redis_leases: Target) -> None:
     k = new_key()
     task_id = f"notify-{k}"
@@ -368,6 +474,42 @@ def test_revoked_id_is_refused_with_a_clear_error(stack: Services, redis_leases:
     with pytest.raises(TaskIdRevokedError, match="revoked"):
         redis_leases.send(tasks_dedup.run, k, task_id=task_id)
     assert executions(stack, k) == 0
+
+
+# Its own waits: the control command 60 + a worker start 60 + 30 + 30 = 180 s.
+@pytest.mark.timeout(240)
+def test_a_revoke_while_no_worker_runs_is_not_remembered(
+    stack: Services, redis_leases: Target, private_redis: RedisServer
+) -> None:
+    """No worker hears the revoke: the task runs once one starts, and its lease ends normally.
+
+    (The guide's "Revoked and expired ids": Celery does not remember it either.)
+    """
+    store = redis_leases.store
+    broker = private_redis.url(4)  # a broker no worker consumes from yet
+    env = {"CELERY_BROKER_URL": broker, "BACKGROUND_DEDUP_REDIS_URL": redis_leases.broker_url}
+    k = new_key()
+    task_id = f"notify-{k}"
+    with Connection(broker) as connection:
+        producer = celery_app.amqp.Producer(connection, auto_declare=True)
+        tasks_dedup.run.apply_async((k,), task_id=task_id, producer=producer)
+        holder = store.holder(task_id)
+        assert holder not in (None, REVOKED)
+        revoke = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "app.core.background.celery_app", "control",
+             "revoke", task_id],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        # Celery's own word that no worker heard it.
+        assert "No nodes replied" in revoke.stdout + revoke.stderr, revoke
+        assert store.holder(task_id) == holder  # not marked revoked
+        with WorkerProcess(env, include=DEDUP_TASKS):
+            wait_for(lambda: executions(stack, k) == 1)
+            wait_for(lambda: store.holder(task_id) is None)
+    assert executions(stack, k) == 1
 
 
 def test_expired_task_is_refused_like_a_revoked_one(stack: Services, redis_leases: Target) -> None:

@@ -174,6 +174,73 @@ def test_delay_to_a_live_broker_is_sent_and_recorded(backend: RedisServer) -> No
     assert out["metrics"] == {"raised": 0, "deferred": 0, "lost": 0}
 
 
+# -- delay_many ----------------------------------------------------------------
+
+CALLS, BATCH, PAYLOAD = 60, 10, 15_000  # six batches of ten messages of about 20 kB
+
+
+@pytest.mark.parametrize(
+    "room",
+    # Bytes of memory the broker has left: the client's own buffers take about
+    # 200 kB of it, so the broker refuses at once (before any message), within
+    # its first batch (the pipeline fails, cut halfway), or after a few batches.
+    [1_000_000, 330_000, 0, None],
+    ids=["full after some batches", "full in the first batch", "full at once", "control"],
+)
+def test_delay_many_partly_sent_reports_what_was_sent_and_names_the_rest(
+    room: int | None, backend: RedisServer
+) -> None:
+    """The broker stops taking messages (a real Redis of this test's own, out of memory).
+
+    The batches sent before the failure are reported (``exc.sent``, the
+    dispatched metric, SENT records); the failing batch's ids are named by
+    ``TaskDispatchError`` and have no SENT record; nothing is reported sent
+    that the broker does not hold. The control: the same call, room enough.
+    """
+    with RedisServer() as broker:
+        client = broker.client()
+        if room is not None:
+            used = int(client.info("memory")["used_memory"])
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", used + room)
+        out, _lines, output = probe(
+            "delay_many",
+            CELERY_BROKER_URL=broker.url(),
+            CELERY_RESULT_BACKEND=backend.url(),
+            PROBE_CALLS=str(CALLS),
+            PROBE_BATCH=str(BATCH),
+            PROBE_PAYLOAD=str(PAYLOAD),
+        )
+        client.config_set("maxmemory", 0)
+        # Oldest first (kombu pushes on the left and takes from the right).
+        queued = queued_ids(broker)[::-1]
+    assert SECRET not in output
+    if room is None:
+        assert out["returned"] == queued
+        assert out["dispatched"] == CALLS
+        assert all((sent_record(backend, i) or {}).get("status") == "SENT" for i in queued)
+        return
+    assert out["raised"] == "TaskDispatchError", out
+    sent, unsent = out["sent"], out["task_ids"]
+    # Whole batches went out before the failure, and not all of them.
+    assert len(sent) < CALLS
+    assert len(sent) % BATCH == 0
+    assert (len(sent) > 0) is (room > 500_000), len(sent)
+    if 0 < room < 500_000:
+        # The failure is the first batch's pipeline (kombu: "delivery is uncertain").
+        assert "BatchPublishError" in out["message"], out["message"]
+    assert len(unsent) == BATCH
+    assert not set(sent) & set(unsent)
+    # Nothing reported sent that the broker does not hold, in the callers' order...
+    assert queued[: len(sent)] == sent
+    # ...and whatever else it holds was named as not confirmed (a batch cut halfway).
+    assert set(queued[len(sent) :]) <= set(unsent)
+    assert out["dispatched"] == len(sent)
+    assert out["metrics"]["raised"] == len(unsent)
+    assert all((sent_record(backend, i) or {}).get("status") == "SENT" for i in sent)
+    assert all(sent_record(backend, i) is None for i in unsent)
+
+
 # -- delay_on_commit -----------------------------------------------------------
 
 

@@ -378,3 +378,48 @@ def test_api_metrics_count_dispatches(stack: Services) -> None:
     after = metric(parse_metrics(asyncio.run(scrape())), "background_tasks_dispatched_total",
                    task="obs.ok", queue="default")  # fmt: skip
     assert after - before == 2
+
+
+# Its own waits: two API starts 2 x 60 s, requests and stops: about 160 s.
+@pytest.mark.timeout(240)
+def test_api_metrics_sum_every_api_process(stack: Services, tmp_path: Any) -> None:
+    """Two API processes (uvicorn) share PROMETHEUS_MULTIPROC_DIR, as ``--workers 2`` do.
+
+    One dispatches 2 notifications, the other 3; each one's ``/metrics`` says 5,
+    which neither dispatched alone.
+    """
+    import uuid
+
+    import httpx
+
+    from tests.reliability.test_security import Api
+
+    class MetricsApi(Api):
+        def ready(self) -> bool:  # /health waits for a worker; none is needed here
+            try:
+                return httpx.get(f"{self.base}/metrics", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+    folder = tmp_path / "api-metrics"
+    folder.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    apis = [MetricsApi(env), MetricsApi(env)]
+    try:
+        for api in apis:
+            assert api.wait_ready(60), api.log()[-3000:]
+        assert apis[0].process.pid != apis[1].process.pid
+        for api, count in zip(apis, (2, 3), strict=True):
+            for _ in range(count):
+                body = {"user_id": str(uuid.uuid4()), "message": "hello"}
+                response = httpx.post(f"{api.base}/notifications", json=body, timeout=30)
+                assert response.status_code == 202, response.text
+        for api in apis:
+            samples = parse_metrics(httpx.get(f"{api.base}/metrics", timeout=30).text)
+            name = "background_tasks_dispatched_total"
+            task = "notifications.send_notification"
+            dispatched = metric(samples, name, task=task, queue="default")
+            assert dispatched == 5, api.log()[-3000:]
+    finally:
+        for api in apis:
+            api.stop()

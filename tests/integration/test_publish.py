@@ -61,6 +61,19 @@ def test_a_failed_dispatch_says_how_long_it_tried() -> None:
     assert raised.value.task_ids == ("id-1",)
 
 
+def test_an_inner_dispatch_leaves_the_failure_to_the_outer_one() -> None:
+    """A lease and its publish, each bounded: one TaskDispatchError, from the outermost block."""
+    app = Celery("nested", set_as_current=False, backend="cache+memory://")
+    with (
+        pytest.raises(TaskDispatchError) as raised,
+        bounded_dispatch(app, "outer", "default", ["o-1"]),
+        bounded_dispatch(app, "inner", "default", ["i-1"]),
+    ):
+        raise ConnectionRefusedError("refused")
+    assert raised.value.task_name == "outer"
+    assert raised.value.task_ids == ("o-1",)
+
+
 def _dispatched(task_name: str, queue: str) -> float:
     labels = {"task": task_name, "queue": queue}
     return REGISTRY.get_sample_value("background_tasks_dispatched_total", labels) or 0.0

@@ -167,17 +167,32 @@ class TaskRun:
         # Keys whose task writes its pool process's pid to a file, then holds.
         self.pid_files: dict[str, Path] = {}
         self.marker_hold = 0.0
+        # Marked keys whose task commits its completion before it announces and holds.
+        self.commit_first: set[str] = set()
 
-    def mark(self, positions: Sequence[int], pid_dir: Path, hold: float = 3.0) -> list[Path]:
+    def mark(
+        self,
+        positions: Sequence[int],
+        pid_dir: Path,
+        hold: float = 3.0,
+        *,
+        after_commit: bool = False,
+    ) -> list[Path]:
         """Make the tasks at ``positions`` announce their pid, then hold ``hold`` seconds.
 
         A test that must kill a pool process *while it runs a task* kills the pid
         a marked task wrote: a child killed between two tasks proves nothing.
+        ``after_commit``: the task commits its completion first (see ``complete``).
         """
         self.marker_hold = hold
+        files = []
         for position in positions:
-            self.pid_files[self.keys[position]] = pid_dir / f"{self.keys[position]}.pid"
-        return list(self.pid_files.values())
+            key = self.keys[position]
+            self.pid_files[key] = pid_dir / f"{key}.pid"
+            files.append(self.pid_files[key])
+            if after_commit:
+                self.commit_first.add(key)
+        return files
 
     def send(self, keys: Sequence[str] | None = None, *, ignore_result: bool = True) -> None:
         """Send the tasks of ``keys`` (default: all of this run's)."""
@@ -193,7 +208,8 @@ class TaskRun:
         pid_file = self.pid_files.get(key)
         if pid_file is None:
             return {"key": key, "hold": self.hold}
-        return {"key": key, "hold": self.marker_hold, "pid_file": str(pid_file)}
+        call = {"key": key, "hold": self.marker_hold, "pid_file": str(pid_file)}
+        return {**call, "commit_first": True} if key in self.commit_first else call
 
     def completed(self) -> int:
         return completed_count(self.dsn, self.prefix)

@@ -109,11 +109,14 @@ def test_broker_restarted_mid_run(completions_db: Services, private_redis: Priva
     ) as worker:
         run.send()
         assert run.wait_completed(300, 60)
+        # What the worker holds delivered and not yet acknowledged as the broker goes down.
+        held = unacked_keys(private_redis)
         private_redis.restart(down_for=2.0)
         assert run.wait_all(120), worker.log()[-3000:]
         assert worker.process is not None
         assert worker.process.poll() is None, "the worker died instead of reconnecting"
     tally = run.tally()
+    assert held, "the worker held no message when the broker restarted"
     assert tally.lost == 0
     assert tally.completed == TASKS
 

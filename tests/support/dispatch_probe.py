@@ -4,6 +4,7 @@
     python -m tests.support.dispatch_probe delay_with_id  # the same with a task_id (a lease)
     python -m tests.support.dispatch_probe on_commit      # delay_on_commit + TaskSession.commit()
     python -m tests.support.dispatch_probe on_commit_plain  # the same with a plain AsyncSession
+    python -m tests.support.dispatch_probe delay_many  # PROBE_CALLS calls in batches of PROBE_BATCH
 
 It prints one JSON object (the last line of stdout): what the call returned or
 raised, how long it took, the framework's dispatch-failure counters, and for
@@ -27,7 +28,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from app.core.background import TaskContext, simple_task
+from app.core.background import TaskContext, TaskDispatchError, simple_task
 from app.core.background.fastapi import TaskSession
 from app.core.background.internals.delivery.outbox import outbox_table
 from app.core.background.observability import configure_logging
@@ -75,6 +76,34 @@ def delay_with_id() -> dict[str, Any]:
     return out
 
 
+def dispatched() -> float:
+    labels = {"task": "probe.notify", "queue": "default"}
+    return REGISTRY.get_sample_value("background_tasks_dispatched_total", labels) or 0.0
+
+
+def delay_many() -> dict[str, Any]:
+    """``PROBE_CALLS`` calls, each with ``PROBE_PAYLOAD`` bytes of argument, in batches."""
+    calls = int(os.environ.get("PROBE_CALLS", "40"))
+    payload = SECRET + "x" * int(os.environ.get("PROBE_PAYLOAD", "0"))
+    batch = int(os.environ.get("PROBE_BATCH", "10"))
+    sent: list[str] = []
+
+    def call() -> list[str]:
+        try:
+            results = notify.delay_many(
+                [{"order_id": n, "secret": payload} for n in range(calls)], batch_size=batch
+            )
+        except TaskDispatchError as exc:
+            sent.extend(result.id for result in exc.sent)
+            raise
+        return [result.id for result in results]
+
+    out = outcome_of(call)
+    out["sent"] = sent
+    out["dispatched"] = dispatched()
+    return out
+
+
 async def on_commit(session_class: type[AsyncSession]) -> dict[str, Any]:
     engine = create_async_engine(os.environ["DATABASE_URL"])
     async with engine.begin() as connection:
@@ -112,6 +141,8 @@ def main(scenario: str) -> None:
         out = delay()
     elif scenario == "delay_with_id":
         out = delay_with_id()
+    elif scenario == "delay_many":
+        out = delay_many()
     elif scenario == "on_commit":
         out = asyncio.run(on_commit(TaskSession))
     elif scenario == "on_commit_plain":

@@ -202,6 +202,15 @@ async def ignore(ctx: TaskContext, key: str) -> None:
     raise Ignore()
 
 
+@simple_task(name="tests.dedup.reject_for_good", retry_policy="no_retry")
+async def reject_for_good(ctx: TaskContext, key: str) -> None:
+    """Gives its message up for good (``Reject`` without requeue): the run is over."""
+    from celery.exceptions import Reject
+
+    await mark(key, ctx.attempt)
+    raise Reject("not wanted", requeue=False)
+
+
 async def _marks(key: str) -> int:
     """How many runs of ``key`` have been marked so far."""
     connection = await asyncpg.connect(_dsn())

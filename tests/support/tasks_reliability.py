@@ -30,18 +30,29 @@ def _announce_pid(pid_file: str) -> None:
 
 @db_task(name="reliability.complete", retry_policy="standard")
 async def complete(
-    ctx: TaskContext, key: str, hold: float = 0.0, pid_file: str | None = None
+    ctx: TaskContext,
+    key: str,
+    hold: float = 0.0,
+    pid_file: str | None = None,
+    commit_first: bool = False,
 ) -> None:
     """Record one completion of ``key``; ``hold`` seconds of work first.
 
     ``pid_file``: write this process's pid there first, so that a test can kill
     the pool process while it holds (only on the first delivery: the file exists after).
+    ``commit_first``: record and commit first, then announce and hold: a kill
+    then lands after the commit and before the acknowledgement, the window in
+    which a redelivery completes the work a second time (unless run-once skips it).
     """
+    if commit_first:
+        await ctx.session.execute(_RECORD, {"key": key, "attempt": str(ctx.attempt)})
+        await ctx.session.commit()
     if pid_file is not None:
         _announce_pid(pid_file)
     if hold:
         await asyncio.sleep(hold)
-    await ctx.session.execute(_RECORD, {"key": key, "attempt": str(ctx.attempt)})
+    if not commit_first:
+        await ctx.session.execute(_RECORD, {"key": key, "attempt": str(ctx.attempt)})
 
 
 @simple_task(name="reliability.needs_two", retry_policy="no_retry")

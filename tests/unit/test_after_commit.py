@@ -145,3 +145,41 @@ def test_tasks_reported_lost_name_the_first_one_and_every_id(
     first, second = (u.dispatch.task_id for u in failed)
     assert raised.value.task_ids == (first, second)
     assert f"(first: {note_row.name} [{first}]: broker down (first))" in str(raised.value)
+
+
+@pytest.mark.parametrize("outer_transaction", [True, False])
+def test_the_outbox_fallback_stays_in_a_connections_transaction(outer_transaction: bool) -> None:
+    """A session bound to one connection (a test's outer transaction): the rows join it.
+
+    In a transaction, through a savepoint (the transaction goes on); without
+    one, in a transaction of its own, committed.
+    """
+    from sqlalchemy import create_engine
+
+    engine = create_engine("sqlite://")
+    with engine.connect() as connection:
+        outbox_table.create(connection)
+        connection.commit()
+        if outer_transaction:
+            connection.begin()
+        failed = _unsent("kept")
+        after_commit.keep_unsent(Session(bind=connection), failed)
+        assert connection.in_transaction() is outer_transaction
+        rows = connection.execute(outbox_table.select()).all()
+        assert [row.task_id for row in rows] == [failed[0].dispatch.task_id]
+    engine.dispose()
+
+
+async def test_a_dispatch_registered_before_any_statement_belongs_to_the_outer_transaction(
+    sessions: Any, sent: list[str]
+) -> None:
+    """Plain AsyncSession: discarded by the outer rollback, kept by a savepoint's."""
+    async with sessions() as session:
+        note_row.delay_on_commit(session, key="early-rolled-back")
+        await session.execute(text("SELECT 1"))
+        await session.rollback()
+        note_row.delay_on_commit(session, key="early-kept")
+        nested = await session.begin_nested()
+        await nested.rollback()
+        await session.commit()
+    assert sent == ["early-kept"]

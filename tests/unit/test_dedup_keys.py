@@ -85,3 +85,40 @@ def test_periodic_adds_a_beat_entry_with_its_period() -> None:
 def test_periodic_needs_a_task() -> None:
     with pytest.raises(TaskDefinitionError, match="above @simple_task"):
         periodic(60)(lambda ctx: None)
+
+
+# -- under mutation (scripts/mutation.sh dedup_keys) ---------------------------
+
+
+def test_daily_key_takes_a_date_or_its_text() -> None:
+    assert daily_key("2026-11-29") == "daily-2026-11-29"
+
+
+def test_args_key_digest_is_32_hex_digits() -> None:
+    name, digest = args_key("mod.task", 1).split(":")
+    assert name == "mod.task"
+    assert len(digest) == 32
+    assert int(digest, 16) >= 0
+
+
+def test_the_monthly_period_of_december_ends_on_the_first_of_january() -> None:
+    december = datetime(2026, 12, 15, 8, tzinfo=UTC)
+    assert period_key("monthly", december) == (
+        "monthly-2026-12",
+        datetime(2027, 1, 1, tzinfo=UTC).timestamp(),
+    )
+    january = datetime(2027, 1, 31, 23, 59, tzinfo=UTC)
+    assert period_key("monthly", january)[1] == datetime(2027, 2, 1, tzinfo=UTC).timestamp()
+
+
+def test_a_malformed_interval_period_is_refused() -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - float() says what is wrong
+        period_key("every:60:5", NOW)
+
+
+def test_a_tasks_own_time_limit_sets_the_lease_lifetime() -> None:
+    @simple_task(name="tests.unit.dedup_own_limit", retry_policy="no_retry", time_limit=40)
+    def task(ctx: object) -> None: ...
+
+    # no_retry: one attempt, no delays: the task's 40 s, not the policy's limit.
+    assert lease_lifetime(task, 1.0, 10) == 40 + 10

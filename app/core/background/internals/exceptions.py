@@ -7,10 +7,13 @@ violation; everything else is retried by the task's policy.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
 from sqlalchemy.exc import DBAPIError, IntegrityError
+
+if TYPE_CHECKING:
+    from celery.result import AsyncResult
 
 
 class TaskError(Exception):
@@ -60,12 +63,25 @@ class TaskDispatchError(OperationalError):
     (passwords masked) and what to check. The broker may still have received a
     message whose confirmation was lost: sending again may run the task twice
     unless it has a ``task_id`` (deduplicated).
+
+    From a send of many messages (``delay_many``): ``task_ids`` are the ids of
+    the batch that was not confirmed, ``sent`` the results of the messages
+    sent before it, in order (``calls[:len(sent)]``); the calls after that
+    batch were not sent.
     """
 
-    def __init__(self, message: str, *, task_name: str, task_ids: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        message: str,
+        # Every caller passes keywords: '*' or '/' here are the same. pragma: no mutate
+        *,  # pragma: no mutate
+        task_name: str,
+        task_ids: tuple[str, ...],
+    ) -> None:
         super().__init__(message)
         self.task_name = task_name
         self.task_ids = task_ids
+        self.sent: tuple[AsyncResult[Any], ...] = ()
 
 
 class TaskDiscoveryError(ImportError):

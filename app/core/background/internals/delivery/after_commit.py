@@ -159,7 +159,8 @@ class Unsent:
 
 def keep_unsent(session: Session, failed: list[Unsent]) -> None:
     """Write ``failed`` to the outbox, or report them lost and raise ``TaskDispatchError``."""
-    app = failed[0].dispatch.message.task.app  # type: ignore[union-attr] # a task object
+    # A task object; all of a session's share one Celery app: [0] or [-1] alike. pragma: no mutate
+    app = failed[0].dispatch.message.task.app  # type: ignore[union-attr]  # pragma: no mutate
     reason: Exception | None = None
     if app.conf.get("background_after_commit_fallback", "outbox") == "outbox":
         try:

@@ -157,6 +157,8 @@ def publish_many(
     cannot be serialized are found while sending: a pipeline that holds one is
     discarded with its ``SENT`` records (earlier pipelines are sent); without
     pipelines the messages before it are sent, as a loop of ``.delay()`` would.
+    A broker failure raises ``TaskDispatchError``: its ``task_ids`` are the
+    chunk not confirmed, its ``sent`` the results of the messages before it.
     """
     for message in messages:
         if not isinstance(message.task, str):
@@ -171,6 +173,8 @@ def publish_many(
     # a pipelined chunk once the pipeline has gone out.
     unconfirmed = [message.task_id for message in messages[:batch_size]]
     hide_arguments = not app.conf.get("background_log_task_arguments")
+    # How many of ``results`` the broker is known to have taken.
+    confirmed = 0
     try:
         with (
             bounded_dispatch(app, first.task_name, first.queue, unconfirmed),
@@ -191,10 +195,16 @@ def publish_many(
                         if not deferred:
                             unconfirmed.remove(message.task_id)
                             record_dispatch(message.task_name, message.queue)
+                            confirmed = len(results)
                 if deferred:
                     for message in chunk:
                         record_dispatch(message.task_name, message.queue)
                     unconfirmed.clear()
+                    confirmed = len(results)
+    except TaskDispatchError as exc:
+        # What went out before the failure, in order: the caller's messages[:len(sent)].
+        exc.sent = tuple(results[:confirmed])
+        raise
     except EncodeError as exc:
         # Celery wrote the SENT record before kombu found it could not encode the message.
         forget_unsent(app, list(unconfirmed))
