@@ -7,7 +7,7 @@ import random
 import pytest
 
 from app.core.background import RETRY_POLICIES
-from app.core.background.internals.retry import get_retry_policy
+from app.core.background.internals.retry import delay_scale, get_retry_policy
 
 SPEC_TABLE = {
     "standard": (3, 60),
@@ -139,3 +139,13 @@ def test_unknown_policy_and_queue_names_are_definition_errors() -> None:
     with pytest.raises(TaskDefinitionError, match=r"unknown queue 'urgent'; valid: high_priority"):
         check_queue("urgent")
     assert check_queue("low_priority") == "low_priority"
+
+
+def test_an_app_without_the_setting_keeps_the_policies_delays() -> None:
+    """A Celery app not built by the framework's factory has no scale: delays as documented."""
+    from celery import Celery
+
+    assert delay_scale(Celery("plain", set_as_current=False)) == 1.0
+    scaled = Celery("scaled", set_as_current=False)
+    scaled.conf.background_retry_delay_scale = 0.5
+    assert delay_scale(scaled) == 0.5

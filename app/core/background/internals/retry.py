@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Final, Literal, get_args
 
 from .exceptions import TaskDefinitionError
 
-if TYPE_CHECKING:
+# Importing Celery at run time too changes nothing (it is loaded already): pragma: no mutate
+if TYPE_CHECKING:  # pragma: no mutate
     from celery import Celery
 
 RetryPolicyName = Literal["standard", "aggressive", "high_priority", "long_running", "no_retry"]
