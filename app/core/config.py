@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     celery_result_expires: int = Field(default=86_400, gt=0)
 
     background_retry_delay_scale: float = Field(default=1.0, ge=0)
+    # The asyncio pool logs a task that held the event loop this many seconds
+    # without awaiting (every other task on the loop waited as long).
+    background_loop_block_warning: float = Field(default=0.1, gt=0)
 
     # Seconds a dispatch may take before it fails with TaskDispatchError: the
     # broker's (and the result backend's) connect and reply timeouts, and no

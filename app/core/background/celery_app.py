@@ -87,6 +87,8 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,
         "background_retry_delay_scale": settings.background_retry_delay_scale,
+        # The asyncio pool (internals/asyncio_pool.py) logs a task that held its loop this long.
+        "background_loop_block_warning": settings.background_loop_block_warning,
         # Bounded dispatch (internals/delivery/publish.py): a failed publish is retried
         # (a broker restart of a second or two is ridden out) until the
         # dispatch timeout, never longer; each attempt's sockets time out too.
