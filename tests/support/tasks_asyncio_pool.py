@@ -21,6 +21,7 @@ from celery import current_task
 from sqlalchemy import text
 
 from app.core.background import TaskContext, db_task, simple_task
+from app.core.background.internals.session import database
 from tests.support.models import Record
 from tests.support.tasks import counter
 
@@ -122,6 +123,7 @@ async def db_hold(ctx: TaskContext, key: str, seconds: float) -> dict[str, Any]:
         "end": time.time(),
         "backend": backend,
         "attempt": ctx.attempt,
+        "pool_size": database.pool_size,
         "pid": os.getpid(),
     }
 

@@ -22,6 +22,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from app.core.background import celery_app
 from app.core.background.internals.event_loop import worker_loop
+from app.core.background.internals.session import database
 from app.core.background.pool import AsyncioPool
 from tests.support import tasks_asyncio_pool
 
@@ -62,9 +63,10 @@ class Outcomes:
 
 @pytest.fixture
 def pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[AsyncioPool]:
-    # The pool adopts the process's loop: put it back after.
+    # The pool adopts the process's loop and sizes its engine: put them back after.
     monkeypatch.setattr(worker_loop, "_loop_thread", worker_loop._loop_thread)
     monkeypatch.setattr(worker_loop, "_find_inline", None)
+    monkeypatch.setattr(database, "_concurrency", 1)
     pool = AsyncioPool(20, app=celery_app)
     pool.start()
     try:

@@ -81,6 +81,7 @@ from greenlet import getcurrent, greenlet
 
 from .event_loop import LoopThread, worker_loop
 from .logging import FRAMEWORK_LOGGER_NAME
+from .session import database
 
 T = TypeVar("T")
 
@@ -248,6 +249,8 @@ class AsyncioPool(BasePool):
         # Async bodies (and the engine's connections) live on this loop; the
         # worker's shutdown signal disposes the engine here and stops it.
         worker_loop.adopt(self._loop_thread, _inline_runner)
+        # Up to ``limit`` db tasks hold a connection at once (capped: see session.py).
+        database.expect_concurrency(self.limit)
 
     def register_with_event_loop(self, loop: Any) -> None:
         """Celery's hub (main thread): outcomes are passed back to it."""
