@@ -47,13 +47,12 @@ callbacks.
 Time limits: the soft limit cancels the one asyncio task that ran over (its
 body unwinds: rollback, connection release) and the run fails with
 ``SoftTimeLimitExceeded`` (retried or not by its policy, as on prefork); the
-hard limit fails the run with ``TimeLimitExceeded`` through Celery's own
-callbacks, in billiard's order (the failure, which acknowledges the message,
-then the timeout line), and cancels that task for good, ignoring whatever it
-does after. Neither can interrupt a body that blocks the loop without
-awaiting (a sync call): such a stretch is logged ("Task blocked the event
-loop", with its length) when it ends. Time limits of sync tasks (in threads)
-are not enforced, as on ``-P threads``.
+hard limit fails the run with ``TimeLimitExceeded`` through Celery's timeout
+callback (stored failure, ``task_failure``, message acknowledged) and cancels
+that task for good, ignoring whatever it does after. Neither can interrupt
+a body that blocks the loop without awaiting (a sync call): such a stretch is
+logged ("Task blocked the event loop", with its length) when it ends. Time
+limits of sync tasks (in threads) are not enforced, as on ``-P threads``.
 
 Shutdown: a warm shutdown waits for the tasks in flight (each bounded by its
 time limits), then the worker's shutdown signal disposes the engine on this
@@ -76,7 +75,7 @@ from typing import Any, TypeVar
 
 from billiard.einfo import ExceptionInfo
 from celery.concurrency.base import BasePool, apply_target
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded
 from greenlet import getcurrent, greenlet
 
 from .event_loop import LoopThread, worker_loop
@@ -405,11 +404,10 @@ class AsyncioPool(BasePool):
         if job.task is None or job.task.done() or job.reported:
             return
         job.reported = job.abandoned = True
-        # As billiard does for prefork: the failure first (Celery stores it,
-        # sends task_failure and acknowledges the message), then the timeout
-        # callback ("Hard time limit (Ns) exceeded for <task>[<id>]").
-        if job.error_callback is not None:
-            self.report(job.error_callback, _time_limit_exceeded(job.timeout))
+        # Celery's timeout callback logs "Hard time limit (Ns) exceeded for
+        # <task>[<id>]", stores TimeLimitExceeded, sends task_failure (which
+        # frees a task_id lease) and acknowledges the message. (billiard also
+        # calls the error callback for prefork, which does all of it a second time.)
         if job.timeout_callback is not None:
             self.report(job.timeout_callback, False, job.timeout)
         job.task.cancel()
@@ -515,14 +513,6 @@ def _cancel_and_wait(jobs: list[_Job], done: threading.Event) -> None:
         return
     waiter = asyncio.ensure_future(asyncio.wait(tasks, timeout=_CANCEL_GRACE_SECONDS))
     waiter.add_done_callback(lambda _: done.set())
-
-
-def _time_limit_exceeded(timeout: float | None) -> ExceptionInfo:
-    """The failure billiard reports for a run past its hard limit (with a traceback)."""
-    try:
-        raise TimeLimitExceeded(timeout)
-    except TimeLimitExceeded:
-        return ExceptionInfo()
 
 
 def _call(callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
