@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,9 @@ class PrivateBroker:
     env: dict[str, str]
 
 
-@pytest.fixture
-def private_broker(stack: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBroker]:
+@contextmanager
+def claimed_broker(stack: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBroker]:
+    """A Redis database of the run's own server, claimed until the block ends."""
     from celery import Celery
 
     from app.core.background.celery_app import build_celery_config
@@ -129,6 +131,19 @@ def private_broker(stack: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator
     finally:
         app.close()
         stack.release_redis_db(db)
+
+
+@pytest.fixture
+def private_broker(stack: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBroker]:
+    with claimed_broker(stack, monkeypatch) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def module_broker(stack: Services) -> Iterator[PrivateBroker]:
+    """``private_broker`` kept for a whole test module (a worker shared by its tests)."""
+    with pytest.MonkeyPatch.context() as monkeypatch, claimed_broker(stack, monkeypatch) as broker:
+        yield broker
 
 
 @pytest.fixture

@@ -26,7 +26,13 @@ class Settings(BaseSettings):
     environment: Environment = "development"
 
     database_url: str = f"sqlite+aiosqlite:///./{DATA_DIR}/app.db"
-    database_pool_size: int = Field(default=5, ge=1)
+    # Connections each process keeps; unset: 5, or under the asyncio pool one
+    # per concurrent task up to 20 (internals/session.py says why).
+    database_pool_size: int | None = Field(default=None, ge=1)
+    # Connections opened beyond the pool for a while (SQLAlchemy's default).
+    database_max_overflow: int = Field(default=10, ge=0)
+    # Seconds a task waits for a free connection, then fails with a retriable error.
+    database_pool_timeout: float = Field(default=30.0, gt=0)
     database_pool_pre_ping: bool = False
     # Create tables at start-up. On by default for the embedded SQLite database;
     # use migrations for a shared server.
@@ -43,6 +49,9 @@ class Settings(BaseSettings):
     celery_result_expires: int = Field(default=86_400, gt=0)
 
     background_retry_delay_scale: float = Field(default=1.0, ge=0)
+    # The asyncio pool logs a task that held the event loop this many seconds
+    # without awaiting (every other task on the loop waited as long).
+    background_loop_block_warning: float = Field(default=0.1, gt=0)
 
     # Seconds a dispatch may take before it fails with TaskDispatchError: the
     # broker's (and the result backend's) connect and reply timeouts, and no

@@ -14,6 +14,8 @@ def engine_from_settings(settings: Settings) -> AsyncEngine:
         DatabaseConfig(
             url=settings.database_url,
             pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+            pool_timeout=settings.database_pool_timeout,
             pool_pre_ping=settings.database_pool_pre_ping,
         )
     )

@@ -104,12 +104,25 @@ def test_db_tasks_on_solo_and_threads_pools_with_asyncpg(
         assert trap not in log
 
 
-def test_worker_script_starts_small_prefork_workers_and_stops_them_all(
-    private_broker: PrivateBroker, tmp_path: Path
+@pytest.mark.parametrize(
+    ("pool", "concurrency", "implementation"),
+    [
+        ("prefork", 1, "celery.concurrency.prefork:TaskPool"),
+        ("asyncio", 8, "app.core.background.internals.asyncio_pool:AsyncioPool"),
+    ],
+)
+def test_worker_script_starts_small_workers_and_stops_them_all(
+    private_broker: PrivateBroker, tmp_path: Path, pool: str, concurrency: int, implementation: str
 ) -> None:
-    """``scripts/worker.sh`` on Redis: WORKERS workers with concurrency 1, one SIGTERM ends all."""
+    """``scripts/worker.sh`` on Redis: WORKERS workers of WORKER_POOL, one SIGTERM ends all.
+
+    Prefork workers have concurrency 1; asyncio workers CONCURRENCY each.
+    """
     script = Path(__file__).resolve().parents[2] / "scripts" / "worker.sh"
-    env = {**os.environ, **private_broker.env, "WORKERS": "2"}
+    env = {
+        **os.environ, **private_broker.env, "WORKERS": "2", "WORKER_POOL": pool,
+        "CONCURRENCY": str(concurrency),
+    }  # fmt: skip
     log = (tmp_path / "workers.log").open("wb")
     process = subprocess.Popen(
         ["bash", str(script), "--without-gossip", "--without-mingle"],
@@ -124,10 +137,8 @@ def test_worker_script_starts_small_prefork_workers_and_stops_them_all(
         log.flush()
         assert len(stats) == 2, (tmp_path / "workers.log").read_text()[-3000:]
         assert sorted(name.split("@")[0] for name in stats) == ["worker1", "worker2"]
-        assert {s["pool"]["max-concurrency"] for s in stats.values()} == {1}
-        assert {s["pool"]["implementation"] for s in stats.values()} == {
-            "celery.concurrency.prefork:TaskPool"
-        }
+        assert {s["pool"]["max-concurrency"] for s in stats.values()} == {concurrency}
+        assert {s["pool"]["implementation"] for s in stats.values()} == {implementation}
         process.send_signal(signal.SIGTERM)
         assert process.wait(TIMEOUT) == 0
         assert not control.inspect(timeout=1).ping()
@@ -145,6 +156,15 @@ def test_worker_script_refuses_a_hostname_it_would_give_every_worker() -> None:
     )
     assert done.returncode == 2
     assert "drop -n" in done.stderr
+
+
+def test_worker_script_refuses_a_pool_it_does_not_know() -> None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "worker.sh"
+    env = {**os.environ, "CELERY_BROKER_URL": "redis://127.0.0.1:1/0", "WORKER_POOL": "gevent"}
+    command = ["bash", str(script)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "WORKER_POOL must be prefork or asyncio" in done.stderr
 
 
 def test_worker_script_fails_when_its_workers_cannot_start(private_broker: PrivateBroker) -> None:

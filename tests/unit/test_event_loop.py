@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import signal
 import threading
 from collections.abc import Iterator
@@ -89,3 +90,23 @@ def test_an_interruption_unwinds_the_body_before_it_propagates(
 
     assert worker_loop.run(next_body()) == "clean loop"
     assert unwound == ["rolled back"]  # the interrupted body is not resumed
+
+
+_caller_value = contextvars.ContextVar[str]("caller_value")
+
+
+def test_a_body_on_the_loop_thread_sees_the_callers_context_variables(
+    worker_loop: WorkerEventLoop,
+) -> None:
+    """The threads pool: the task's log fields (a context variable) go with its coroutine."""
+
+    async def read() -> tuple[str, str]:
+        return _caller_value.get("unset"), threading.current_thread().name
+
+    def pool_thread() -> tuple[str, str]:
+        _caller_value.set("set by the task's thread")
+        return worker_loop.run(read())
+
+    with concurrent.futures.ThreadPoolExecutor(1) as threads:
+        seen = threads.submit(pool_thread).result(timeout=10)
+    assert seen == ("set by the task's thread", "background-event-loop")

@@ -15,6 +15,7 @@ from app.core.background.internals.logging import (
     CeleryTaskRecordFilter,
     _FrameworkHandler,
     build_formatter,
+    current_task_fields,
     mark_traceback_logged,
 )
 from app.core.background.observability import configure_logging, task_metrics
@@ -42,6 +43,26 @@ def test_json_line_carries_the_record_fields() -> None:
     assert line["task_id"] == "t1"
     assert line["level"] == "info"
     assert "timestamp" in line
+
+
+def test_a_plain_line_logged_during_a_run_carries_the_runs_id_and_name() -> None:
+    """A library's line (no fields of its own) inside a run: the run's context variable."""
+    token = current_task_fields.set({"task_id": "t7", "task_name": "n7", "attempt": 2})
+    try:
+        line = render_json(record(name="some.library"))
+    finally:
+        current_task_fields.reset(token)
+    assert (line["task_id"], line["task_name"]) == ("t7", "n7")
+    assert "task_id" not in render_json(record(name="some.library"))  # outside any run
+
+
+def test_a_lines_own_fields_win_over_the_runs() -> None:
+    token = current_task_fields.set({"task_id": "t7", "task_name": "n7"})
+    try:
+        line = render_json(record(fields={"task_id": "other", "task_name": "n"}))
+    finally:
+        current_task_fields.reset(token)
+    assert line["task_id"] == "other"
 
 
 @pytest.mark.parametrize("log_format", ["json", "console"])

@@ -87,6 +87,8 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,
         "background_retry_delay_scale": settings.background_retry_delay_scale,
+        # The asyncio pool (internals/asyncio_pool.py) logs a task that held its loop this long.
+        "background_loop_block_warning": settings.background_loop_block_warning,
         # Bounded dispatch (internals/delivery/publish.py): a failed publish is retried
         # (a broker restart of a second or two is ridden out) until the
         # dispatch timeout, never longer; each attempt's sockets time out too.
@@ -153,6 +155,8 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         DatabaseConfig(
             url=settings.database_url,
             pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+            pool_timeout=settings.database_pool_timeout,
             pool_pre_ping=settings.database_pool_pre_ping,
         )
     )

@@ -21,6 +21,9 @@ Where the loop runs depends on the thread that runs tasks:
 * Other threads (``--pool threads``): one loop in a daemon thread serves every
   pool thread; a task's thread waits on a future, and an interruption of that
   wait cancels the coroutine the same way.
+* The asyncio pool (``asyncio_pool.py``): the pool's own loop thread is
+  adopted as the process's loop, and a task's coroutine runs inside the task's
+  greenlet on that loop (the pool's hook says how), side by side with the others.
 
 No library offers this hand-off, hence this module.
 """
@@ -30,10 +33,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import os
 import signal
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -41,6 +45,11 @@ from billiard.pool import SIG_SOFT_TIMEOUT, soft_timeout_sighandler
 from celery.exceptions import SoftTimeLimitExceeded
 
 T = TypeVar("T")
+
+# A pool's hook (asyncio_pool.py): how to run a coroutine from the current
+# greenlet when it is one of the pool's tasks, else None.
+InlineRunner = Callable[[Coroutine[Any, Any, Any]], Any]
+FindInlineRunner = Callable[[], InlineRunner | None]
 
 # How long a cancelled coroutine may take to unwind after a soft time limit.
 _CANCEL_GRACE_SECONDS = 5.0
@@ -98,8 +107,11 @@ class LoopThread:
         outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
         started: list[asyncio.Task[T]] = []
 
+        # The caller's context variables (the task's log fields) go with the coroutine.
+        context = contextvars.copy_context()
+
         def start() -> None:
-            task = loop.create_task(coro)
+            task = loop.create_task(coro, context=context)
             started.append(task)
             task.add_done_callback(lambda done: _copy_outcome(done, outcome))
 
@@ -154,6 +166,8 @@ class WorkerEventLoop:
         # The main thread's loop (prefork pool processes, solo).
         self._main_loop: asyncio.AbstractEventLoop | None = None
         self._main_pid: int | None = None
+        # Set by a pool that runs tasks in greenlets on its own loop (asyncio_pool.py).
+        self._find_inline: FindInlineRunner | None = None
 
     @property
     def is_running(self) -> bool:
@@ -162,6 +176,8 @@ class WorkerEventLoop:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on this process's loop and return its result (see the module doc)."""
+        if self._find_inline is not None and (inline := self._find_inline()) is not None:
+            return inline(coro)  # type: ignore[no-any-return]
         pid = os.getpid()
         if (
             threading.current_thread() is threading.main_thread()
@@ -177,6 +193,15 @@ class WorkerEventLoop:
                 "(the engine's connections belong to one loop)"
             )
         return self._loop_thread.run(coro)
+
+    def adopt(self, loop_thread: LoopThread, find_inline: FindInlineRunner) -> None:
+        """Use ``loop_thread``'s loop as this process's loop: a pool's own (asyncio_pool.py).
+
+        ``find_inline()`` returns how to run a coroutine from the current
+        greenlet when it is one of the pool's tasks, else None (the coroutine
+        then goes to ``loop_thread`` as from any other thread).
+        """
+        self._loop_thread, self._find_inline = loop_thread, find_inline
 
     def _run_in_main_thread(self, coro: Coroutine[Any, Any, T]) -> T:
         loop = self._main_loop
@@ -246,6 +271,7 @@ class WorkerEventLoop:
         """Drop loops inherited through fork: they belong to the parent (and its threads)."""
         self._loop_thread.forget()
         self._main_loop = self._main_pid = None
+        self._find_inline = None
 
 
 def _loop_running_here() -> bool:

@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
+from contextvars import ContextVar
 from typing import Any, Literal
 
 import structlog
@@ -63,6 +64,16 @@ class TaskLogger:
             )
 
 
+# The fields of the task run in this context (set by ``runner.execute``): a
+# line logged during the run without fields of its own (a library's, a plain
+# logger in a body) gets its task_id and task_name. A context variable, not a
+# thread-local: on the asyncio pool many runs interleave on one thread, each in
+# its own context.
+current_task_fields: ContextVar[Mapping[str, Any] | None] = ContextVar(
+    "background_task_fields", default=None
+)
+
+
 def _merge_record_fields(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -71,6 +82,9 @@ def _merge_record_fields(
     if isinstance(fields, Mapping):
         for key, value in fields.items():
             event_dict.setdefault(key, value)
+    elif (current := current_task_fields.get()) is not None:
+        event_dict.setdefault("task_id", current.get("task_id"))
+        event_dict.setdefault("task_name", current.get("task_name"))
     return event_dict
 
 

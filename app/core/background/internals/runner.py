@@ -35,6 +35,7 @@ from .delivery.completions import AlreadyCompleted, CompletionMarker, completion
 from .delivery.dedup import run_once_key
 from .event_loop import worker_loop
 from .exceptions import NonRetriableTaskError, TaskResultError, TaskValidationError, is_retriable
+from .logging import current_task_fields
 from .monitoring import Timer
 from .observability.hooks import hooks, lifecycle
 from .retry import delay_scale
@@ -50,6 +51,17 @@ _CELERY_CONTROL = (Retry, Ignore, Reject)
 def execute(task: BaseTask[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """What the worker runs for each message of ``task`` (see the module doc)."""
     ctx = _context_for_request(task)
+    # Plain log lines of the run carry its id (logging.current_task_fields).
+    fields = current_task_fields.set(ctx.logger.fields)
+    try:
+        return _execute(task, ctx, args, kwargs)
+    finally:
+        current_task_fields.reset(fields)
+
+
+def _execute(
+    task: BaseTask[Any, Any], ctx: TaskContext, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     timer = Timer()
     try:
         if (error := task.argument_error(args, kwargs)) is not None:

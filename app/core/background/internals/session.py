@@ -3,6 +3,14 @@
 The engine is created lazily, in the process that uses it (a prefork child,
 after the fork), on the process's event loop, and disposed when the process
 shuts down. Using it before it is configured is a clear error.
+
+Pool size: ``DatabaseConfig.pool_size`` when given (``DATABASE_POOL_SIZE``);
+unset, a process that runs one task at a time keeps ``DEFAULT_POOL_SIZE``
+connections, and a process that runs many at once (the asyncio pool says how
+many: ``expect_concurrency``) one per concurrent run, up to
+``CONCURRENT_POOL_CAP``. Beyond the pool, ``max_overflow`` more are opened
+for a while; a run that finds none free waits at most ``pool_timeout``
+seconds, then fails with SQLAlchemy's ``TimeoutError``, a retriable error.
 """
 
 from __future__ import annotations
@@ -28,12 +36,30 @@ class DatabaseConfig:
     """What the framework needs to know to open a task's session."""
 
     url: str
-    pool_size: int = 5
+    # None: chosen for the process (see the module doc).
+    pool_size: int | None = None
     pool_pre_ping: bool = False
+    max_overflow: int = 10
+    pool_timeout: float = 30.0
     engine_options: dict[str, Any] = field(default_factory=dict)
 
 
-def create_engine(config: DatabaseConfig) -> AsyncEngine:
+# The connections a process keeps when DATABASE_POOL_SIZE is unset. With
+# SQLAlchemy's default overflow (10), two asyncio workers at any concurrency
+# hold at most 2 x (20 + 10) = 60 connections: under PostgreSQL's default
+# max_connections (100), with room for the API and the other processes.
+DEFAULT_POOL_SIZE = 5
+CONCURRENT_POOL_CAP = 20
+
+
+def pool_size_for(config: DatabaseConfig, concurrency: int = 1) -> int:
+    """The engine's pool size for a process running up to ``concurrency`` tasks at once."""
+    if config.pool_size is not None:
+        return config.pool_size
+    return max(DEFAULT_POOL_SIZE, min(concurrency, CONCURRENT_POOL_CAP))
+
+
+def create_engine(config: DatabaseConfig, concurrency: int = 1) -> AsyncEngine:
     """An async engine with settings that suit both the API and the workers."""
     options: dict[str, Any] = {
         "pool_pre_ping": config.pool_pre_ping,
@@ -47,7 +73,9 @@ def create_engine(config: DatabaseConfig) -> AsyncEngine:
         # Workers and the API write to one file: wait for locks instead of failing.
         options["connect_args"] = {"timeout": 30}
     else:
-        options["pool_size"] = config.pool_size
+        options["pool_size"] = pool_size_for(config, concurrency)
+        options["max_overflow"] = config.max_overflow
+        options["pool_timeout"] = config.pool_timeout
     options.update(config.engine_options)
     engine = create_async_engine(config.url, **options)
     if config.url.startswith("sqlite"):
@@ -92,11 +120,24 @@ class DatabaseRuntime:
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
         self._pid: int | None = None
+        # How many runs of this process may use the engine at once.
+        self._concurrency = 1
 
     def configure(self, config: DatabaseConfig) -> None:
         """Say which database to use; nothing connects until a task needs it."""
         self._config = config
         self._engine = self._sessions = None
+
+    def expect_concurrency(self, runs: int) -> None:
+        """Size the engine (opened later) for ``runs`` tasks at once (the asyncio pool)."""
+        self._concurrency = runs
+
+    @property
+    def pool_size(self) -> int:
+        """The size of the engine's pool in this process (for tests and operators)."""
+        if self._config is None:
+            raise TaskConfigurationError(_NOT_CONFIGURED)
+        return pool_size_for(self._config, self._concurrency)
 
     @property
     def configured_url(self) -> str:
@@ -115,7 +156,7 @@ class DatabaseRuntime:
     def _open(self) -> None:
         if self._config is None:
             raise TaskConfigurationError(_NOT_CONFIGURED)
-        self._engine = create_engine(self._config)
+        self._engine = create_engine(self._config, self._concurrency)
         self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
         self._pid = os.getpid()
 
@@ -134,6 +175,7 @@ class DatabaseRuntime:
         """Drop an engine inherited through fork without touching its sockets."""
         self._engine = self._sessions = None
         self._pid = None
+        self._concurrency = 1
 
 
 database = DatabaseRuntime()

@@ -1,0 +1,197 @@
+"""The asyncio pool's mechanism in this process, without a broker (internals/asyncio_pool.py).
+
+Jobs are handed over as Celery's consumer does (``pool.apply_async`` with
+its callbacks), with a target standing in for Celery's tracer: it runs a
+coroutine through ``worker_loop.run``, as ``runner.execute`` does. Without a
+hub (no broker), the pool calls the callbacks from its own threads; the
+tests collect them and wait on events, every wait bounded. The real worker's
+tests are in tests/integration/test_asyncio_pool.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+
+from app.core.background import celery_app
+from app.core.background.internals.event_loop import worker_loop
+from app.core.background.internals.session import database
+from app.core.background.pool import AsyncioPool
+from tests.support import tasks_asyncio_pool
+
+WAIT = 10.0
+ASYNC_TASK = tasks_asyncio_pool.sleep.name
+SYNC_TASK = tasks_asyncio_pool.sync_sleep.name
+
+_which = contextvars.ContextVar[str]("which")
+
+
+class Outcomes:
+    """What the pool reported for one job, through Celery's three callbacks."""
+
+    def __init__(self) -> None:
+        self.results: list[Any] = []
+        self.errors: list[Any] = []
+        self.timeouts: list[tuple[bool, float]] = []
+        self.ended = threading.Event()
+        self.hard_limit = threading.Event()
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "callback": self._result,
+            "error_callback": self._error,
+            "timeout_callback": self._timeout,
+        }
+
+    def _result(self, result: Any) -> None:
+        self.results.append(result)
+        self.ended.set()
+
+    def _error(self, einfo: Any) -> None:
+        self.errors.append(einfo)
+        self.ended.set()
+
+    def _timeout(self, soft: bool, seconds: float) -> None:
+        self.timeouts.append((soft, seconds))
+        if not soft:
+            self.hard_limit.set()
+
+
+@pytest.fixture
+def pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[AsyncioPool]:
+    # The pool adopts the process's loop and sizes its engine: put them back after.
+    monkeypatch.setattr(worker_loop, "_loop_thread", worker_loop._loop_thread)
+    monkeypatch.setattr(worker_loop, "_find_inline", None)
+    monkeypatch.setattr(database, "_concurrency", 1)
+    pool = AsyncioPool(20, app=celery_app)
+    pool.start()
+    try:
+        yield pool
+    finally:
+        pool.stop()
+        worker_loop.stop()
+
+
+def apply(
+    pool: AsyncioPool,
+    body: Callable[[], Any],
+    *,
+    task_name: str = ASYNC_TASK,
+    **options: Any,
+) -> tuple[Any, Outcomes]:
+    """Hand ``body`` (a coroutine function or a plain one) to the pool as one job."""
+    outcomes = Outcomes()
+
+    def target(_name: str) -> Any:
+        # Celery's tracer never raises: it returns what went wrong.
+        try:
+            result = body()
+            return worker_loop.run(result) if asyncio.iscoroutine(result) else result
+        except Exception as exc:  # noqa: BLE001 - reported as the run's outcome
+            return type(exc).__name__
+
+    job = pool.apply_async(target, args=(task_name,), **outcomes.callbacks(), **options)
+    return job, outcomes
+
+
+def test_runs_await_side_by_side_each_in_its_own_context(pool: AsyncioPool) -> None:
+    arrived: list[int] = []
+    everyone_in = asyncio.Event()  # bound to the pool's loop at its first wait
+
+    def body(n: int) -> Callable[[], Any]:
+        async def run() -> tuple[str, str]:
+            _which.set(f"run {n}")
+            # No run goes on until all 20 are in flight at once on the one loop.
+            arrived.append(n)
+            if len(arrived) == 20:
+                everyone_in.set()
+            await asyncio.wait_for(everyone_in.wait(), WAIT)
+            return _which.get(), threading.current_thread().name
+
+        return run
+
+    jobs = [apply(pool, body(n)) for n in range(20)]
+    for _, outcomes in jobs:
+        assert outcomes.ended.wait(WAIT)
+    assert [outcomes.results for _, outcomes in jobs] == [
+        [(f"run {n}", "background-asyncio-pool")] for n in range(20)
+    ]
+
+
+def test_a_sync_task_runs_in_a_thread_off_the_loop(pool: AsyncioPool) -> None:
+    _, outcomes = apply(pool, lambda: threading.current_thread().name, task_name=SYNC_TASK)
+    assert outcomes.ended.wait(WAIT)
+    (name,) = outcomes.results
+    assert name.startswith("background-sync-task")
+
+
+def test_the_soft_limit_cancels_the_body_which_fails_with_its_own_error(
+    pool: AsyncioPool,
+) -> None:
+    unwound = threading.Event()
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(WAIT * 2)
+        finally:
+            unwound.set()
+
+    _, outcomes = apply(pool, slow, soft_timeout=0.2)
+    assert outcomes.ended.wait(WAIT)
+    assert unwound.is_set()
+    assert outcomes.results == [SoftTimeLimitExceeded.__name__]
+    assert outcomes.timeouts == [(True, 0.2)]
+
+
+def test_the_hard_limit_goes_to_celerys_timeout_callback_alone_and_the_rest_is_ignored(
+    pool: AsyncioPool,
+) -> None:
+    """Celery's timeout callback stores the failure and acknowledges: nothing else is reported."""
+
+    async def stubborn() -> str:
+        with contextlib.suppress(asyncio.CancelledError):  # swallows its soft limit
+            await asyncio.sleep(WAIT * 2)
+        await asyncio.sleep(WAIT * 2)
+        return "finished"
+
+    _, outcomes = apply(pool, stubborn, soft_timeout=0.1, timeout=0.3)
+    assert outcomes.hard_limit.wait(WAIT)
+    pool.stop()  # waits for the abandoned run to unwind
+    assert outcomes.timeouts == [(True, 0.1), (False, 0.3)]
+    assert outcomes.results == outcomes.errors == []
+
+
+def test_a_terminated_run_ends_and_reports_nothing(pool: AsyncioPool) -> None:
+    started = threading.Event()
+
+    async def waits() -> None:
+        started.set()
+        await asyncio.sleep(WAIT * 2)
+
+    job, outcomes = apply(pool, waits)
+    assert started.wait(WAIT)
+    job.terminate()
+    pool.stop()  # returns once the run has ended
+    assert outcomes.results == outcomes.errors == []
+    assert not outcomes.ended.is_set()
+
+
+def test_a_warm_stop_waits_for_the_runs_in_flight(pool: AsyncioPool) -> None:
+    started = threading.Event()
+
+    async def short() -> str:
+        started.set()
+        await asyncio.sleep(0.2)
+        return "done"
+
+    _, outcomes = apply(pool, short)
+    assert started.wait(WAIT)
+    pool.stop()
+    assert outcomes.results == ["done"]
