@@ -185,7 +185,9 @@ def refuse_unsafe_pools(conf: Any = None, options: Any = None, **_: Any) -> None
         # SystemExit is not, and stops the worker before it consumes anything.
         raise SystemExit(
             f"the {pool!r} pool is not supported: async db tasks need a real thread or "
-            "process per task; use --pool=prefork (default), solo or threads"
+            "process per task, or the framework's asyncio pool; use --pool=prefork (default), "
+            "solo, threads, or -P custom with "
+            "CELERY_CUSTOM_WORKER_POOL=app.core.background.pool:AsyncioPool"
         )
 
 
