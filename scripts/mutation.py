@@ -114,7 +114,7 @@ TARGETS = (
             "tests/integration/test_publish.py", "tests/integration/test_bulk_dispatch.py",
             DISPATCH_FAILURES)),
     Target("outbox", f"{INTERNALS}/delivery/outbox.py",
-           ("tests/integration/test_outbox.py",
+           ("tests/unit/test_outbox_rows.py", "tests/integration/test_outbox.py",
             f"{DISPATCH_FAILURES}::test_relay_once_fails_when_the_broker_does_not_take_a_row",
             *ON_COMMIT_FAILURES)),
     Target("exceptions", f"{INTERNALS}/exceptions.py",

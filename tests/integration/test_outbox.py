@@ -306,3 +306,33 @@ def test_relay_once_drains_every_batch_and_counts_what_it_sent(
     relayed = [r for r in caplog.records if r.getMessage() == "Outbox relayed"]
     assert [r.fields["sent"] for r in relayed] == [2, 2, 1]  # type: ignore[attr-defined]
     assert not fetchval(stack, PENDING)
+
+
+def test_the_relay_loop_rides_out_database_errors(
+    refused_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without ``once`` (run_relay's default) a failed pass is logged and tried again."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    def failed_passes() -> int:
+        return sum(r.getMessage() == "Outbox relay pass failed" for r in caplog.records)
+
+    async def main() -> bool:
+        engine = create_async_engine(refused_database)
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
+        relay = asyncio.ensure_future(run_relay(sessions, celery_app, interval=0.05))
+        try:
+            for _ in range(600):  # at most 30 s
+                if failed_passes() >= 3 or relay.done():
+                    break
+                await asyncio.sleep(0.05)
+            return not relay.done()
+        finally:
+            relay.cancel()
+            await asyncio.gather(relay, return_exceptions=True)
+            await engine.dispose()
+
+    with caplog.at_level("WARNING", logger="app.core.background.outbox"):
+        still_running = asyncio.run(main())
+    assert still_running
+    assert failed_passes() >= 3
