@@ -332,8 +332,9 @@ def _on_postrun(
 def _on_failure(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
     # In the worker's main process, for a task whose pool process died and
     # that is not retried nor requeued: postrun never ran for it.
-    # A hard time limit kills the pool process too (TimeLimitExceeded).
-    if isinstance(exception, WorkerLostError | TimeLimitExceeded) and sender is not None:
+    # A hard time limit kills the pool process too (TimeLimitExceeded). Celery
+    # always sends the task as the sender (a None check could never be false).
+    if isinstance(exception, WorkerLostError | TimeLimitExceeded):
         deduplicator.finished(task_id, _lease_headers(sender.request))
 
 
