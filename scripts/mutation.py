@@ -92,6 +92,7 @@ TARGETS = (
             "test_a_task_that_starts_extends_its_lease_past_the_original_lifetime",
             "test_a_retry_extends_its_lease_and_a_retry_without_one_takes_none",
             "test_a_period_ending_within_the_second_keeps_its_id_until_then",
+            "test_a_periods_lease_lives_until_the_period_ends_not_longer",
             "test_a_failing_lease_store_is_logged_with_the_task_id",
             "test_revoked_id_is_refused_with_a_clear_error",
             "test_expired_task_is_refused_like_a_revoked_one",

@@ -406,6 +406,25 @@ def test_a_period_ending_within_the_second_keeps_its_id_until_then(
     wait_for(lambda: store.holder(task_id) is None, timeout=10)  # kept until the period ends
 
 
+def test_a_periods_lease_lives_until_the_period_ends_not_longer(
+    redis_leases: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its lifetime: the task's own, or until the period ends if that is later; never beyond."""
+    store, lifetimes = deduplicator.store, []
+    acquire = store.acquire
+
+    def recording(key: str, token: str, ttl: float) -> str | None:
+        lifetimes.append(ttl)
+        return acquire(key, token, ttl)
+
+    monkeypatch.setattr(store, "acquire", recording)
+    period = 30 * 24 * 3600.0  # far longer than the task's own lifetime
+    started = time.time()
+    redis_leases.send(tasks_dedup.tick, headers={PERIOD_HEADER: f"every:{period:g}"})
+    (ttl,) = lifetimes
+    assert 0 < ttl <= period - (started % period) + 1
+
+
 def test_a_failing_lease_store_is_logged_with_the_task_id(
     redis_leases: Target, framework_log: Records, monkeypatch: pytest.MonkeyPatch
 ) -> None:
