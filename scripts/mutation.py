@@ -81,6 +81,7 @@ TARGETS = (
     Target("dedup", f"{INTERNALS}/delivery/dedup.py", (
         "tests/unit/test_settings.py::test_auto_dedup_backend_follows_the_broker",
         "tests/unit/test_settings.py::test_an_explicit_dedup_backend_wins_over_the_broker",
+        "tests/unit/test_dedup_keys.py::test_a_skipped_duplicate_is_counted_under_its_task_and_queue",
         *(f"{DEDUP_TESTS}::{name}" for name in (
             "test_second_call_while_running_is_deduplicated_and_id_freed_after_success[redis]",
             "test_id_freed_after_failure[redis]",

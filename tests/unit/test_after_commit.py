@@ -128,7 +128,7 @@ async def test_a_failed_send_goes_to_the_outbox_and_the_rest_still_go_out(
 def _unsent(*keys: str) -> list[after_commit.Unsent]:
     return [
         after_commit.Unsent(
-            after_commit.Dispatch(Message(note_row, (), {"key": key})),
+            after_commit.Dispatch(Message(note_row, (), {"key": key}), None, deduplicated=False),
             ConnectionError(f"broker down ({key})"),
         )
         for key in keys

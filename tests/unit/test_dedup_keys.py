@@ -122,3 +122,15 @@ def test_a_tasks_own_time_limit_sets_the_lease_lifetime() -> None:
 
     # no_retry: one attempt, no delays: the task's 40 s, not the policy's limit.
     assert lease_lifetime(task, 1.0, 10) == 40 + 10
+
+
+def test_a_skipped_duplicate_is_counted_under_its_task_and_queue() -> None:
+    from prometheus_client import REGISTRY
+
+    from app.core.background.internals.delivery.dedup import log_deduplicated
+
+    labels = {"task": "tests.dedup.counted", "queue": "high_priority"}
+    before = REGISTRY.get_sample_value("background_tasks_deduplicated_total", labels) or 0.0
+    log_deduplicated("tests.dedup.counted", "id-1", "high_priority", where="dispatch")
+    after = REGISTRY.get_sample_value("background_tasks_deduplicated_total", labels)
+    assert after == before + 1

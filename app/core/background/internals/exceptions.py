@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from kombu.exceptions import OperationalError
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-if TYPE_CHECKING:
+# Importing it at run time too changes nothing (Celery is loaded): pragma: no mutate
+if TYPE_CHECKING:  # pragma: no mutate
     from celery.result import AsyncResult
 
 

@@ -61,9 +61,9 @@ class Dispatch:
 
     message: Message
     # The transaction (or savepoint) it was registered in; None before the first statement.
-    transaction: SessionTransaction | None = None
+    transaction: SessionTransaction | None
     # True when the caller chose the id: then it is deduplicated like any custom id.
-    deduplicated: bool = False
+    deduplicated: bool
 
     @property
     def task_id(self) -> str:

@@ -214,7 +214,13 @@ async def run_relay(
 
 
 async def serve_relay(
-    database_url: str, app: Celery, *, interval: float, batch_size: int, once: bool
+    database_url: str,
+    app: Celery,
+    # The CLI names the options: '*' or '/' here are the same. pragma: no mutate
+    *,  # pragma: no mutate
+    interval: float,
+    batch_size: int,
+    once: bool,
 ) -> int:
     """``run_relay`` on an engine of its own, disposed at the end (the CLI's entry point)."""
     # One relay pass holds one connection; a second covers a pass started while
