@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+from bench import async_mode
+
 SUITES = ("throughput", "db", "dispatch", "topology", "raw", "io", "io_db")
 
 
@@ -45,7 +47,7 @@ def main() -> None:
         " (comma-separated)",
     )  # fmt: skip
     parser.add_argument(
-        "--async-pool", default="app.core.background.pool:AsyncioPool",
+        "--async-pool", default=async_mode.DEFAULT_POOL,
         help="db, raw, io, io_db: the framework's async mode, -P custom with this pool"
         " (module:Class, CELERY_CUSTOM_WORKER_POOL); skipped with a note where it does"
         " not import; 'none' leaves it out (default: %(default)s)",

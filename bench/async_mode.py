@@ -20,6 +20,8 @@ from bench.report import Report
 
 # What ``-P custom`` loads (Celery reads it when the worker imports its pools).
 POOL_ENV = "CELERY_CUSTOM_WORKER_POOL"
+# The framework's pool, as ``-P custom`` loads it.
+DEFAULT_POOL = "app.core.background.pool:AsyncioPool"
 
 
 def unavailable(pool: str) -> str | None:

@@ -3,11 +3,17 @@
 Run: ``python -m bench.profile bench.db_insert`` (needs ``pip install py-spy``
 in the venv; py-spy is not a project dependency). Prints the functions with
 the most samples (inclusive), for the pool child and the worker's main process.
+
+``python -m bench.profile bench.sleep 5000 --async-mode 100`` profiles the
+framework's async mode instead (``-P custom`` with the asyncio pool, one
+process at that concurrency): every thread of the one worker process.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +21,18 @@ import tempfile
 import threading
 from pathlib import Path
 
+from bench import async_mode
 from bench.environment import bench_services
+
+# What py-spy samples: the thread holding the GIL (where CPU goes), or with
+# PROFILE_IDLE=1 every thread, idle or not (where time goes: a wait).
+PY_SPY_MODE = ("--idle", "--threads") if os.environ.get("PROFILE_IDLE") else ("--gil",)
+# The arguments of each queued task, by task name (default: ``{"i": i}``).
+CALLS = {
+    "bench.db_insert": lambda i: {"value": f"v{i}"},
+    "bench.sleep": lambda i: {"seconds": 0.1},
+    "bench.pg_sleep": lambda i: {"seconds": 0.05},
+}
 
 INTERESTING = ("app/core", "sqlalchemy", "asyncpg", "logging", "structlog", "celery/app/trace",
                "redis/", "prometheus", "json", "event_loop", "asyncio", "billiard/pool.py",
@@ -41,31 +58,42 @@ def top(raw: Path, limit: int = 30) -> list[tuple[float, str]]:
 
 
 def main() -> None:
-    task = sys.argv[1] if len(sys.argv) > 1 else "bench.db_insert"
-    count = int(sys.argv[2]) if len(sys.argv) > 2 else 4000
+    parser = argparse.ArgumentParser()
+    parser.add_argument("task", nargs="?", default="bench.db_insert")
+    parser.add_argument("count", nargs="?", type=int, default=4000)
+    parser.add_argument("--async-mode", type=int, default=0, metavar="CONCURRENCY")
+    options = parser.parse_args()
+    task, count = options.task, options.count
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     with bench_services(rabbitmq=False) as services:
         from bench import suites
         from bench.drain import Topology, WorkerSet, drain, fill, redis_backlog
 
         suites._create_table(services)
-        workers = WorkerSet(Topology("prefork c=1", "prefork", 1, 1), services.broker_url,
-                            services.worker_env()).start()  # fmt: skip
+        if options.async_mode:
+            topology = async_mode.topology(async_mode.DEFAULT_POOL, "async mode",
+                                           options.async_mode, count=1)  # fmt: skip
+        else:
+            topology = Topology("prefork c=1", "prefork", 1, 1)
+        workers = WorkerSet(topology, services.broker_url, services.worker_env()).start()
         try:
             backlog = redis_backlog(services.broker())
-            call = (lambda i: {"value": f"v{i}"}) if "insert" in task else (lambda i: {"i": i})
+            call = CALLS.get(task, lambda i: {"i": i})
             fill(services.broker_url, task, (call(i) for i in range(count)))
             main_pid = workers.workers[0].pid
-            child = int(Path(f"/proc/{main_pid}/task/{main_pid}/children").read_text().split()[0])
+            profiled = {"main process": main_pid}
+            if not options.async_mode:
+                children = Path(f"/proc/{main_pid}/task/{main_pid}/children").read_text()
+                profiled["pool child"] = int(children.split()[0])
             folder = Path(tempfile.mkdtemp())
             records = {}
             threads = []
-            for name, pid in (("pool child", child), ("main process", main_pid)):
+            for name, pid in profiled.items():
                 out = folder / f"{pid}.txt"
                 records[name] = out
                 command = [
                     py_spy, "record", "--pid", str(pid), "--duration", "6", "--rate", "200",
-                    "--format", "raw", "--output", str(out), "--nonblocking",
+                    "--format", "raw", "--output", str(out), "--nonblocking", *PY_SPY_MODE,
                 ]  # fmt: skip
                 threads.append(threading.Thread(target=subprocess.run, args=(command,),
                                                 kwargs={"capture_output": True}))  # fmt: skip
@@ -74,7 +102,7 @@ def main() -> None:
             rate = drain(workers, backlog, count, timeout=600)
             for thread in threads:
                 thread.join()
-            print(f"{task}: {rate:.0f} tasks/s with prefork c=1 while profiled")
+            print(f"{task}: {rate:.0f} tasks/s with {topology.label} while profiled")
             for name, out in records.items():
                 print(f"\n== {name}: % of samples (inclusive)")
                 if out.exists():

@@ -7,7 +7,10 @@ transport show the fault the framework's transport fixes.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -159,22 +162,74 @@ def test_a_fetch_whose_reply_was_lost_is_put_back(server: RedisServer) -> None:
         channel = connection.default_channel
         queue = Queue("q-lost-reply")
         with connection.Producer() as producer:
-            producer.publish({"n": 2}, routing_key="q-lost-reply", declare=[queue])
-        # The fetch ran on the server, its reply never arrived: the message is
-        # off its list, recorded as unacknowledged by nobody who knows it.
+            for n in range(4):
+                producer.publish({"n": n}, routing_key="q-lost-reply", declare=[queue])
+        # The fetch (of three messages) ran on the server, its reply never
+        # arrived: they are off their list, recorded as unacknowledged by
+        # nobody who knows them.
         fetch_id, marker = uuid.uuid4().hex, redis_broker._fetch_marker(channel)
         server.client().eval(
             redis_broker._FETCH, 4, "unacked", "unacked_index", marker, "q-lost-reply",
-            "1.0", fetch_id, 60_000,
+            "1.0", fetch_id, 60_000, 3,
         )  # fmt: skip
         client = server.client()
-        assert client.llen("q-lost-reply") == 0
-        assert client.hlen("unacked") == 1
+        assert client.llen("q-lost-reply") == 1
+        assert client.hlen("unacked") == 3
         redis_broker.lost_deliveries.fetch_lost(marker, fetch_id)
     with Connection(server.url(), transport=FRAMEWORK) as again:
         again.default_channel  # noqa: B018
-    assert client.llen("q-lost-reply") == 1
+    assert client.llen("q-lost-reply") == 4
     assert client.hlen("unacked") == 0
+
+
+def test_one_fetch_takes_what_the_prefetch_allows_and_each_is_acked(server: RedisServer) -> None:
+    """Many free slots (threads, the asyncio pool): one round trip fills them, none beyond."""
+    client = server.client()
+    client.script_load(redis_broker._FETCH)  # else the first fetch is sent twice (NOSCRIPT)
+    with Connection(server.url(), transport=FRAMEWORK) as connection:
+        queue = Queue("q-batch")
+        with connection.Producer() as producer:
+            for n in range(10):
+                producer.publish({"n": n}, routing_key="q-batch", declare=[queue])
+        received: list[Any] = []
+        keep = [lambda _body, message: received.append(message)]
+        with connection.Consumer(queue, callbacks=keep) as consumer:
+            consumer.qos(prefetch_count=4)
+            fetches = _count_fetches(connection.default_channel)
+            deadline = time.monotonic() + 10
+            while len(received) < 4 and time.monotonic() < deadline:
+                with contextlib.suppress(socket.timeout):
+                    connection.drain_events(timeout=0.5)
+            # Four slots, four messages, in one fetch: the other six wait on the server.
+            assert [m.payload["n"] for m in received] == [0, 1, 2, 3]
+            assert fetches == [4]
+            assert client.llen("q-batch") == 6
+            assert client.hlen("unacked") == 4
+            for message in received:
+                message.ack()
+            assert client.hlen("unacked") == 0
+            while len(received) < 10 and time.monotonic() < deadline:
+                with contextlib.suppress(socket.timeout):
+                    connection.drain_events(timeout=0.5)
+                for message in received:
+                    if not message.acknowledged:
+                        message.ack()
+            assert [m.payload["n"] for m in received] == list(range(10))
+            assert fetches[:3] == [4, 4, 4]  # three round trips for ten messages
+            assert client.hlen("unacked") == 0
+
+
+def _count_fetches(channel: Any) -> list[int]:
+    """The size of each fetch ``channel`` sends from now on."""
+    sizes: list[int] = []
+    fetch_size = channel._fetch_size
+
+    def counted() -> int:
+        sizes.append(fetch_size())
+        return sizes[-1]
+
+    channel._fetch_size = counted
+    return sizes
 
 
 def test_an_older_fetch_in_the_marker_is_left_alone(server: RedisServer) -> None:

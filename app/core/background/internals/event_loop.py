@@ -194,6 +194,18 @@ class WorkerEventLoop:
             )
         return self._loop_thread.run(coro)
 
+    def run_blocking(self, call: Callable[[], T]) -> T:
+        """``call()``, a blocking round trip (a result write), without holding this process's loop.
+
+        Inside one of the asyncio pool's tasks the call runs in a thread of the
+        loop's executor while the loop runs the other tasks (a result write
+        waits for Redis's reply, twice per task: on the loop's thread that wait
+        would hold every task of the process). Anywhere else it is simply called.
+        """
+        if self._find_inline is not None and (inline := self._find_inline()) is not None:
+            return inline(_in_a_thread(call))  # type: ignore[no-any-return]
+        return call()
+
     def adopt(self, loop_thread: LoopThread, find_inline: FindInlineRunner) -> None:
         """Use ``loop_thread``'s loop as this process's loop: a pool's own (asyncio_pool.py).
 
@@ -272,6 +284,30 @@ class WorkerEventLoop:
         self._loop_thread.forget()
         self._main_loop = self._main_pid = None
         self._find_inline = None
+
+
+async def _in_a_thread(call: Callable[[], T]) -> T:
+    """``call()`` in the loop's executor, finished even if the task is cancelled meanwhile.
+
+    A round trip in a thread cannot be stopped. A cancellation that arrives
+    while it runs (a time limit, a shutdown) is held until it has ended and
+    then lands at the task's next wait, as it would have if the call had held
+    the loop: a result write is never left half-way with its task unwinding.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(call))
+    task = asyncio.current_task()
+    held = 0
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if task is None:
+                raise
+            task.uncancel()
+            held += 1
+    for _ in range(held):
+        task.cancel()  # type: ignore[union-attr]  # held > 0 only with a task
+    return future.result()
 
 
 def _loop_running_here() -> bool:

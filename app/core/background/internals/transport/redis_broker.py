@@ -43,12 +43,14 @@ No library offers this; a transport subclass is kombu's own extension point.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from kombu.transport import redis as _kombu_redis
@@ -67,23 +69,32 @@ _log = logging.getLogger("app.core.background.broker")
 # Delivery tags kept for the next connection, at most this many of each kind
 # (a worker holds a few messages at a time; the cap only bounds a pathology).
 _MAX_KEPT = 10_000
+# The most messages one fetch takes (bounds the script's time on the server).
+_MAX_FETCH = 100
 
-# Take the first message of the first non-empty list (KEYS[4..], in BRPOP's
-# order) and record it as unacknowledged, as kombu's QoS.append would, in the
-# same atomic step. KEYS[1] the unacked hash, KEYS[2] its index, KEYS[3] this
-# consumer's fetch marker; ARGV[1] now, ARGV[2] the fetch id, ARGV[3] the
-# marker's lifetime in ms. Returns {list, payload, 1 if recorded} or nil.
-# The payload is stored as it came (not re-encoded), so kombu reads back
-# exactly what was published.
+# Take up to ARGV[4] messages, from the first non-empty list on (KEYS[4..], in
+# BRPOP's order), and record each as unacknowledged, as kombu's QoS.append
+# would, in the same atomic step. KEYS[1] the unacked hash, KEYS[2] its index,
+# KEYS[3] this consumer's fetch marker; ARGV[1] now, ARGV[2] the fetch id,
+# ARGV[3] the marker's lifetime in ms. Returns a flat list of
+# {list, payload, 1 if recorded} triples, or nil. A message without a
+# delivery tag (not kombu's) is not recorded and ends the batch. The payload
+# is stored as it came (not re-encoded), so kombu reads back exactly what was
+# published. The marker names every tag taken: a lost reply puts them all back.
 _FETCH = """
+local taken, tags = {}, {}
+local limit = tonumber(ARGV[4])
 for i = 4, #KEYS do
-  local payload = redis.call('RPOP', KEYS[i])
-  if payload then
+  while #taken < 3 * limit do
+    local payload = redis.call('RPOP', KEYS[i])
+    if not payload then break end
     local ok, message = pcall(cjson.decode, payload)
     local props = ok and type(message) == 'table' and message['properties']
     local tag = type(props) == 'table' and props['delivery_tag']
     if type(tag) ~= 'string' then
-      return {KEYS[i], payload, 0}
+      taken[#taken + 1] = KEYS[i]; taken[#taken + 1] = payload; taken[#taken + 1] = 0
+      limit = 0
+      break
     end
     local info = props['delivery_info']
     if type(info) ~= 'table' then info = {} end
@@ -92,11 +103,16 @@ for i = 4, #KEYS do
     redis.call('ZADD', KEYS[2], ARGV[1], tag)
     redis.call('HSET', KEYS[1], tag,
       '[' .. payload .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
-    redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. tag, 'PX', ARGV[3])
-    return {KEYS[i], payload, 1}
+    tags[#tags + 1] = tag
+    taken[#taken + 1] = KEYS[i]; taken[#taken + 1] = payload; taken[#taken + 1] = 1
   end
+  if #taken >= 3 * limit then break end
 end
-return false
+if #tags > 0 then
+  redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. table.concat(tags, ' '), 'PX', ARGV[3])
+end
+if #taken == 0 then return false end
+return taken
 """
 _FETCH_SHA = hashlib.sha1(_FETCH.encode()).hexdigest()
 
@@ -153,9 +169,8 @@ class LostDeliveries:
         restored = acknowledged = 0
         try:
             for marker, fetch_id in fetches.items():
-                tag = qos.taken_by(marker, fetch_id)
-                if tag is not None and tag not in restores:
-                    restores[tag] = None
+                for tag in qos.taken_by(marker, fetch_id):
+                    restores.setdefault(tag, None)
                 with self._lock:
                     self._fetches.pop(marker, None)
             for tag, message in restores.items():
@@ -215,11 +230,49 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
             lost_deliveries.restore_later(delivery_tag, raw)
             raise
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Acks of this turn of the worker's loop, sent together at its end (flush_acks).
+        self._pending_acks: list[str] = []
+
+    def can_consume(self) -> bool:
+        # kombu asks before each fetch: the acks of this turn free their slots first.
+        self.flush_acks()
+        return bool(super().can_consume())
+
     def ack(self, delivery_tag: str) -> None:
+        """Acknowledge: at the end of this turn of the worker's loop when called from it, else now.
+
+        An ack is a round trip (ZREM and HDEL in a transaction) that holds the
+        consumer's thread; the asyncio pool passes outcomes back by the dozen
+        per turn, and one transaction for all of them is one round trip. A
+        pending ack is sent before the turn polls again and before the channel
+        closes (``restore_unacked``); a process that dies first leaves the
+        message unacknowledged, as dying a moment before the ack always has.
+        """
+        if self.channel.connection.acks_batched_here():
+            self._pending_acks.append(delivery_tag)
+        else:
+            self._ack_now([delivery_tag])
+
+    def flush_acks(self) -> None:
+        """Send the acks of this turn (``ack``), in one transaction."""
+        if self._pending_acks:
+            tags, self._pending_acks = self._pending_acks, []
+            self._ack_now(tags)
+
+    def _ack_now(self, tags: list[str]) -> None:
         try:
-            super().ack(delivery_tag)
+            with self.pipe_or_acquire() as pipe:
+                for tag in tags:
+                    self._remove_from_indices(tag, pipe)
+                pipe.execute()
         except self.channel.connection_errors as exc:
-            self._keep(delivery_tag, exc, restore=False)
+            for tag in tags:
+                self._keep(tag, exc, restore=False)
+            return
+        for tag in tags:
+            virtual.QoS.ack(self, tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         try:
@@ -247,6 +300,8 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         )
 
     def restore_unacked(self, client: Any = None) -> None:
+        # Acked already: not to be restored (a failed flush keeps them for later).
+        self.flush_acks()
         tags = list(self._delivered)
         try:
             super().restore_unacked(client)
@@ -281,15 +336,15 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         with self.channel.conn_or_acquire() as client:
             client.transaction(requeue, self.unacked_key)
 
-    def taken_by(self, marker: str, fetch_id: str) -> str | None:
-        """The tag of the message fetch ``fetch_id`` took, if that fetch ran."""
+    def taken_by(self, marker: str, fetch_id: str) -> list[str]:
+        """The tags of the messages fetch ``fetch_id`` took (none if that fetch did not run)."""
         with self.channel.conn_or_acquire() as client:
             value = client.get(marker)
             if value is None:
-                return None
-            recorded_id, _, tag = bytes_to_str(value).partition(" ")
+                return []
+            recorded_id, *tags = bytes_to_str(value).split(" ")
             client.delete(marker)
-        return tag if recorded_id == fetch_id and tag else None
+        return tags if recorded_id == fetch_id else []
 
     def remove_from_indices(self, delivery_tag: str) -> None:
         self._remove_from_indices(delivery_tag).execute()
@@ -301,8 +356,12 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     connection: Any
     connection_errors: tuple[type[BaseException], ...]
     _in_poll: Any
+    _qos: QoS | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Set before kombu's __init__, which already consumes and polls.
+        self._command_client: Any = None
+        self._active_queues_cache: list[str] | None = None
         super().__init__(*args, **kwargs)  # connects (PING)
         # The id of the fetch in flight (None: a BRPOP, or nothing, is in flight).
         self._fetching: str | None = None
@@ -310,6 +369,49 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         # kombu prefixes a fixed set of commands' keys; not our script's.
         self._atomic_fetch = not self.global_keyprefix
         lost_deliveries.replay(self.qos)
+
+    # -- per-message costs ------------------------------------------------
+    # kombu builds a new client object for every acknowledgement and
+    # recomputes the consumed queues on every turn of the worker's loop (up to
+    # a tenth of a worker's CPU per task in the asyncio pool's profile, where
+    # acks and polls come by the hundred per second). Same commands, computed once.
+
+    @contextlib.contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """A client for one-off commands (acks, restores): one per channel, not one per call.
+
+        A ``redis.Redis`` object takes a connection from the channel's pool for
+        each command, so one object is safe for every thread of the process.
+        """
+        if client:
+            yield client
+            return
+        if self._command_client is None:
+            self._command_client = self._create_client()
+        yield self._command_client
+
+    @property
+    def active_queues(self) -> list[str]:
+        """kombu's list of queues consumed with BRPOP, kept until a consumer is added or cancelled."""
+        if self._active_queues_cache is None:
+            self._active_queues_cache = super().active_queues
+        return self._active_queues_cache
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        # kombu reads ``active_queues`` inside (to update its queue cycle).
+        self._active_queues_cache = None
+        try:
+            return super().basic_consume(queue, *args, **kwargs)
+        finally:
+            self._active_queues_cache = None
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        # kombu reads ``active_queues`` inside (to update its queue cycle).
+        self._active_queues_cache = None
+        try:
+            return super().basic_cancel(consumer_tag)
+        finally:
+            self._active_queues_cache = None
 
     # -- consuming --------------------------------------------------------
 
@@ -330,8 +432,17 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         command, script = ("EVALSHA", _FETCH_SHA) if self._fetch_loaded else ("EVAL", _FETCH)
         self.client.connection.send_command(
             command, script, 3 + len(keys), self.unacked_key, self.unacked_index_key, marker,
-            *keys, repr(time.time()), self._fetching, ttl_ms,
+            *keys, repr(time.time()), self._fetching, ttl_ms, self._fetch_size(),
         )  # fmt: skip
+
+    def _fetch_size(self) -> int:
+        """As many messages as the prefetch allows now (kombu fetches one per round trip).
+
+        A pool that runs many tasks at once (threads, the asyncio pool) frees
+        many slots per turn of the loop; one round trip refills them all. With
+        prefork's one task per process this is one.
+        """
+        return min(max(self.qos.can_consume_max_estimate() or 1, 1), _MAX_FETCH)
 
     def _brpop_read(self, **options: Any) -> bool:
         fetch_id, self._fetching = self._fetching, None
@@ -357,18 +468,31 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             # Nothing queued: wait for the next message with kombu's BRPOP.
             super()._brpop_start()
             raise kombu_redis.Empty()
-        dest, payload, recorded = reply
-        message = loads(bytes_to_str(payload))
-        if int(recorded):
-            _recorded_by_fetch.add(message["properties"]["delivery_tag"])
-        queue = bytes_to_str(dest).rsplit(self.sep, 1)[0]
-        self._queue_cycle.rotate(queue)
-        self.connection._deliver(message, queue)
+        taken = [reply[i : i + 3] for i in range(0, len(reply), 3)]
+        self._queue_cycle.rotate(bytes_to_str(taken[-1][0]).rsplit(self.sep, 1)[0])
+        for index, (dest, payload, recorded) in enumerate(taken):
+            try:
+                message = loads(bytes_to_str(payload))
+                if int(recorded):
+                    _recorded_by_fetch.add(message["properties"]["delivery_tag"])
+                self.connection._deliver(message, bytes_to_str(dest).rsplit(self.sep, 1)[0])
+            except BaseException:
+                # Taken and recorded for this consumer, never delivered: back to their queues.
+                self._put_back(taken[index + 1 :])
+                raise
         return True
+
+    def _put_back(self, taken: list[Any]) -> None:
+        for _dest, payload, recorded in taken:
+            if int(recorded):
+                self.qos.restore_by_tag(loads(bytes_to_str(payload))["properties"]["delivery_tag"])
 
     # -- surviving a lost connection -----------------------------------------
 
     def close(self) -> None:
+        # Acks of the current turn first (kept for the next connection if they fail).
+        if self._qos is not None:
+            self._qos.flush_acks()
         if self._in_poll:
             try:
                 self._brpop_read()
@@ -400,3 +524,22 @@ _PROCESS_TOKEN = _ProcessToken()
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The thread running the worker's loop (kombu's hub), once registered.
+        self._loop_thread: int | None = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        self._loop_thread = threading.get_ident()
+        # Before each poll: the acks of the turn (QoS.ack), one transaction per channel.
+        loop.on_tick.add(self._flush_acks)
+
+    def acks_batched_here(self) -> bool:
+        """Whether an ack from this thread waits for the end of the loop's turn."""
+        return self._loop_thread == threading.get_ident()
+
+    def _flush_acks(self) -> None:
+        for channel in self.channels:
+            channel.qos.flush_acks()

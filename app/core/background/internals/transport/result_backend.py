@@ -27,6 +27,7 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from celery.utils.serialization import bytes_to_str
 
+from ..event_loop import worker_loop
 from .deadline import past_deadline
 
 # KEYS[1]: the task's key. ARGV[1]: the encoded meta, ARGV[2]: expiry in
@@ -98,7 +99,8 @@ class AtomicRedisBackend(RedisBackend):
                 "value too large for Redis backend", state=state, task_id=task_id
             )
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        self.ensure(self._run_store, (self.get_key_for_task(task_id), value, expires))
+        store_args = (self.get_key_for_task(task_id), value, expires)
+        worker_loop.run_blocking(lambda: self.ensure(self._run_store, store_args))
         return result
 
     def store_unless_succeeded(self, task_id: str, meta: dict[str, Any]) -> bool:
