@@ -14,9 +14,11 @@ skipped with a note and the rest of the suite runs.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from bench.drain import Topology
-from bench.report import Report
+if TYPE_CHECKING:  # bench.drain imports the framework's app: not before the services are set
+    from bench.drain import Topology
+    from bench.report import Report
 
 # What ``-P custom`` loads (Celery reads it when the worker imports its pools).
 POOL_ENV = "CELERY_CUSTOM_WORKER_POOL"
@@ -51,4 +53,6 @@ def chosen_pool(option: str | None, report: Report, suite: str) -> str | None:
 
 def topology(pool: str, label: str, concurrency: int, count: int = 2) -> Topology:
     """``count`` workers of ``-P custom -c concurrency`` with ``pool`` as the custom pool."""
+    from bench.drain import Topology
+
     return Topology(label, "custom", concurrency, count, env={POOL_ENV: pool})

@@ -250,7 +250,8 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         closes (``restore_unacked``); a process that dies first leaves the
         message unacknowledged, as dying a moment before the ack always has.
         """
-        if self.channel.connection.acks_batched_here():
+        transport = self.channel.connection  # None once the channel is closed
+        if transport is not None and transport.acks_batched_here():
             self._pending_acks.append(delivery_tag)
         else:
             self._ack_now([delivery_tag])
@@ -386,6 +387,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if client:
             yield client
             return
+        if self.connection is None or self.connection.client is None:
+            # Closed: kept for the next connection by the caller, as ``_connparams`` says.
+            raise RedisConnectionError("this broker channel's connection is closed")
         if self._command_client is None:
             self._command_client = self._create_client()
         yield self._command_client
