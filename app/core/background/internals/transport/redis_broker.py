@@ -351,13 +351,16 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         self._remove_from_indices(delivery_tag).execute()
 
 
+_QoS = QoS
+
+
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
-    QoS = QoS
+    QoS = _QoS
 
     connection: Any
     connection_errors: tuple[type[BaseException], ...]
     _in_poll: Any
-    _qos: QoS | None
+    _qos: _QoS | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Set before kombu's __init__, which already consumes and polls.
@@ -396,7 +399,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
     @property
     def active_queues(self) -> list[str]:
-        """kombu's list of queues consumed with BRPOP, kept until a consumer is added or cancelled."""
+        """kombu's queues consumed with BRPOP, kept until a consumer is added or cancelled."""
         if self._active_queues_cache is None:
             self._active_queues_cache = super().active_queues
         return self._active_queues_cache
