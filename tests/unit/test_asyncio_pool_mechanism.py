@@ -125,6 +125,45 @@ def test_runs_await_side_by_side_each_in_its_own_context(pool: AsyncioPool) -> N
     ]
 
 
+def test_a_blocking_round_trip_leaves_the_loop_to_the_other_runs(pool: AsyncioPool) -> None:
+    """A result write (``run_blocking``) waits in a thread: the loop runs the others meanwhile."""
+    released = threading.Event()
+
+    def writes_then_ends() -> str:
+        worker_loop.run_blocking(lambda: released.wait(WAIT))
+        return "written"
+
+    _, writer = apply(pool, writes_then_ends)
+    _, other = apply(pool, lambda: asyncio.sleep(0, "other ran"))
+    assert other.ended.wait(WAIT)
+    assert other.results == ["other ran"]
+    assert not writer.ended.is_set()
+    released.set()
+    assert writer.ended.wait(WAIT)
+    assert writer.results == ["written"]
+
+
+def test_a_soft_limit_during_a_round_trip_lands_once_it_has_ended(pool: AsyncioPool) -> None:
+    """The write is never cut short: the cancellation waits for it, then lands at the next await."""
+    released, written = threading.Event(), threading.Event()
+
+    def write() -> None:
+        released.wait(WAIT)
+        written.set()
+
+    def body() -> Any:
+        worker_loop.run_blocking(write)
+        return asyncio.sleep(WAIT * 2)
+
+    _, outcomes = apply(pool, body, soft_timeout=0.1)
+    assert not outcomes.ended.wait(0.5)  # the limit passed during the write: held
+    released.set()
+    assert outcomes.ended.wait(WAIT)
+    assert written.is_set()
+    assert outcomes.results == [SoftTimeLimitExceeded.__name__]
+    assert outcomes.timeouts == [(True, 0.1)]
+
+
 def test_a_sync_task_runs_in_a_thread_off_the_loop(pool: AsyncioPool) -> None:
     _, outcomes = apply(pool, lambda: threading.current_thread().name, task_name=SYNC_TASK)
     assert outcomes.ended.wait(WAIT)

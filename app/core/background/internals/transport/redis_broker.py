@@ -34,9 +34,12 @@ then ``connection.close()``):
    change of the ``unacked`` hash keyed by the delivery tag, so it does not
    need the channel that received the message.
 
-The fetch also saves a round trip per message (one script instead of
-``BRPOP`` then ``MULTI``/``ZADD``/``HSET``/``EXEC``). Everything else is
-kombu's. Selected for ``redis://`` and ``rediss://`` brokers by
+The fetch also saves round trips: one script instead of ``BRPOP`` then
+``MULTI``/``ZADD``/``HSET``/``EXEC``, and it takes as many messages as the
+prefetch has free slots (kombu takes one per round trip: a pool that frees
+dozens of slots per turn, threads or the asyncio pool, refills them in one).
+The acks of one turn of the worker's loop go in one transaction too, before
+the next fetch. Everything else is kombu's. Selected for ``redis://`` and ``rediss://`` brokers by
 ``build_celery_config`` (``broker_transport``), so the URL keeps its format.
 No library offers this; a transport subclass is kombu's own extension point.
 """
