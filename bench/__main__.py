@@ -53,6 +53,10 @@ def main() -> None:
         " not import; 'none' leaves it out (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
+    parser.add_argument(
+        "--output", default=None, metavar="PATH",
+        help="write the results here instead of bench/RESULTS.md (a run of some suites)",
+    )  # fmt: skip
     args = parser.parse_args()
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = set(chosen) - set(SUITES)
@@ -85,8 +89,8 @@ def main() -> None:
         print("\n".join(machine_lines))
         if not args.no_write:
             command = "python -m bench " + shlex.join(sys.argv[1:])
-            write_results(report, command.strip(), machine_lines)
-            print("written bench/RESULTS.md")
+            write_results(report, command.strip(), machine_lines, args.output)
+            print(f"written {args.output or 'bench/RESULTS.md'}")
 
 
 def run_suite(

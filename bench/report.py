@@ -104,7 +104,9 @@ def machine() -> list[str]:
     ]
 
 
-def write_results(report: Report, command: str, machine_lines: list[str]) -> None:
+def write_results(
+    report: Report, command: str, machine_lines: list[str], path: str | None = None
+) -> None:
     text = [
         "# Benchmark results",
         "",
@@ -129,4 +131,4 @@ def write_results(report: Report, command: str, machine_lines: list[str]) -> Non
         *[f"- {note}" for note in report.notes],
         "",
     ]
-    RESULTS.write_text("\n".join(text))
+    (Path(path) if path else RESULTS).write_text("\n".join(text))
