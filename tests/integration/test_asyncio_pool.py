@@ -538,6 +538,42 @@ def test_kill_9_with_20_in_flight_all_come_back_and_complete(
     assert [int(redis.get(f"started:{key}") or 0) for key in keys] == [2] * 20
 
 
+def test_a_task_that_kills_its_process_runs_no_more_often_than_its_retry_policy_allows(
+    private_broker: PrivateBroker,
+) -> None:
+    """Each death of the whole process counts as an attempt: redelivered, not retried, yet bounded.
+
+    The task (``long_running``: max_retries 2) kills its worker every time it
+    runs. Workers are started one after another, each with a 2 s visibility
+    timeout; each redelivery finds the run before it started and not ended.
+    Without the count the broker would deliver it, and it would kill a
+    worker, forever (the attempt number of a redelivered message never grows).
+    """
+    app = private_broker.app
+    redis = redis_of(private_broker)
+    key = new_key()
+    result = app.send_task("pool.kill_own_process", kwargs={"key": key})
+    env = {"TEST_VISIBILITY_TIMEOUT": "2"}
+    workers_killed = 0
+    for _ in range(6):
+        with asyncio_worker(private_broker, 4, env=env, include=(SHORT_VISIBILITY,)) as worker:
+            assert worker.process is not None
+            process = worker.process
+            wait_until(
+                lambda: process.poll() is not None or result.state == "FAILURE",
+                "the worker died or the task failed for good",
+            )
+            if result.state == "FAILURE":
+                assert process.poll() is None, "the worker that failed it is alive"
+                break
+            workers_killed += 1
+    assert result.state == "FAILURE"
+    assert type(result.result).__name__ == "TaskProcessLostError"
+    assert "died 3 time(s)" in str(result.result)
+    assert int(redis.get(f"runs:{key}")) == workers_killed == 3
+    assert result.id not in unacked_ids(redis)
+
+
 def test_cold_shutdown_gives_the_runs_in_flight_back_to_the_broker(
     private_broker: PrivateBroker,
 ) -> None:

@@ -12,7 +12,7 @@ from celery.backends.redis import RedisBackend
 
 from app.core.background import celery_app
 from app.core.background.internals.operations.status import get_task_status, record_revoked
-from app.core.background.internals.transport.result_backend import AtomicRedisBackend
+from app.core.background.internals.transport.result_backend import AtomicRedisBackend, lost_runs
 from tests.support.services import Services
 
 pytestmark = pytest.mark.usefixtures("redis_service")
@@ -131,3 +131,29 @@ def test_revoking_a_finished_task_keeps_its_result(backend: AtomicRedisBackend) 
     record_revoked(celery_app, queued, "cancelled")
     assert get_task_status(celery_app, finished).state == "success"
     assert get_task_status(celery_app, queued).state == "revoked"
+
+
+def _lost_after_start(backend: AtomicRedisBackend, task_id: str) -> int:
+    """Store STARTED for ``task_id`` and return the lost runs it reported (lost_runs)."""
+    backend.store_result(task_id, {"pid": 1}, states.STARTED)
+    seen = lost_runs.get()
+    assert seen is not None and seen[0] == task_id
+    return seen[1]
+
+
+def test_a_start_over_a_run_that_never_ended_counts_it_as_lost(
+    backend: AtomicRedisBackend,
+) -> None:
+    """STARTED over STARTED or PROGRESS: an earlier delivery died; over anything else: no loss."""
+    task_id = new_id()
+    assert _lost_after_start(backend, task_id) == 0
+    assert _lost_after_start(backend, task_id) == 1  # the first run never ended
+    backend.store_result(task_id, {"done": 1}, "PROGRESS")
+    assert _lost_after_start(backend, task_id) == 2  # nor did the second
+    backend.store_result(task_id, None, states.RETRY)
+    assert _lost_after_start(backend, task_id) == 2  # a retry ended the third: kept, not added
+    backend.store_result(task_id, None, states.PENDING)  # a Reject(requeue=True)
+    assert _lost_after_start(backend, task_id) == 2
+    other = new_id()
+    backend.store_result(other, {"ok": 1}, states.SUCCESS)
+    assert _lost_after_start(backend, other) == 0  # a success is kept, nothing counted

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -76,6 +77,17 @@ async def mark(ctx: TaskContext, key: str, seconds: float) -> dict[str, Any]:
     await asyncio.sleep(seconds)
     counter().incr(f"completed:{key}")
     return {"key": key, "attempt": ctx.attempt}
+
+
+@simple_task(name="pool.kill_own_process", retry_policy="long_running")
+async def kill_own_process(ctx: TaskContext, key: str) -> None:
+    """Counts its run, then kills the whole worker process (SIGKILL): nothing is acknowledged.
+
+    ``long_running``: max_retries 2, so three runs, and the fourth delivery fails.
+    """
+    counter().incr(f"runs:{key}")
+    await asyncio.sleep(0)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @simple_task(name="pool.gated", retry_policy="no_retry")

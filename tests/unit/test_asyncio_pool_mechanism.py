@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
+from kombu.asynchronous import Hub
 
 from app.core.background import celery_app
 from app.core.background.internals.event_loop import worker_loop
@@ -234,3 +235,47 @@ def test_a_warm_stop_waits_for_the_runs_in_flight(pool: AsyncioPool) -> None:
     assert started.wait(WAIT)
     pool.stop()
     assert outcomes.results == ["done"]
+
+
+def test_an_outcome_reaches_the_hub_as_a_poll_event_so_its_ack_runs_before_the_next_fetch(
+    pool: AsyncioPool,
+) -> None:
+    """Celery acknowledges with ``hub.call_soon``; kombu decides to fetch in ``on_tick``.
+
+    An outcome passed on from the top of a turn (``call_soon``) would queue
+    its ack after that turn's ``on_tick``: the turn then polls with no fetch
+    in flight, until its timeout (a second), and the freed slot waits.
+    Passed on as a poll event, the ack runs at the top of the next turn,
+    before its ``on_tick``.
+    """
+    hub = Hub()
+    pool.register_with_event_loop(hub)
+    acked: list[bool] = []
+    ticks_after_outcome: list[bool] = []
+
+    def on_success(_result: Any) -> None:
+        hub.call_soon(lambda: acked.append(True))  # as Celery's call_soon_ack
+        ticks_after_outcome.clear()
+
+    def on_tick() -> None:
+        if outcome_seen.is_set():
+            ticks_after_outcome.append(bool(acked))
+
+    outcome_seen = threading.Event()
+    hub.on_tick.add(on_tick)
+
+    def target(_name: str) -> str:
+        return "done"
+
+    def callback(result: Any) -> None:
+        on_success(result)
+        outcome_seen.set()
+
+    pool.apply_async(target, args=(ASYNC_TASK,), callback=callback)
+    turns = hub.create_loop()
+    for _ in range(20):
+        next(turns)
+        if ticks_after_outcome:
+            break
+    assert ticks_after_outcome[:1] == [True]
+    hub.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from app.core.background import TaskValidationError, celery_app
@@ -11,7 +13,8 @@ from app.core.background.internals.delivery.publish import (
     dispatch_timeout,
 )
 from app.core.background.internals.retry import JITTER, delay_scale
-from app.core.background.internals.runner import failure_outcome
+from app.core.background.internals.runner import _runs_lost_before, failure_outcome
+from app.core.background.internals.transport.result_backend import lost_runs
 from tests.support import tasks
 
 
@@ -54,3 +57,29 @@ def test_a_dispatch_error_gives_the_cause_or_says_it_had_none() -> None:
     assert "OSError: refused --" in with_text
     assert "OSError: no message --" in _explain(app, "t.name", ["a", "b"], OSError(), 1.0)
     assert "[2 tasks]" in _explain(app, "t.name", ["a", "b"], OSError(), 1.0)
+
+
+def _lost_before(task: Any, retries: int, seen: tuple[str, int] | None) -> str | None:
+    """What ``_runs_lost_before`` says for a run of ``task`` (id "run-1", ``retries`` retries)."""
+    task.push_request(id="run-1", retries=retries)
+    token = lost_runs.set(seen)
+    try:
+        error = _runs_lost_before(task)
+    finally:
+        lost_runs.reset(token)
+        task.pop_request()
+    return None if error is None else str(error)
+
+
+def test_lost_runs_count_as_attempts_up_to_the_policys_retries() -> None:
+    task = tasks.always_fails  # standard policy: max_retries 3
+    assert task.max_retries == 3
+    assert _lost_before(task, 0, None) is None
+    assert _lost_before(task, 0, ("run-1", 0)) is None
+    assert _lost_before(task, 0, ("run-1", 3)) is None  # three lost, the fourth attempt runs
+    assert _lost_before(task, 1, ("run-1", 2)) is None
+    died = _lost_before(task, 0, ("run-1", 4))
+    assert died is not None and "died 4 time(s)" in died and "max_retries=3" in died
+    assert _lost_before(task, 2, ("run-1", 2)) is not None  # retries and deaths add up
+    # Another run's count (a stale value in this context) is not this run's.
+    assert _lost_before(task, 0, ("run-2", 9)) is None

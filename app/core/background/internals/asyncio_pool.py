@@ -245,6 +245,9 @@ class AsyncioPool(BasePool):
             collections.deque()
         )
         self._drain_posted = False
+        # The pipe that wakes the hub for outcomes (register_with_event_loop).
+        self._wake_read: int | None = None
+        self._wake_write: int | None = None
         self._jobs: set[_Job] = set()
         self._sync_in_flight = 0
         conf = self.app.conf if self.app is not None else {}
@@ -261,8 +264,22 @@ class AsyncioPool(BasePool):
         database.expect_concurrency(self.limit)
 
     def register_with_event_loop(self, loop: Any) -> None:
-        """Celery's hub (main thread): outcomes are passed back to it."""
+        """Celery's hub (main thread): outcomes are passed back to it through a pipe.
+
+        A pipe the hub polls, as prefork's result pipe is, not ``hub.call_soon``:
+        Celery acknowledges with ``call_soon`` too, and a callback that a
+        ``call_soon`` callback adds waits for the hub's next poll (up to its
+        one-second timeout) instead of running before it. Handled as a poll
+        event, an outcome's ack runs at the top of the next turn, before the
+        turn decides whether to fetch (measured: at concurrency 1 this pool
+        ran one 100 ms task per second through ``call_soon``, 9.5 through the pipe).
+        """
         self._hub = loop
+        if self._wake_read is None:
+            self._wake_read, self._wake_write = os.pipe()
+            os.set_blocking(self._wake_read, False)
+            os.set_blocking(self._wake_write, False)
+        loop.add_reader(self._wake_read, self._on_outcomes)
 
     def on_stop(self) -> None:
         """Warm shutdown: wait for every task in flight, passing on its outcome."""
@@ -276,6 +293,17 @@ class AsyncioPool(BasePool):
                     self._changed.wait(timeout=1.0)
         self._drain()
         self._threads.shutdown(wait=True)
+        self._close_wake_pipe()
+
+    def _close_wake_pipe(self) -> None:
+        if self._hub is not None and self._wake_read is not None:
+            with contextlib.suppress(Exception):  # the hub may be closed already
+                self._hub.remove_reader(self._wake_read)
+        for fd in (self._wake_read, self._wake_write):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_read = self._wake_write = None
 
     def on_terminate(self) -> None:
         """Cold shutdown: cancel the tasks in flight without acknowledging them."""
@@ -451,9 +479,16 @@ class AsyncioPool(BasePool):
             post = not self._drain_posted
             self._drain_posted = True
             self._changed.notify_all()
-        if post:
-            # kombu's hub wakes its loop for a callback posted from another thread.
-            hub.call_soon(self._drain)
+        if post and self._wake_write is not None:
+            with contextlib.suppress(BlockingIOError, OSError):  # full: a wake is pending anyway
+                os.write(self._wake_write, b"\0")
+
+    def _on_outcomes(self) -> None:
+        """The hub's reader of the wake pipe: empty it, then pass the outcomes on."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._wake_read, 4096) if self._wake_read is not None else b"":
+                pass
+        self._drain()
 
     def _drain(self) -> None:
         with self._lock:

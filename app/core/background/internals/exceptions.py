@@ -48,6 +48,15 @@ class TaskResultError(NonRetriableTaskError):
     """The task returned a value the result backend cannot store (not JSON)."""
 
 
+class TaskProcessLostError(NonRetriableTaskError):
+    """The process running the task died more often than its retry policy allows.
+
+    A whole worker process that dies (SIGKILL, out of memory) acknowledges
+    nothing: the broker delivers the message again with the same attempt
+    number, so each death is counted apart (``transport/result_backend.py``).
+    """
+
+
 class TaskDefinitionError(ValueError):
     """A task was declared wrongly (raised at import time, never at run time)."""
 

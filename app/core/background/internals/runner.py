@@ -5,7 +5,9 @@ as Celery keeps ``app/task.py`` apart from ``app/trace.py``. Celery's tracer
 calls the task, the task calls ``execute``, and ``execute``:
 
 1. builds the run's ``TaskContext`` from Celery's request;
-2. checks the arguments the message carried (a message that cannot run never will);
+2. checks the arguments the message carried (a message that cannot run never will),
+   and that earlier runs of it lost with their process (``TaskProcessLostError``)
+   leave the retry policy room for this one;
 3. calls the hooks' ``before_run``;
 4. runs the body: a sync body in this thread; an async one on the process's
    event loop (``event_loop.py``); a db task's inside a transaction on a
@@ -26,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from celery import states
 from celery.exceptions import Ignore, Reject, Retry
 from kombu.utils.json import dumps
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -34,12 +37,19 @@ from .context import TaskContext
 from .delivery.completions import AlreadyCompleted, CompletionMarker, completion_log
 from .delivery.dedup import run_once_key
 from .event_loop import worker_loop
-from .exceptions import NonRetriableTaskError, TaskResultError, TaskValidationError, is_retriable
+from .exceptions import (
+    NonRetriableTaskError,
+    TaskProcessLostError,
+    TaskResultError,
+    TaskValidationError,
+    is_retriable,
+)
 from .logging import current_task_fields
 from .monitoring import Timer
 from .observability.hooks import hooks, lifecycle
 from .retry import delay_scale
 from .session import database
+from .transport.result_backend import lost_runs
 
 if TYPE_CHECKING:
     from .base import BaseTask
@@ -66,18 +76,51 @@ def _execute(
     try:
         if (error := task.argument_error(args, kwargs)) is not None:
             raise TaskValidationError(error)
+        if (lost := _runs_lost_before(task)) is not None:
+            hooks.on_failure(ctx, lost, "retries exhausted", timer.stop())
+            raise lost
         hooks.before_run(ctx)
         result = _run_body(task, ctx, args, kwargs)
         if task.is_async:
             result = worker_loop.run(result)
         if not task.uses_database:
             check_result(task, result)
+    except TaskProcessLostError:
+        raise
+    except Reject as reject:
+        if getattr(reject, "requeue", False):  # celery-types does not declare it
+            # Back to the queue, not lost: its next run must not count this one.
+            task.backend.store_result(ctx.task_id, None, states.PENDING, request=task.request)
+        raise
     except _CELERY_CONTROL:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure is classified, then re-raised
         raise _after_failure(task, ctx, exc, timer.stop()) from None
     hooks.on_success(ctx, result, timer.stop())
     return result
+
+
+def _runs_lost_before(task: BaseTask[Any, Any]) -> TaskProcessLostError | None:
+    """The error ending this run before it starts, when lost runs used up its retries.
+
+    A process that dies running a task (SIGKILL, out of memory; under the
+    asyncio pool, every run of the process) acknowledges nothing: the broker
+    delivers the message again with the same attempt number, so the policy
+    alone would never bound a task that kills its process. The result
+    backend counts such runs (``transport/result_backend.py``; the Redis
+    backend only) and each counts as an attempt here.
+    """
+    request = task.request
+    seen = lost_runs.get()
+    if seen is None or seen[0] != request.id or not seen[1] or task.max_retries is None:
+        return None
+    retries, lost = request.retries or 0, seen[1]
+    if retries + lost <= task.max_retries:
+        return None
+    return TaskProcessLostError(
+        f"the process running this task died {lost} time(s) before acknowledging it "
+        f"({retries} retries besides; max_retries={task.max_retries})"
+    )
 
 
 def run_directly(

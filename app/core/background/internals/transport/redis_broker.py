@@ -39,8 +39,9 @@ The fetch also saves round trips: one script instead of ``BRPOP`` then
 prefetch has free slots (kombu takes one per round trip: a pool that frees
 dozens of slots per turn, threads or the asyncio pool, refills them in one).
 The acks of one turn of the worker's loop go in one transaction too, before
-the next fetch. Everything else is kombu's. Selected for ``redis://`` and ``rediss://`` brokers by
-``build_celery_config`` (``broker_transport``), so the URL keeps its format.
+the next fetch. Everything else is kombu's. Selected for ``redis://`` and
+``rediss://`` brokers by ``build_celery_config`` (``broker_transport``), so
+the URL keeps its format.
 No library offers this; a transport subclass is kombu's own extension point.
 """
 

@@ -20,6 +20,7 @@ aliases are for.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from celery import states
@@ -30,27 +31,52 @@ from celery.utils.serialization import bytes_to_str
 from ..event_loop import worker_loop
 from .deadline import past_deadline
 
-# KEYS[1]: the task's key. ARGV[1]: the encoded meta, ARGV[2]: expiry in
-# seconds (0: none). Returns 0 when a stored SUCCESS is kept, 1 when written.
-# The plain find is a cheap filter; cjson decides, so a result that merely
-# contains the word is not mistaken for the state.
+# KEYS[1]: the task's key, KEYS[2]: its count of lost runs. ARGV[1]: the
+# encoded meta, ARGV[2]: expiry in seconds (0: none), ARGV[3]: '1' for a
+# STARTED write. Returns 0 when a stored SUCCESS is kept, else 1 + the runs
+# lost so far. The plain finds are cheap filters; cjson decides, so a result
+# that merely contains a word is not mistaken for the state.
+#
+# A STARTED write over STARTED (or PROGRESS) means that an earlier delivery
+# started and never ended: its process died before acknowledging the message
+# (the broker delivered it again with the same attempt number). That is
+# counted, for ``runner`` to bound by the retry policy.
 _STORE_UNLESS_SUCCEEDED = """
 local current = redis.call('GET', KEYS[1])
+local ttl = tonumber(ARGV[2])
 if current and string.find(current, 'SUCCESS', 1, true) then
   local ok, meta = pcall(cjson.decode, current)
   if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
     return 0
   end
 end
-local ttl = tonumber(ARGV[2])
+local lost = 0
+if ARGV[3] == '1' then
+  local running = current and (string.find(current, 'STARTED', 1, true)
+    or string.find(current, 'PROGRESS', 1, true))
+  if running then
+    local ok, meta = pcall(cjson.decode, current)
+    local status = ok and type(meta) == 'table' and meta['status']
+    if status == 'STARTED' or status == 'PROGRESS' then
+      lost = redis.call('INCR', KEYS[2])
+      if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+    end
+  end
+  if lost == 0 then lost = tonumber(redis.call('GET', KEYS[2]) or '0') end
+end
 if ttl > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
 else
   redis.call('SET', KEYS[1], ARGV[1])
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
+return 1 + lost
 """
+
+# The runs of the current task that were lost before this one started: (task id, count).
+# Set by the STARTED write (Celery's tracer, just before the task runs), read by
+# ``runner``. A context variable: on the asyncio pool many runs share a thread.
+lost_runs: ContextVar[tuple[str, int] | None] = ContextVar("background_lost_runs", default=None)
 
 
 class AtomicRedisBackend(RedisBackend):
@@ -99,19 +125,23 @@ class AtomicRedisBackend(RedisBackend):
                 "value too large for Redis backend", state=state, task_id=task_id
             )
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        store_args = (self.get_key_for_task(task_id), value, expires)
-        worker_loop.run_blocking(lambda: self.ensure(self._run_store, store_args))
+        started = state == states.STARTED
+        store_args = (self.get_key_for_task(task_id), value, expires, started)
+        written = worker_loop.run_blocking(lambda: self.ensure(self._run_store, store_args))
+        if started:
+            lost_runs.set((meta["task_id"], max(int(written or 0) - 1, 0)))
         return result
 
     def store_unless_succeeded(self, task_id: str, meta: dict[str, Any]) -> bool:
         """Write ``meta`` as it is unless the task already succeeded (True if written)."""
         key, value = self.get_key_for_task(task_id), self.encode(meta)
-        return bool(self.ensure(self._run_store, (key, value, self.expires)))
+        return bool(self.ensure(self._run_store, (key, value, self.expires, False)))
 
-    def _run_store(self, key: str, value: Any, expires: Any) -> Any:
+    def _run_store(self, key: str, value: Any, expires: Any, started: bool) -> Any:
         if self._store_script is None:
             # register_script sends EVALSHA and falls back to EVAL after a
             # NOSCRIPT (a restarted or flushed Redis).
             self._store_script = self.client.register_script(_STORE_UNLESS_SUCCEEDED)
         ttl = int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 0)
-        return self._store_script(keys=[key], args=[value, max(ttl, 0)])
+        keys = [key, f"{bytes_to_str(key)}:lost-runs"]
+        return self._store_script(keys=keys, args=[value, max(ttl, 0), "1" if started else "0"])
