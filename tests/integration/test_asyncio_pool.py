@@ -32,7 +32,10 @@ from app.core.background.internals.delivery.dedup import deduplicator
 from app.core.background.internals.delivery.lease_stores import RedisLeaseStore
 from app.core.background.internals.delivery.publish import Message, publish
 from app.core.background.internals.operations.status import get_task_status
-from app.core.background.internals.operations.worker_process import WorkerProcess
+from app.core.background.internals.operations.worker_process import (
+    WorkerProcess,
+    WorkerStartError,
+)
 from app.core.background.internals.registry import TOKEN_HEADER, TTL_HEADER
 from app.core.background.internals.retry import RETRY_POLICIES
 from tests.conftest import TEST_TASK_MODULES, PrivateBroker
@@ -556,17 +559,30 @@ def test_a_task_that_kills_its_process_runs_no_more_often_than_its_retry_policy_
     env = {"TEST_VISIBILITY_TIMEOUT": "2"}
     workers_killed = 0
     for _ in range(6):
-        with asyncio_worker(private_broker, 4, env=env, include=(SHORT_VISIBILITY,)) as worker:
+        worker = asyncio_worker(private_broker, 4, env=env, include=(SHORT_VISIBILITY,))
+        try:
+            died_starting = None
+            try:
+                worker.start()
+            except WorkerStartError as exc:
+                died_starting = str(exc)
+            if died_starting is not None:
+                # It took the message while starting, and died of it (SIGKILL: -9).
+                assert "exited with -9" in died_starting
+                workers_killed += 1
+                continue
             assert worker.process is not None
             process = worker.process
             wait_until(
-                lambda: process.poll() is not None or result.state == "FAILURE",
+                lambda process=process: process.poll() is not None or result.state == "FAILURE",
                 "the worker died or the task failed for good",
             )
             if result.state == "FAILURE":
                 assert process.poll() is None, "the worker that failed it is alive"
                 break
             workers_killed += 1
+        finally:
+            worker.stop()
     assert result.state == "FAILURE"
     assert type(result.result).__name__ == "TaskProcessLostError"
     assert "died 3 time(s)" in str(result.result)

@@ -137,7 +137,8 @@ def _lost_after_start(backend: AtomicRedisBackend, task_id: str) -> int:
     """Store STARTED for ``task_id`` and return the lost runs it reported (lost_runs)."""
     backend.store_result(task_id, {"pid": 1}, states.STARTED)
     seen = lost_runs.get()
-    assert seen is not None and seen[0] == task_id
+    assert seen is not None
+    assert seen[0] == task_id
     return seen[1]
 
 

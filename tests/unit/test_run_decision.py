@@ -79,7 +79,9 @@ def test_lost_runs_count_as_attempts_up_to_the_policys_retries() -> None:
     assert _lost_before(task, 0, ("run-1", 3)) is None  # three lost, the fourth attempt runs
     assert _lost_before(task, 1, ("run-1", 2)) is None
     died = _lost_before(task, 0, ("run-1", 4))
-    assert died is not None and "died 4 time(s)" in died and "max_retries=3" in died
+    assert died is not None
+    assert "died 4 time(s)" in died
+    assert "max_retries=3" in died
     assert _lost_before(task, 2, ("run-1", 2)) is not None  # retries and deaths add up
     # Another run's count (a stale value in this context) is not this run's.
     assert _lost_before(task, 0, ("run-2", 9)) is None
