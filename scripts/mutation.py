@@ -123,6 +123,10 @@ TARGETS = (
            ("tests/unit/test_error_classification.py",
             "tests/integration/test_postgres_errors.py")),
     Target("retry", f"{INTERNALS}/retry.py", ("tests/unit/test_retry_policies.py",)),
+    # The bound on runs lost with their process (runner.py), in seconds: the
+    # decision alone. The Redis script that counts them is result_backend's.
+    Target("lost_runs", f"{INTERNALS}/runner.py", ("tests/unit/test_run_decision.py",),
+           definitions=("_runs_lost_before",)),
     # The run decision: retry or fail (test_worker_redis_postgres, without its
     # thousand-task throughput run), and run-once in the db task's transaction
     # (the run-once scenarios of test_dedup, on the Redis lease store).
