@@ -485,8 +485,9 @@ class AsyncioPool(BasePool):
 
     def _on_outcomes(self) -> None:
         """The hub's reader of the wake pipe: empty it, then pass the outcomes on."""
-        with contextlib.suppress(BlockingIOError, OSError):
-            while os.read(self._wake_read, 4096) if self._wake_read is not None else b"":
+        assert self._wake_read is not None, "registered with the hub"
+        with contextlib.suppress(BlockingIOError):  # emptied
+            while os.read(self._wake_read, 4096):
                 pass
         self._drain()
 

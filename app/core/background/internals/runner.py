@@ -73,20 +73,19 @@ def _execute(
     task: BaseTask[Any, Any], ctx: TaskContext, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     timer = Timer()
+    if (lost := _runs_lost_before(task)) is not None:
+        # Final before it starts: not classified (it is no failure of the body).
+        hooks.on_failure(ctx, lost, "retries exhausted", timer.stop())
+        raise lost
     try:
         if (error := task.argument_error(args, kwargs)) is not None:
             raise TaskValidationError(error)
-        if (lost := _runs_lost_before(task)) is not None:
-            hooks.on_failure(ctx, lost, "retries exhausted", timer.stop())
-            raise lost
         hooks.before_run(ctx)
         result = _run_body(task, ctx, args, kwargs)
         if task.is_async:
             result = worker_loop.run(result)
         if not task.uses_database:
             check_result(task, result)
-    except TaskProcessLostError:
-        raise
     except Reject as reject:
         if getattr(reject, "requeue", False):  # celery-types does not declare it
             # Back to the queue, not lost: its next run must not count this one.
