@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from celery import Celery
 
 from app.core.background import TaskValidationError, celery_app
@@ -85,3 +86,13 @@ def test_lost_runs_count_as_attempts_up_to_the_policys_retries() -> None:
     assert _lost_before(task, 2, ("run-1", 2)) is not None  # retries and deaths add up
     # Another run's count (a stale value in this context) is not this run's.
     assert _lost_before(task, 0, ("run-2", 9)) is None
+    # No lost run: nothing to bound, even past the policy (a retry Celery sent anyway).
+    assert _lost_before(task, 5, ("run-1", 0)) is None
+
+
+def test_a_task_without_a_retry_limit_is_never_failed_for_lost_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    task = tasks.always_fails
+    monkeypatch.setattr(task, "max_retries", None)
+    assert _lost_before(task, 0, ("run-1", 50)) is None
