@@ -12,7 +12,11 @@ from celery.backends.redis import RedisBackend
 
 from app.core.background import celery_app
 from app.core.background.internals.operations.status import get_task_status, record_revoked
-from app.core.background.internals.transport.result_backend import AtomicRedisBackend, lost_runs
+from app.core.background.internals.transport.result_backend import (
+    AtomicRedisBackend,
+    _Store,
+    lost_runs,
+)
 from tests.support.services import Services
 
 pytestmark = pytest.mark.usefixtures("redis_service")
@@ -133,9 +137,9 @@ def test_revoking_a_finished_task_keeps_its_result(backend: AtomicRedisBackend) 
     assert get_task_status(celery_app, queued).state == "revoked"
 
 
-def _lost_after_start(backend: AtomicRedisBackend, task_id: str) -> int:
-    """Store STARTED for ``task_id`` and return the lost runs it reported (lost_runs)."""
-    backend.store_result(task_id, {"pid": 1}, states.STARTED)
+def _lost_after_start(backend: AtomicRedisBackend, task_id: str, pid: int) -> int:
+    """Store STARTED for ``task_id`` by process ``pid``; return the lost runs it reported."""
+    backend.store_result(task_id, {"pid": pid, "hostname": "w@test"}, states.STARTED)
     seen = lost_runs.get()
     assert seen is not None
     assert seen[0] == task_id
@@ -147,14 +151,53 @@ def test_a_start_over_a_run_that_never_ended_counts_it_as_lost(
 ) -> None:
     """STARTED over STARTED or PROGRESS: an earlier delivery died; over anything else: no loss."""
     task_id = new_id()
-    assert _lost_after_start(backend, task_id) == 0
-    assert _lost_after_start(backend, task_id) == 1  # the first run never ended
+    assert _lost_after_start(backend, task_id, pid=1) == 0
+    assert _lost_after_start(backend, task_id, pid=2) == 1  # the first run never ended
     backend.store_result(task_id, {"done": 1}, "PROGRESS")
-    assert _lost_after_start(backend, task_id) == 2  # nor did the second
+    assert _lost_after_start(backend, task_id, pid=3) == 2  # nor did the second
     backend.store_result(task_id, None, states.RETRY)
-    assert _lost_after_start(backend, task_id) == 2  # a retry ended the third: kept, not added
+    assert _lost_after_start(backend, task_id, pid=4) == 2  # a retry ended the third: kept
     backend.store_result(task_id, None, states.PENDING)  # a Reject(requeue=True)
-    assert _lost_after_start(backend, task_id) == 2
+    assert _lost_after_start(backend, task_id, pid=5) == 2
     other = new_id()
     backend.store_result(other, {"ok": 1}, states.SUCCESS)
-    assert _lost_after_start(backend, other) == 0  # a success is kept, nothing counted
+    assert _lost_after_start(backend, other, pid=6) == 0  # a success is kept, nothing counted
+
+
+def test_the_same_start_sent_again_is_not_a_lost_run(backend: AtomicRedisBackend) -> None:
+    """A client's retry after a lost reply resends the identical STARTED: no run died."""
+    task_id = new_id()
+    assert _lost_after_start(backend, task_id, pid=1) == 0
+    assert _lost_after_start(backend, task_id, pid=1) == 0
+    assert _lost_after_start(backend, task_id, pid=2) == 1
+
+
+def _started(backend: AtomicRedisBackend, task_id: str, pid: int = 1) -> _Store:
+    meta = {"status": states.STARTED, "result": {"pid": pid}, "task_id": task_id}
+    key = backend.get_key_for_task(task_id)
+    return _Store(backend, (key, backend.encode(meta), backend.expires, True))
+
+
+def test_writes_sent_together_each_get_their_own_outcome(backend: AtomicRedisBackend) -> None:
+    """The asyncio pool's batch: one pipeline, a reply per write, in order."""
+    finished, running, fresh = new_id(), new_id(), new_id()
+    backend.store_result(finished, "done", states.SUCCESS)
+    backend.store_result(running, {"pid": 9}, states.STARTED)
+    stores = [_started(backend, finished), _started(backend, running), _started(backend, fresh)]
+    # 0: a stored success is kept; 1 + runs lost before: one for the run that never ended.
+    assert backend._send_stores(list(stores)) == [0, 2, 1]
+    assert backend.get_task_meta(finished)["status"] == states.SUCCESS
+    assert backend.get_task_meta(fresh)["status"] == states.STARTED
+
+
+def test_a_batch_after_redis_lost_its_scripts_is_written_alone(
+    backend: AtomicRedisBackend, redis_client: Any
+) -> None:
+    """NOSCRIPT for every write of the pipeline (a restarted Redis): each is made again alone."""
+    backend.store_result(new_id(), None, states.STARTED)  # the script is loaded
+    redis_client.script_flush()  # the session's own Redis server (tests/support/services.py)
+    ids = [new_id() for _ in range(3)]
+    assert backend._send_stores([_started(backend, t) for t in ids]) == [1, 1, 1]
+    assert {backend.get_task_meta(t)["status"] for t in ids} == {states.STARTED}
+    assert not any(redis_client.exists(f"{backend.get_key_for_task(t).decode()}:lost-runs")
+                   for t in ids)  # fmt: skip

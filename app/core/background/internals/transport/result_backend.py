@@ -7,7 +7,9 @@ trips per state, three states per task (``STARTED``, ``SUCCESS``, and
 ``PROGRESS`` or ``RETRY`` when they happen), and a window between the read and
 the write in which the rule can still be broken. Here the check, the write and
 the publish are one Lua script: half the round trips of every task's result
-traffic, and the rule holds under any interleaving.
+traffic, and the rule holds under any interleaving. On the asyncio pool,
+where one process runs up to a hundred tasks at once, the writes waiting at
+the same moment go together in one pipeline (``_send_stores``).
 
 Everything else (keys, encoding, expiry, pub/sub for ``AsyncResult.get()``,
 connection retries, chords) is Celery's own ``RedisBackend``. The loader maps
@@ -19,16 +21,17 @@ aliases are for.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, cast
 
 from celery import states
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from celery.utils.serialization import bytes_to_str
 
-from ..event_loop import worker_loop
+from ..event_loop import CallBatcher, worker_loop
 from .deadline import past_deadline
 
 # KEYS[1]: the task's key, KEYS[2]: its count of lost runs. ARGV[1]: the
@@ -40,7 +43,9 @@ from .deadline import past_deadline
 # A STARTED write over STARTED (or PROGRESS) means that an earlier delivery
 # started and never ended: its process died before acknowledging the message
 # (the broker delivered it again with the same attempt number). That is
-# counted, for ``runner`` to bound by the retry policy.
+# counted, for ``runner`` to bound by the retry policy. A STARTED value equal
+# to the stored one (same process id and host) is not another run but this
+# write sent again (a client's retry after a lost reply): not counted.
 _STORE_UNLESS_SUCCEEDED = """
 local current = redis.call('GET', KEYS[1])
 local ttl = tonumber(ARGV[2])
@@ -52,7 +57,7 @@ if current and string.find(current, 'SUCCESS', 1, true) then
 end
 local lost = 0
 if ARGV[3] == '1' then
-  local running = current and (string.find(current, 'STARTED', 1, true)
+  local running = current and current ~= ARGV[1] and (string.find(current, 'STARTED', 1, true)
     or string.find(current, 'PROGRESS', 1, true))
   if running then
     local ok, meta = pcall(cjson.decode, current)
@@ -87,6 +92,8 @@ class AtomicRedisBackend(RedisBackend):
     failure_expires: int | None
     _get_result_meta: Callable[..., dict[str, Any]]
     _store_script: Any = None
+    # The batched writes of the asyncio pool's tasks (made on first use).
+    _writes: CallBatcher[Any] | None = None
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Do not subscribe to the result at publish time; ``AsyncResult.get()`` does.
@@ -126,8 +133,10 @@ class AtomicRedisBackend(RedisBackend):
             )
         expires = self.failure_expires if state == states.FAILURE else self.expires
         started = state == states.STARTED
-        store_args = (self.get_key_for_task(task_id), value, expires, started)
-        written = worker_loop.run_blocking(lambda: self.ensure(self._run_store, store_args))
+        store = _Store(self, (self.get_key_for_task(task_id), value, expires, started))
+        if self._writes is None:
+            self._writes = CallBatcher("background-result-writes", self._send_stores)
+        written = worker_loop.run_blocking(store, self._writes)
         if started:
             lost_runs.set((meta["task_id"], max(int(written or 0) - 1, 0)))
         return result
@@ -138,10 +147,64 @@ class AtomicRedisBackend(RedisBackend):
         return bool(self.ensure(self._run_store, (key, value, self.expires, False)))
 
     def _run_store(self, key: str, value: Any, expires: Any, started: bool) -> Any:
+        keys, args = _script_input(key, value, expires, started)
+        return self._script()(keys=keys, args=args)
+
+    def _send_stores(self, stores: list[Callable[[], Any]]) -> list[Any]:
+        """The writes of many asyncio pool tasks (``_Store``), in one pipeline.
+
+        A write the pipeline could not make (Redis lost the script or the
+        connection) is made again alone, through Celery's reconnecting
+        ``ensure``: the script is safe to run twice (see its comment).
+        """
+        sha = self._script().sha
+        pipeline = self.client.pipeline(transaction=False)
+        for store in stores:
+            keys, args = _script_input(*cast(_Store, store).args)
+            pipeline.evalsha(sha, len(keys), *keys, *args)
+        try:
+            replies: list[Any] = pipeline.execute(raise_on_error=False)
+        except Exception:  # noqa: BLE001 - each write is retried alone below
+            replies = [_UNSENT] * len(stores)
+        outcomes: list[Any] = []
+        for store, reply in zip(stores, replies, strict=True):
+            if reply is _UNSENT or isinstance(reply, Exception):
+                try:
+                    reply = store()
+                except Exception as exc:  # noqa: BLE001 - raised in the task that wrote
+                    reply = exc
+            outcomes.append(reply)
+        return outcomes
+
+    def _script(self) -> Any:
         if self._store_script is None:
             # register_script sends EVALSHA and falls back to EVAL after a
             # NOSCRIPT (a restarted or flushed Redis).
             self._store_script = self.client.register_script(_STORE_UNLESS_SUCCEEDED)
-        ttl = int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 0)
-        keys = [key, f"{bytes_to_str(key)}:lost-runs"]
-        return self._store_script(keys=keys, args=[value, max(ttl, 0), "1" if started else "0"])
+        return self._store_script
+
+
+# A pipelined write that did not get a reply.
+_UNSENT = object()
+
+
+def _script_input(key: Any, value: Any, expires: Any, started: bool) -> tuple[list[Any], list[Any]]:
+    """The keys and arguments of ``_STORE_UNLESS_SUCCEEDED`` for one write."""
+    ttl = int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 0)
+    keys = [key, f"{bytes_to_str(key)}:lost-runs"]
+    return keys, [value, max(ttl, 0), "1" if started else "0"]
+
+
+class _Store:
+    """One state write: made alone (``store()``) or sent with others (``_send_stores``)."""
+
+    __slots__ = ("args", "backend", "context")
+
+    def __init__(self, backend: AtomicRedisBackend, args: tuple[Any, Any, Any, bool]) -> None:
+        self.backend, self.args = backend, args
+        # The writing task's context variables (a dispatch deadline, for
+        # ``on_connection_error``) hold when the write is made in another thread.
+        self.context = contextvars.copy_context()
+
+    def __call__(self) -> Any:
+        return self.context.run(self.backend.ensure, self.backend._run_store, self.args)
