@@ -10,6 +10,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from app.api.health import router as health_router
+from app.api.operations import router as operations_router
 from app.api.task_status import router as task_status_router
 from app.core.background import celery_app
 from app.core.background.fastapi import TaskSession
@@ -59,6 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(notifications_router)
     app.include_router(task_status_router)
     app.include_router(health_router)
+    # Dead letters, replay, running and stuck tasks (HTTP Basic: OPERATIONS_PASSWORD).
+    app.include_router(operations_router, prefix="/background")
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:

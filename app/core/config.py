@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DATA_DIR = Path(".data")
@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     background_dedup_database_url: str | None = None
     # Extra lease lifetime for the time a message may wait in its queue.
     background_dedup_queue_margin: float = Field(default=3600, ge=0)
+
+    # Final failures kept in the database (operations: dead letters), and for how long.
+    background_dead_letters: bool = True
+    background_dead_letter_retention_days: float = Field(default=30, gt=0)
+
+    # The operations page and API at /background (app/api/operations.py): HTTP Basic
+    # with this user and password. No password: the page answers 403 (never open).
+    operations_username: str = "operator"
+    operations_password: SecretStr | None = None
 
     log_format: LogFormat = "console"
     log_level: str = "INFO"

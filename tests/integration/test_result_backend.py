@@ -175,7 +175,7 @@ def test_the_same_start_sent_again_is_not_a_lost_run(backend: AtomicRedisBackend
 def _started(backend: AtomicRedisBackend, task_id: str, pid: int = 1) -> _Store:
     meta = {"status": states.STARTED, "result": {"pid": pid}, "task_id": task_id}
     key = backend.get_key_for_task(task_id)
-    return _Store(backend, (key, backend.encode(meta), backend.expires, True))
+    return _Store(backend, (key, backend.encode(meta), backend.expires, states.STARTED))
 
 
 def test_writes_sent_together_each_get_their_own_outcome(backend: AtomicRedisBackend) -> None:

@@ -27,6 +27,7 @@ from tests.reliability.support import (
     reliability_worker,
     wait_until,
 )
+from tests.support.db import fetchrow
 from tests.support.services import Services
 
 pytestmark = pytest.mark.postgres
@@ -122,6 +123,23 @@ def test_poison_messages_are_logged_dropped_and_the_worker_goes_on(
         client = redis.Redis.from_url(broker_url)
         assert client.llen("default") == 0
         assert client.hlen("unacked") == 0
+    # Each refused message is a dead letter, addressed by its id, its body kept.
+    letters = {h["id"]: dead_letter(completions_db, h["id"]) for h in (unknown, bad_json, missing)}
+    assert {letter["reason"] for letter in letters.values()} == {"refused"}
+    assert letters[unknown["id"]]["task_name"] == "no.such.task"
+    assert letters[unknown["id"]]["arguments_complete"]
+    assert not letters[bad_json["id"]]["arguments_complete"]  # undecodable: its raw body
+    assert "not json" in letters[bad_json["id"]]["arguments"]
+    assert letters[missing["id"]]["error_type"] == "TaskArgumentsRefusedError"
+    refused_pickle = dead_letter(completions_db, pickled["id"])
+    assert refused_pickle["reason"] == "refused"
+    assert not refused_pickle["arguments_complete"]
     for line in log.splitlines():
         if any(word in line for word in ("unregistered", "decode", "Refusing", "missing a")):
             print("[reliability] poison:", line[:300])
+
+
+def dead_letter(services: Services, task_id: str) -> dict[str, Any]:
+    row = fetchrow(services, "SELECT * FROM background_dead_letters WHERE task_id = $1", task_id)
+    assert row is not None, f"no dead letter for {task_id}"
+    return row

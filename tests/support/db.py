@@ -19,3 +19,15 @@ def fetchval(services: Services, query: str, *args: Any) -> Any:
             await connection.close()
 
     return asyncio.run(run())
+
+
+def fetchrow(services: Services, query: str, *args: Any) -> dict[str, Any] | None:
+    async def run() -> dict[str, Any] | None:
+        connection = await asyncpg.connect(services.postgres_dsn)
+        try:
+            row = await connection.fetchrow(query, *args)
+            return None if row is None else dict(row)
+        finally:
+            await connection.close()
+
+    return asyncio.run(run())

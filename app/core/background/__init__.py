@@ -9,8 +9,9 @@ The rest lives in public modules named for their job (see the guide, README.md):
 task status), ``.dispatch`` (typed options, bulk, after commit), ``.dedup``
 (task id helpers), ``.outbox`` (transactional outbox and its relay),
 ``.observability`` (hooks, logging, metrics), ``.database`` (engines),
-``.pool`` (the asyncio worker pool: ``-P custom``) and ``.extras`` (circuit
-breaker).
+``.pool`` (the asyncio worker pool: ``-P custom``), ``.operations`` (dead
+letters, replay, running tasks, the operations router) and ``.extras``
+(circuit breaker).
 """
 
 from .celery_app import celery_app

@@ -3,6 +3,7 @@
 Commands:
   watch TASK_ID   live progress of a task until it ends, then its result or error
   relay           send the transactional outbox's pending tasks (--once: drain and exit)
+  dead-letters    tasks that failed for good: list, show, replay, purge
 """
 
 from __future__ import annotations
@@ -75,6 +76,23 @@ def _relay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dead_letters(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.core.config import get_settings
+
+    # Imported here: building the Celery app reads the settings.
+    from .celery_app import celery_app
+    from .internals.operations import dead_letter_cli
+    from .internals.session import DatabaseConfig, create_engine
+
+    engine = create_engine(DatabaseConfig(url=get_settings().database_url))
+    try:
+        return asyncio.run(dead_letter_cli.run(args, engine, celery_app, sys.stdout))
+    except KeyboardInterrupt:
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .internals.operations.watch import UNKNOWN_TIMEOUT
 
@@ -115,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
     relay.add_argument("--batch-size", type=int, default=100, help="rows per transaction")
     relay.set_defaults(handler=_relay)
+    from .internals.operations.dead_letter_cli import add_commands
+
+    add_commands(commands, handler=_dead_letters)
     return parser
 
 

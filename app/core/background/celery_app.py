@@ -31,6 +31,9 @@ from .internals.observability.metrics_export import (
     start_metrics_server,
 )
 from .internals.observability.metrics_hook import MetricsHook
+from .internals.operations.dead_letters import RETENTION_SETTING
+from .internals.operations.failures import DeadLetterRecorder
+from .internals.operations.running import WorkerHeartbeat
 from .internals.operations.status import on_before_publish
 from .internals.registry import current_app, use_app
 from .internals.retry import QUEUE_NAMES, RETRY_POLICIES
@@ -86,6 +89,8 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_exchange_type": "direct",
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,
+        # Celery's consumer, reporting undecodable messages too (dead letters).
+        "worker_consumer": "app.core.background.internals.operations.failures:RecordingConsumer",
         "background_retry_delay_scale": settings.background_retry_delay_scale,
         # The asyncio pool (internals/asyncio_pool.py) logs a task that held its loop this long.
         "background_loop_block_warning": settings.background_loop_block_warning,
@@ -94,6 +99,8 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         # dispatch timeout, never longer; each attempt's sockets time out too.
         "background_dispatch_timeout": settings.background_dispatch_timeout,
         "background_log_task_arguments": settings.background_log_task_arguments,
+        # Dead letters older than this are deleted by background.prune_dead_letters (daily).
+        RETENTION_SETTING: settings.background_dead_letter_retention_days * 86400,
         "background_after_commit_fallback": settings.background_after_commit_fallback,
         "task_publish_retry_policy": {
             "max_retries": None,
@@ -217,6 +224,7 @@ class WorkerSignals:
         # The worker's metrics endpoint and the folder it created, while it runs.
         self.metrics_server: Any = None
         self.metrics_dir: Path | None = None
+        self.heartbeat: WorkerHeartbeat | None = None
 
     # Celery's signals and the hook registry belong to the process: connected once,
     # by the first app built, however many apps a process builds.
@@ -228,6 +236,8 @@ class WorkerSignals:
         WorkerSignals.connected = True
         hooks.register(MetricsHook())
         connect_dedup_signals()
+        if self.settings.background_dead_letters:
+            DeadLetterRecorder().connect()
         # Celery's signals hold receivers weakly by default: these are bound methods.
         signals.celeryd_init.connect(refuse_unsafe_pools, weak=False)
         signals.before_task_publish.connect(record_sent, weak=False)
@@ -237,6 +247,8 @@ class WorkerSignals:
         signals.worker_shutdown.connect(self.stop_metrics_endpoint, weak=False)
         signals.worker_process_shutdown.connect(self.close_process_resources, weak=False)
         signals.worker_shutdown.connect(self.close_process_resources, weak=False)
+        signals.worker_ready.connect(self.start_heartbeat, weak=False)
+        signals.worker_shutdown.connect(self.stop_heartbeat, weak=False)
 
     def setup_logging(self, loglevel: Any = None, **_: Any) -> None:
         # Celery passes WARNING when -l is absent: LOG_LEVEL decides then (README: LOG_LEVEL).
@@ -270,6 +282,18 @@ class WorkerSignals:
         folder, self.metrics_dir = self.metrics_dir, None
         if folder is not None:
             remove_multiprocess_dir(folder)
+
+    def start_heartbeat(self, sender: Any = None, **_: Any) -> None:
+        """The worker's main process says it is alive (operations: stuck tasks)."""
+        hostname = getattr(sender, "hostname", None)
+        if hostname and self.heartbeat is None:
+            self.heartbeat = WorkerHeartbeat(current_app(), hostname)
+            self.heartbeat.start()
+
+    def stop_heartbeat(self, **_: Any) -> None:
+        heartbeat, self.heartbeat = self.heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop()
 
     def close_process_resources(self, **_: Any) -> None:
         """Dispose the engine and stop the loop of this process (prefork child or solo worker)."""

@@ -6,13 +6,33 @@ import os
 import socket
 from typing import Any
 
+from celery.schedules import crontab
+
 from .internals.context import TaskContext
 from .internals.decorators import simple_task
+from .internals.delivery.periodic import periodic
+from .internals.operations.dead_letters import (
+    DEFAULT_RETENTION,
+    RETENTION_SETTING,
+    DeadLetterStore,
+)
+from .internals.registry import current_app
+from .internals.session import database
 
-__all__ = ("ping",)
+__all__ = ("ping", "prune_dead_letters")
 
 
 @simple_task(name="background.ping", retry_policy="no_retry", queue="high_priority", expires=30)
 def ping(ctx: TaskContext) -> dict[str, Any]:
     """Answer from a worker: used by ``/health`` to see that a worker consumes."""
     return ctx.success_result(worker=f"{socket.gethostname()}:{os.getpid()}")
+
+
+@periodic(crontab(minute=17, hour=3), period="daily")
+@simple_task(name="background.prune_dead_letters", retry_policy="standard", queue="low_priority")
+async def prune_dead_letters(ctx: TaskContext) -> dict[str, Any]:
+    """Delete the dead letters older than ``BACKGROUND_DEAD_LETTER_RETENTION_DAYS`` (daily)."""
+    retention = float(current_app().conf.get(RETENTION_SETTING) or DEFAULT_RETENTION)
+    deleted = await DeadLetterStore(database.engine).prune(retention)
+    ctx.log_info("Dead letters pruned", deleted=deleted)
+    return ctx.success_result(deleted=deleted)

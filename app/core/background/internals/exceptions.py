@@ -36,6 +36,10 @@ class TaskValidationError(NonRetriableTaskError):
     """The task received invalid input."""
 
 
+class TaskArgumentsRefusedError(TaskValidationError):
+    """The message's arguments do not fit the task's signature: refused before the body ran."""
+
+
 class TaskNotFoundError(NonRetriableTaskError):
     """A resource the task needs does not exist."""
 

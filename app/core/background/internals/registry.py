@@ -24,6 +24,8 @@ TTL_HEADER = "background_dedup_ttl"
 KEEP_UNTIL_HEADER = "background_dedup_keep_until"
 # Set by a ``@periodic`` beat entry: the period whose key becomes the task id.
 PERIOD_HEADER = "background_period"
+# Set on a task's first retry: when (epoch) its first attempt failed (dead letters).
+FIRST_FAILURE_HEADER = "background_first_failure"
 
 
 # -- the Celery app -------------------------------------------------------------------

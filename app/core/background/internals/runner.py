@@ -24,6 +24,7 @@ recording what the worker would log.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -39,14 +40,16 @@ from .delivery.dedup import run_once_key
 from .event_loop import worker_loop
 from .exceptions import (
     NonRetriableTaskError,
+    TaskArgumentsRefusedError,
     TaskProcessLostError,
     TaskResultError,
-    TaskValidationError,
     is_retriable,
 )
 from .logging import current_task_fields
 from .monitoring import Timer
 from .observability.hooks import hooks, lifecycle
+from .operations.cancel import TaskCancelledError, cancel_when_revoked, revoked_in_backend
+from .registry import FIRST_FAILURE_HEADER
 from .retry import delay_scale
 from .session import database
 from .transport.result_backend import lost_runs
@@ -79,17 +82,21 @@ def _execute(
         raise lost
     try:
         if (error := task.argument_error(args, kwargs)) is not None:
-            raise TaskValidationError(error)
+            raise TaskArgumentsRefusedError(error)
         hooks.before_run(ctx)
         result = _run_body(task, ctx, args, kwargs)
         if task.is_async:
-            result = worker_loop.run(result)
+            revoked = partial(revoked_in_backend, task.app, ctx.task_id)
+            result = worker_loop.run(cancel_when_revoked(result, revoked, ctx.task_id))
         if not task.uses_database:
             check_result(task, result)
     except Reject as reject:
         if getattr(reject, "requeue", False):  # celery-types does not declare it
             # Back to the queue, not lost: its next run must not count this one.
             task.backend.store_result(ctx.task_id, None, states.PENDING, request=task.request)
+        raise
+    except TaskCancelledError:
+        ctx.log_warning("Task revoked while running: cancelled", duration=round(timer.stop(), 6))
         raise
     except _CELERY_CONTROL:
         raise
@@ -252,9 +259,18 @@ def _after_failure(
         return exc
     hooks.on_retry(ctx, exc, delay, duration)
     try:
-        return task.retry(exc=exc, countdown=delay)
+        return task.retry(exc=exc, countdown=delay, headers=_retry_headers(task.request))
     except Retry as retry:
         return retry
+
+
+def _retry_headers(request: Any) -> dict[str, Any]:
+    """The message's headers, kept by the retry, with the time of the first failure added."""
+    headers = dict(getattr(request, "headers", None) or {})
+    # Celery gives custom headers as request attributes too: either holds it.
+    first = headers.get(FIRST_FAILURE_HEADER) or getattr(request, FIRST_FAILURE_HEADER, None)
+    headers[FIRST_FAILURE_HEADER] = first or time.time()
+    return headers
 
 
 # -- the transaction of a db task ---------------------------------------------------------

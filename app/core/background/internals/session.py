@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import Table, event, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -83,8 +83,8 @@ def create_engine(config: DatabaseConfig, concurrency: int = 1) -> AsyncEngine:
     return engine
 
 
-async def create_table(engine: AsyncEngine, ddl: str, lock_id: int) -> None:
-    """Run ``ddl`` (a ``CREATE TABLE IF NOT EXISTS``) on its own connection.
+async def create_table(engine: AsyncEngine, ddl: str | Table, lock_id: int) -> None:
+    """Run ``ddl`` (a ``CREATE TABLE IF NOT EXISTS``, or a Core ``Table`` with its indexes).
 
     Two PostgreSQL sessions running it at the same moment can both miss the
     other's table, and one then fails (duplicate type or key): on PostgreSQL
@@ -94,7 +94,10 @@ async def create_table(engine: AsyncEngine, ddl: str, lock_id: int) -> None:
     async with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             await connection.execute(text(f"SELECT pg_advisory_xact_lock({lock_id})"))
-        await connection.execute(text(ddl))
+        if isinstance(ddl, Table):
+            await connection.run_sync(ddl.create, checkfirst=True)
+        else:
+            await connection.execute(text(ddl))
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

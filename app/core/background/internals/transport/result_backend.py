@@ -22,6 +22,7 @@ aliases are for.
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, cast
@@ -34,11 +35,12 @@ from celery.utils.serialization import bytes_to_str
 from ..event_loop import CallBatcher, worker_loop
 from .deadline import past_deadline
 
-# KEYS[1]: the task's key, KEYS[2]: its count of lost runs. ARGV[1]: the
-# encoded meta, ARGV[2]: expiry in seconds (0: none), ARGV[3]: '1' for a
-# STARTED write. Returns 0 when a stored SUCCESS is kept, else 1 + the runs
-# lost so far. The plain finds are cheap filters; cjson decides, so a result
-# that merely contains a word is not mistaken for the state.
+# KEYS[1]: the task's key, KEYS[2]: its count of lost runs, KEYS[3]: the set of
+# running tasks (``RUNNING_KEY``). ARGV[1]: the encoded meta, ARGV[2]: expiry
+# in seconds (0: none), ARGV[3]: the state, ARGV[4]: now (epoch seconds).
+# Returns 0 when a stored SUCCESS is kept, else 1 + the runs lost so far. The
+# plain finds are cheap filters; cjson decides, so a result that merely
+# contains a word is not mistaken for the state.
 #
 # A STARTED write over STARTED (or PROGRESS) means that an earlier delivery
 # started and never ended: its process died before acknowledging the message
@@ -46,6 +48,10 @@ from .deadline import past_deadline
 # counted, for ``runner`` to bound by the retry policy. A STARTED value equal
 # to the stored one (same process id and host) is not another run but this
 # write sent again (a client's retry after a lost reply): not counted.
+#
+# STARTED adds the task's key to the running set (scored by its start), any
+# state but PROGRESS takes it out: the operations page lists running and
+# stuck tasks from it without scanning every result (``operations/running.py``).
 _STORE_UNLESS_SUCCEEDED = """
 local current = redis.call('GET', KEYS[1])
 local ttl = tonumber(ARGV[2])
@@ -56,7 +62,7 @@ if current and string.find(current, 'SUCCESS', 1, true) then
   end
 end
 local lost = 0
-if ARGV[3] == '1' then
+if ARGV[3] == 'STARTED' then
   local running = current and current ~= ARGV[1] and (string.find(current, 'STARTED', 1, true)
     or string.find(current, 'PROGRESS', 1, true))
   if running then
@@ -75,8 +81,16 @@ else
   redis.call('SET', KEYS[1], ARGV[1])
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
+if ARGV[3] == 'STARTED' then
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[4]), KEYS[1])
+elseif ARGV[3] ~= 'PROGRESS' then
+  redis.call('ZREM', KEYS[3], KEYS[1])
+end
 return 1 + lost
 """
+
+# The sorted set of the keys of running tasks, scored by start time (see the script).
+RUNNING_KEY = "background:running"
 
 # The runs of the current task that were lost before this one started: (task id, count).
 # Set by the STARTED write (Celery's tracer, just before the task runs), read by
@@ -133,7 +147,7 @@ class AtomicRedisBackend(RedisBackend):
             )
         expires = self.failure_expires if state == states.FAILURE else self.expires
         started = state == states.STARTED
-        store = _Store(self, (self.get_key_for_task(task_id), value, expires, started))
+        store = _Store(self, (self.get_key_for_task(task_id), value, expires, state))
         if self._writes is None:
             self._writes = CallBatcher("background-result-writes", self._send_stores)
         written = worker_loop.run_blocking(store, self._writes)
@@ -144,10 +158,11 @@ class AtomicRedisBackend(RedisBackend):
     def store_unless_succeeded(self, task_id: str, meta: dict[str, Any]) -> bool:
         """Write ``meta`` as it is unless the task already succeeded (True if written)."""
         key, value = self.get_key_for_task(task_id), self.encode(meta)
-        return bool(self.ensure(self._run_store, (key, value, self.expires, False)))
+        state = str(meta.get("status") or "")
+        return bool(self.ensure(self._run_store, (key, value, self.expires, state)))
 
-    def _run_store(self, key: str, value: Any, expires: Any, started: bool) -> Any:
-        keys, args = _script_input(key, value, expires, started)
+    def _run_store(self, key: str, value: Any, expires: Any, state: str) -> Any:
+        keys, args = _script_input(key, value, expires, state)
         return self._script()(keys=keys, args=args)
 
     def _send_stores(self, stores: list[Callable[[], Any]]) -> list[Any]:
@@ -188,11 +203,11 @@ class AtomicRedisBackend(RedisBackend):
 _UNSENT = object()
 
 
-def _script_input(key: Any, value: Any, expires: Any, started: bool) -> tuple[list[Any], list[Any]]:
+def _script_input(key: Any, value: Any, expires: Any, state: str) -> tuple[list[Any], list[Any]]:
     """The keys and arguments of ``_STORE_UNLESS_SUCCEEDED`` for one write."""
     ttl = int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 0)
-    keys = [key, f"{bytes_to_str(key)}:lost-runs"]
-    return keys, [value, max(ttl, 0), "1" if started else "0"]
+    keys = [key, f"{bytes_to_str(key)}:lost-runs", RUNNING_KEY]
+    return keys, [value, max(ttl, 0), state, repr(time.time())]
 
 
 class _Store:
@@ -200,7 +215,7 @@ class _Store:
 
     __slots__ = ("args", "backend", "context")
 
-    def __init__(self, backend: AtomicRedisBackend, args: tuple[Any, Any, Any, bool]) -> None:
+    def __init__(self, backend: AtomicRedisBackend, args: tuple[Any, Any, Any, str]) -> None:
         self.backend, self.args = backend, args
         # The writing task's context variables (a dispatch deadline, for
         # ``on_connection_error``) hold when the write is made in another thread.

@@ -1,0 +1,263 @@
+"""Final failures become dead letters: Celery's failure signals, written to the database.
+
+Celery says when a task failed for good, wherever that is decided:
+
+* ``task_failure``: the run raised and is not retried (the framework's
+  classification: non-retriable, retries exhausted, lost runs used up, a soft
+  time limit with no retry left), in the process that ran it; and a hard
+  time limit, in the worker's main process.
+* ``task_unknown``: a message for a task name no module registers.
+* ``task_rejected``: a message the worker could not read at all (Celery
+  sends nothing for a body it cannot decode: ``RecordingConsumer`` does).
+
+Each becomes one row of ``dead_letters`` (see there), written in its own
+transaction on this process's engine, with a bound on how long it may take.
+A failure to write is logged with the task's id and changes nothing else:
+the task's own outcome is already stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from celery import signals
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+from celery.worker.consumer import Consumer
+
+from ..event_loop import worker_loop
+from ..exceptions import TaskArgumentsRefusedError, TaskProcessLostError, is_retriable
+from ..logging import FRAMEWORK_LOGGER_NAME, mask_url_passwords
+from ..registry import FIRST_FAILURE_HEADER
+from ..session import database
+from .dead_letters import (
+    DeadLetter,
+    DeadLetterStore,
+    Reason,
+    cut,
+    encode_arguments,
+)
+
+_log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
+
+# How long recording one dead letter may hold the worker (a database that
+# does not answer must not hold a worker slot for the pool's whole timeout).
+RECORD_TIMEOUT = 10.0
+
+# Where dead letters go in this process; ``DeadLetterRecorder.store`` by default.
+StoreFactory = Callable[[], DeadLetterStore]
+
+
+def reason_for(exc: BaseException) -> Reason:
+    """Why a final failure is final, from its error."""
+    if isinstance(exc, TimeLimitExceeded | SoftTimeLimitExceeded):
+        return "time limit"
+    if isinstance(exc, TaskProcessLostError | WorkerLostError):
+        return "worker lost"
+    if isinstance(exc, TaskArgumentsRefusedError):
+        return "refused"
+    return "retries exhausted" if is_retriable(exc) else "non-retriable"
+
+
+def _error_text(exc: BaseException) -> str:
+    return cut(mask_url_passwords(str(exc))) or ""
+
+
+def _traceback_text(exc: BaseException, einfo: Any = None) -> str | None:
+    text = getattr(einfo, "traceback", None)
+    if not text and exc.__traceback__ is not None:
+        text = "".join(traceback.format_exception(exc))
+    return cut(mask_url_passwords(text)) if text else None
+
+
+class DeadLetterRecorder:
+    """Connected to Celery's signals once per process (``celery_app.WorkerSignals``)."""
+
+    def __init__(self, store: StoreFactory | None = None) -> None:
+        self._store_factory = store
+        self._store: DeadLetterStore | None = None
+
+    def connect(self) -> None:
+        signals.task_failure.connect(self.on_task_failure, weak=False)
+        signals.task_unknown.connect(self.on_unknown_task, weak=False)
+        signals.task_rejected.connect(self.on_rejected_message, weak=False)
+
+    def store(self) -> DeadLetterStore:
+        if self._store_factory is not None:
+            return self._store_factory()
+        engine = database.engine  # this process's (opened on first use)
+        if self._store is None or self._store.engine is not engine:
+            self._store = DeadLetterStore(engine)
+        return self._store
+
+    # -- Celery's signals -----------------------------------------------------
+
+    def on_task_failure(
+        self,
+        sender: Any = None,
+        task_id: str | None = None,
+        exception: BaseException | None = None,
+        args: Any = None,
+        kwargs: Any = None,
+        einfo: Any = None,
+        **_: Any,
+    ) -> None:
+        if task_id is None or exception is None:
+            return
+        request = _request_of(sender, task_id)
+        now = time.time()
+        arguments, complete = encode_arguments(args, kwargs)
+        first = _header(request, FIRST_FAILURE_HEADER)
+        delivery = getattr(request, "delivery_info", None) or {}
+        self._record(
+            DeadLetter(
+                task_id=task_id,
+                task_name=str(getattr(sender, "name", None) or "unknown"),
+                queue=delivery.get("routing_key") or getattr(sender, "queue", None),
+                reason=reason_for(exception),
+                arguments=arguments,
+                arguments_complete=complete,
+                error_type=type(exception).__name__,
+                error_module=type(exception).__module__,
+                error_message=_error_text(exception),
+                traceback=_traceback_text(exception, einfo),
+                attempts=int(getattr(request, "retries", None) or 0) + 1,
+                worker=getattr(request, "hostname", None) or socket.gethostname(),
+                first_failed_at=float(first) if first else now,
+                last_failed_at=now,
+            )
+        )
+
+    def on_unknown_task(
+        self,
+        sender: Any = None,
+        message: Any = None,
+        exc: BaseException | None = None,
+        name: str | None = None,
+        id: str | None = None,
+        **_: Any,
+    ) -> None:
+        error = exc or LookupError(f"no task named {name!r} is registered")
+        self._refused(message, error, task_id=id, task_name=name)
+
+    def on_rejected_message(
+        self, sender: Any = None, message: Any = None, exc: BaseException | None = None, **_: Any
+    ) -> None:
+        error = exc or ValueError("the message names no task (not a Celery task message)")
+        self._refused(message, error)
+
+    # -- writing ----------------------------------------------------------------
+
+    def _refused(
+        self,
+        message: Any,
+        exc: BaseException,
+        task_id: str | None = None,
+        task_name: str | None = None,
+    ) -> None:
+        headers = dict(getattr(message, "headers", None) or {})
+        delivery = dict(getattr(message, "delivery_info", None) or {})
+        arguments, complete = _message_arguments(message)
+        now = time.time()
+        self._record(
+            DeadLetter(
+                # A message without an id is still addressed by one: kept apart from task ids.
+                task_id=str(task_id or headers.get("id") or f"refused-{uuid.uuid4()}"),
+                task_name=str(task_name or headers.get("task") or "unknown"),
+                queue=delivery.get("routing_key"),
+                reason="refused",
+                arguments=arguments,
+                arguments_complete=complete,
+                error_type=type(exc).__name__,
+                error_module=type(exc).__module__,
+                error_message=_error_text(exc),
+                traceback=None,
+                attempts=int(headers.get("retries") or 0) + 1,
+                worker=socket.gethostname(),
+                first_failed_at=now,
+                last_failed_at=now,
+            )
+        )
+
+    def _record(self, letter: DeadLetter) -> None:
+        try:
+            store = self.store()
+            worker_loop.run(asyncio.wait_for(store.record(letter), RECORD_TIMEOUT))
+        except Exception as exc:  # noqa: BLE001 - the task's outcome stands; say what was lost
+            _log.error(
+                "Could not record the dead letter of task %s (%s): %s: %s",
+                letter.task_id,
+                letter.task_name,
+                type(exc).__name__,
+                mask_url_passwords(str(exc)),
+            )
+
+
+class RecordingConsumer(Consumer):
+    """Celery's consumer (``worker_consumer``), which also reports undecodable messages.
+
+    Celery logs and acknowledges a message whose body it cannot decode
+    without any signal; this sends ``task_rejected`` for it as for the other
+    messages it refuses, so that it becomes a dead letter too.
+    """
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        super().on_decode_error(message, exc)
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+
+def _request_of(task: Any, task_id: str) -> Any:
+    """The failed run's request: the task's own in the process that ran it.
+
+    A hard time limit is reported by the worker's main process, where the task
+    has no current request: the worker's record of active requests has it.
+    """
+    request = getattr(task, "request", None)
+    if request is not None and getattr(request, "id", None) == task_id:
+        return request
+    from celery.worker import state  # the worker's module: only where a worker runs
+
+    for active in list(state.active_requests):
+        if getattr(active, "id", None) == task_id:
+            return _ActiveRequest(active)
+    return None
+
+
+class _ActiveRequest:
+    """The fields of a ``celery.worker.request.Request`` that a task request has."""
+
+    def __init__(self, request: Any) -> None:
+        fields = getattr(request, "request_dict", None) or {}
+        self.retries = fields.get("retries")
+        self.hostname = getattr(request, "hostname", None)
+        self.delivery_info = getattr(request, "delivery_info", None) or {}
+        self.headers = fields
+
+
+def _header(request: Any, name: str) -> Any:
+    if request is None:
+        return None
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
+
+
+def _message_arguments(message: Any) -> tuple[str, bool]:
+    """A refused message's arguments: decoded when it is a task message, else its raw body."""
+    try:
+        decoded = message.decode()
+        if isinstance(decoded, list | tuple) and len(decoded) >= 2:
+            return encode_arguments(decoded[0], decoded[1])
+    except Exception:  # noqa: BLE001 - unreadable: its raw body is kept instead
+        pass
+    body = getattr(message, "body", b"")
+    raw = body.decode("utf-8", "backslashreplace") if isinstance(body, bytes) else str(body)
+    arguments, _ = encode_arguments([], {"raw_body": raw})
+    return arguments, False

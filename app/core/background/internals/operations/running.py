@@ -1,0 +1,167 @@
+"""Running and stuck tasks, queue depths: read from what the framework keeps, not by asking workers.
+
+* Running tasks: the Redis result backend keeps the keys of started tasks in
+  a sorted set scored by start time (``transport/result_backend.py`` adds and
+  removes them in the same script that writes the state). One ``ZRANGE`` and
+  one ``MGET`` give every running task with its worker, process and attempt.
+* Worker heartbeats: each worker's main process writes the time into a hash
+  every ``HEARTBEAT_INTERVAL`` seconds (``WorkerHeartbeat``), so a page load
+  reads one ``HGETALL`` instead of a broadcast to every worker.
+* A running task is stuck when it has run past its hard time limit (its
+  worker should have ended it), or when its worker has not been heard from
+  for ``SILENT_AFTER`` seconds (the process or host is gone; the broker will
+  deliver the message again after its visibility timeout).
+* Queue depths: a passive declare per queue, on any broker kombu supports.
+
+Other result backends (the embedded default's database) keep no running
+set: ``running_tasks`` returns None and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, states
+from kombu.exceptions import ChannelError, OperationalError
+
+from ..transport.result_backend import RUNNING_KEY, AtomicRedisBackend
+
+HEARTBEAT_KEY = "background:worker-heartbeats"
+HEARTBEAT_INTERVAL = 10.0
+# Three heartbeats missed: the worker is gone (or cannot reach Redis).
+SILENT_AFTER = 3 * HEARTBEAT_INTERVAL
+# The most running tasks one reading returns (the oldest first).
+MAX_LISTED = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RunningTask:
+    task_id: str
+    task_name: str | None
+    state: str
+    worker: str | None
+    pid: int | None
+    attempt: int | None
+    queue: str | None
+    started_at: float
+    running_for: float
+    stuck: bool
+    stuck_reason: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def running_tasks(app: Celery, now: float | None = None) -> list[RunningTask] | None:
+    """The running tasks, oldest first, stuck ones flagged; None if the backend keeps no set."""
+    backend = app.backend
+    if not isinstance(backend, AtomicRedisBackend):
+        return None
+    now = time.time() if now is None else now
+    client = backend.client
+    entries: list[tuple[bytes, float]] = client.zrange(
+        RUNNING_KEY, 0, MAX_LISTED - 1, withscores=True
+    )
+    if not entries:
+        return []
+    metas = client.mget([key for key, _ in entries])
+    beats = {_text(name): float(value) for name, value in client.hgetall(HEARTBEAT_KEY).items()}
+    found: list[RunningTask] = []
+    ended: list[bytes] = []
+    for (key, started_at), raw in zip(entries, metas, strict=True):
+        meta = backend.decode(raw) if raw else None
+        if not isinstance(meta, Mapping) or meta.get("status") not in (states.STARTED, "PROGRESS"):
+            ended.append(key)  # expired, or a state written without the script
+            continue
+        found.append(_running(app, meta, started_at, now, beats))
+    if ended:
+        client.zrem(RUNNING_KEY, *ended)
+    return found
+
+
+def _running(
+    app: Celery, meta: Mapping[str, Any], started_at: float, now: float, beats: dict[str, float]
+) -> RunningTask:
+    result = meta.get("result") if meta.get("status") == states.STARTED else None
+    result = result if isinstance(result, Mapping) else {}
+    worker = meta.get("worker") or result.get("hostname")
+    name = meta.get("name")
+    task = app.tasks.get(name) if isinstance(name, str) else None
+    hard_limit = getattr(task, "time_limit", None) or app.conf.task_time_limit
+    running_for = max(now - started_at, 0.0)
+    reason = None
+    if hard_limit and running_for > float(hard_limit):
+        reason = f"running for {running_for:.0f}s, past its hard time limit ({hard_limit}s)"
+    elif worker is not None and now - beats.get(str(worker), 0.0) > SILENT_AFTER:
+        reason = f"its worker {worker} has not been heard from for over {SILENT_AFTER:.0f}s"
+    retries = meta.get("retries")
+    return RunningTask(
+        task_id=str(meta.get("task_id")),
+        task_name=name if isinstance(name, str) else None,
+        state=str(meta.get("status")).lower(),
+        worker=str(worker) if worker is not None else None,
+        pid=int(result["pid"]) if "pid" in result else None,
+        attempt=int(retries) if retries is not None else None,
+        queue=meta.get("queue"),
+        started_at=started_at,
+        running_for=running_for,
+        stuck=reason is not None,
+        stuck_reason=reason,
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class WorkerHeartbeat:
+    """Writes this worker's time into ``HEARTBEAT_KEY`` while it runs (main process only)."""
+
+    def __init__(self, app: Celery, hostname: str, interval: float = HEARTBEAT_INTERVAL) -> None:
+        self._app, self._hostname, self._interval = app, hostname, interval
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: Any = None
+
+    def start(self) -> None:
+        backend = self._app.backend
+        if not isinstance(backend, AtomicRedisBackend):
+            return
+        self._client = backend.client
+        self._thread = threading.Thread(target=self._beat, name="background-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            with contextlib.suppress(Exception):
+                self._client.hdel(HEARTBEAT_KEY, self._hostname)
+
+    def _beat(self) -> None:
+        while not self._stopped.is_set():
+            # Redis restarting: the next beat tries again; a long silence is what the page shows.
+            with contextlib.suppress(Exception):
+                self._client.hset(HEARTBEAT_KEY, self._hostname, repr(time.time()))
+            self._stopped.wait(self._interval)
+
+
+def queue_depths(app: Celery) -> dict[str, int | None]:
+    """Messages waiting in each of the app's queues (None: the broker does not know the queue)."""
+    names = [queue.name for queue in app.conf.task_queues or ()]
+    depths: dict[str, int | None] = {}
+    with app.connection_for_read() as connection:
+        channel: Any = connection.default_channel
+        for name in names:
+            try:
+                depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
+            except (ChannelError, OperationalError):
+                # RabbitMQ closes the channel on a passive declare of a missing queue.
+                depths[name] = None
+                channel = connection.channel()
+    return depths
