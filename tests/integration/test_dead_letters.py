@@ -213,6 +213,10 @@ def test_huge_arguments_are_kept_cut_and_not_replayed(stack: Services, blocked: 
     assert outcome.refused == "not replayable"
 
 
+# The CLI imports the app's task modules itself; a replay names the tests' modules.
+INCLUDE = ("--include", "tests.support.tasks_operations")
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "app.core.background", "dead-letters", *args],
@@ -236,13 +240,16 @@ def test_the_cli_shows_replays_and_purges(stack: Services, blocked: str) -> None
     assert result.id in listed.stdout
     assert cli("show", "no-such-id").returncode == 1
     stack.redis().delete(blocked_key(blocked))
-    replayed = cli("replay", result.id)
+    unregistered = cli("replay", result.id)  # its module is not one of the app's
+    assert unregistered.returncode == 1
+    assert "no task named 'tests.ops.fails_while_blocked'" in unregistered.stdout
+    replayed = cli("replay", result.id, *INCLUDE)
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     new_id = letter_of(stack, result.id).replayed_as
     assert new_id is not None
     assert new_id in replayed.stdout
     assert AsyncResult(new_id, app=celery_app).get(timeout=WAIT)["status"] == "success"
-    again = cli("replay", result.id)
+    again = cli("replay", result.id, *INCLUDE)
     assert again.returncode == 1
     assert "already replayed" in again.stdout
     assert cli("replay", "no-such-id").returncode == 1

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from app.core.background import celery_app
 from app.core.background.internals.operations.running import HEARTBEAT_KEY, running_tasks
 from app.core.config import get_settings
+from tests.conftest import PrivateBroker
 from tests.support import tasks_operations
 from tests.support.db import fetchval
 from tests.support.services import Services
@@ -37,7 +38,8 @@ def client(monkeypatch: pytest.MonkeyPatch, stack: Services) -> Iterator[TestCli
     from app.main import create_app
 
     try:
-        with TestClient(create_app(), auth=("operator", PASSWORD)) as client:
+        with TestClient(create_app()) as client:
+            client.auth = ("operator", PASSWORD)
             yield client
     finally:
         get_settings.cache_clear()
@@ -66,6 +68,19 @@ def test_queue_depths_count_what_waits(client: TestClient) -> None:
     depths = client.get("/background/api/queues").json()
     assert set(depths) == {"high_priority", "default", "low_priority"}
     assert all(isinstance(depth, int) for depth in depths.values())
+
+
+def test_queue_depths_of_a_broker_no_worker_reads(private_broker: PrivateBroker) -> None:
+    from app.core.background.operations import queue_depths
+
+    app = private_broker.app
+    assert queue_depths(app) == {"high_priority": 0, "default": 0, "low_priority": 0}
+    # Plain kombu messages: Celery's send would run the framework's publish
+    # hooks, which write to the session app's result backend.
+    with app.producer_or_acquire() as producer:
+        for queue in ("default", "default", "default", "low_priority"):
+            producer.publish({"waiting": True}, routing_key=queue, serializer="json")
+    assert queue_depths(app) == {"high_priority": 0, "default": 3, "low_priority": 1}
 
 
 def test_dead_letters_through_the_api_failure_to_replay(

@@ -43,11 +43,11 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 
 @pytest.fixture(scope="module")
 def api(stack: Services) -> Iterator[str]:
-    """``uvicorn app.main:app`` on a free port; its base URL with the operator's credentials."""
+    """The example app under uvicorn on a free port; its URL with the operator's credentials."""
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="api-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+        [sys.executable, "-m", "uvicorn", "tests.support.operations_app:app", "--host", "127.0.0.1",
          "--port", str(port)],
         env={**os.environ, "OPERATIONS_PASSWORD": PASSWORD},
         stdout=log, stderr=subprocess.STDOUT,

@@ -86,6 +86,8 @@ def _dead_letters(args: argparse.Namespace) -> int:
     from .internals.operations import dead_letter_cli
     from .internals.session import DatabaseConfig, create_engine
 
+    for module in filter(None, (name.strip() for name in args.include.split(","))):
+        celery_app.loader.import_task_module(module)
     engine = create_engine(DatabaseConfig(url=get_settings().database_url))
     try:
         return asyncio.run(dead_letter_cli.run(args, engine, celery_app, sys.stdout))

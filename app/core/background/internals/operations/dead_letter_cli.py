@@ -54,12 +54,20 @@ def add_commands(
     )
     again.add_argument("task_id", metavar="TASK_ID", nargs="?")
     _filters(again)
+    again.add_argument(
+        "-I",
+        "--include",
+        default="",
+        metavar="MODULES",
+        help="comma-separated task modules to import besides the app's own "
+        "(as `celery worker -I`): a replayed task must be registered",
+    )
 
     purge = sub.add_parser("purge", help="delete: TASK_ID, a filter, or --all")
     purge.add_argument("task_id", metavar="TASK_ID", nargs="?")
     _filters(purge)
     purge.add_argument("--all", action="store_true", help="every dead letter")
-    parser.set_defaults(handler=handler)
+    parser.set_defaults(handler=handler, include="")
     return parser
 
 

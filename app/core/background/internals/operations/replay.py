@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from celery import Celery
+from celery import Celery, Task
 
 from .dead_letters import DeadLetterFilter, DeadLetterStore, dead_letters
 
@@ -58,6 +58,18 @@ class ReplaySummary:
         return [outcome for outcome in self.outcomes if not outcome.sent]
 
 
+def registered_task(app: Celery, name: str) -> Task[Any, Any] | None:
+    """The task called ``name``, importing the app's task modules if none is registered yet.
+
+    A web process or the CLI imports only the task modules its own code uses;
+    the worker imports every configured one (``include``) at start-up. Do the
+    same here before concluding that the task is gone.
+    """
+    if name not in app.tasks:
+        app.loader.import_default_modules()
+    return app.tasks.get(name)
+
+
 async def replay(store: DeadLetterStore, app: Celery, task_id: str) -> ReplayOutcome:
     """Send the dead letter of ``task_id`` again; the outcome says what happened."""
     letter = await store.get(task_id)
@@ -69,7 +81,7 @@ async def replay(store: DeadLetterStore, app: Celery, task_id: str) -> ReplayOut
             refused="already replayed",
             reason=f"already replayed as {letter.replayed_as}",
         )
-    task = app.tasks.get(letter.task_name)
+    task = await asyncio.to_thread(registered_task, app, letter.task_name)
     if task is None:
         return ReplayOutcome(
             task_id,

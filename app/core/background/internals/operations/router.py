@@ -14,8 +14,8 @@ call (the broker, the result backend, Celery's publish) runs off the event
 loop.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoints'
+# annotations at run time, and ``Store`` is local to operations_router.
 import asyncio
 from collections.abc import Callable
 from dataclasses import asdict

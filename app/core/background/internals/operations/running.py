@@ -156,12 +156,16 @@ def queue_depths(app: Celery) -> dict[str, int | None]:
     names = [queue.name for queue in app.conf.task_queues or ()]
     depths: dict[str, int | None] = {}
     with app.connection_for_read() as connection:
+        # Redis deletes a list when its last message is taken: there an empty
+        # queue and a missing one look alike, and both hold nothing. Only an
+        # AMQP broker knows a queue that no worker has declared yet.
+        missing = None if connection.transport.driver_type == "amqp" else 0
         channel: Any = connection.default_channel
         for name in names:
             try:
                 depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
             except (ChannelError, OperationalError):
+                depths[name] = missing
                 # RabbitMQ closes the channel on a passive declare of a missing queue.
-                depths[name] = None
                 channel = connection.channel()
     return depths
