@@ -118,6 +118,13 @@ def claimed_broker(stack: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator
     from app.core.background.celery_app import build_celery_config
     from app.core.config import Settings
 
+    from app.core.background import celery_app as session_app
+
+    # Celery reads CELERY_* variables whenever it builds a result backend (one
+    # per thread) or a producer pool: build the session app's now, on the
+    # session's Redis, so that they never point at this database after it.
+    session_app.backend  # noqa: B018
+    session_app.pool  # noqa: B018
     db = stack.claim_redis_db()
     url = stack.redis_url_for(db)
     # Celery prefers these variables to any configuration: point them here too.

@@ -41,6 +41,7 @@ from app.core.background.internals.retry import RETRY_POLICIES
 from tests.conftest import TEST_TASK_MODULES, PrivateBroker
 from tests.support import tasks_asyncio_pool
 from tests.support.db import fetchval
+from tests.support.dead_letters import letter_of
 from tests.support.publishes import recorded_publishes
 from tests.support.services import Services
 
@@ -261,7 +262,7 @@ def test_the_soft_time_limit_cancels_only_the_run_that_went_over(
 
 
 def test_the_hard_time_limit_ends_a_run_that_ignores_its_soft_limit_and_acks_it(
-    module_broker: PrivateBroker, shared: WorkerProcess
+    module_broker: PrivateBroker, shared: WorkerProcess, stack: Services
 ) -> None:
     app = module_broker.app
     redis = redis_of(module_broker)
@@ -288,6 +289,11 @@ def test_the_hard_time_limit_ends_a_run_that_ignores_its_soft_limit_and_acks_it(
         line.get("event", "").startswith("Hard time limit (2") and stubborn.id in line["event"]
         for line in json_lines(shared.log())
     )
+    letter = letter_of(stack, stubborn.id)
+    assert (letter.reason, letter.error_type, letter.task_name) == (
+        "time limit", "TimeLimitExceeded", "pool.stubborn",
+    )  # fmt: skip
+    assert letter.call() == ([], {"key": key, "seconds": 30.0})
 
 
 def test_retries_wait_at_least_their_policys_delay(
@@ -378,6 +384,45 @@ def test_revoke_with_terminate_ends_only_that_run(
     assert redis.get(f"completed:{prefix}-victim") is None
     assert [int(redis.get(f"completed:{prefix}-{i}") or 0) for i in range(9)] == [1] * 9
     wait_until(lambda: victim.id not in unacked_ids(redis), "the victim acknowledged")
+
+
+def test_revoking_a_running_db_run_cancels_it_rolls_back_and_the_others_go_on(
+    module_broker: PrivateBroker, shared: WorkerProcess, stack: Services
+) -> None:
+    """No ``terminate``: the revoked run's coroutine is cancelled at its await, on the pool."""
+    from app.core.background.operations import revoke
+
+    app = module_broker.app
+    redis = redis_of(module_broker)
+    prefix = new_key()
+    victim = app.send_task(
+        "pool.write_then_hold", kwargs={"key": f"{prefix}-victim", "seconds": 60.0}
+    )
+    others = [
+        app.send_task("pool.write_then_hold", kwargs={"key": f"{prefix}-{i}", "seconds": 3.0})
+        for i in range(9)
+    ]
+    wait_until(lambda: bool(redis.get(f"started:{prefix}-victim")), "the victim started")
+    assert revoke(app, victim.id) == "revoked"
+    assert [result.get(timeout=TIMEOUT)["status"] for result in others] == ["success"] * 9
+
+    def cancelled_lines() -> list[dict[str, Any]]:
+        return [
+            line
+            for line in lines_of(shared, victim.id)
+            if line.get("event") == "Task revoked while running: cancelled"
+        ]
+
+    wait_until(lambda: bool(cancelled_lines()), "the victim's run cancelled", timeout=15)
+    wait_until(lambda: victim.id not in unacked_ids(redis), "the victim acknowledged")
+    assert victim.state == "REVOKED"
+    written = "SELECT count(*) FROM test_records WHERE key LIKE $1"
+    assert fetchval(stack, written, f"{prefix}-victim:%") == 0  # its transaction rolled back
+    assert fetchval(stack, written, f"{prefix}-_:%") == 9  # "_": one character, 0 to 8
+    assert shared.process is not None
+    assert shared.process.poll() is None
+    after = app.send_task("pool.sleep", kwargs={"key": prefix, "seconds": 0.0})
+    assert after.get(timeout=TIMEOUT)["pid"] == shared.pid
 
 
 @pytest.fixture
@@ -542,7 +587,7 @@ def test_kill_9_with_20_in_flight_all_come_back_and_complete(
 
 
 def test_a_task_that_kills_its_process_runs_no_more_often_than_its_retry_policy_allows(
-    private_broker: PrivateBroker,
+    private_broker: PrivateBroker, stack: Services
 ) -> None:
     """Each death of the whole process counts as an attempt: redelivered, not retried, yet bounded.
 
@@ -588,6 +633,9 @@ def test_a_task_that_kills_its_process_runs_no_more_often_than_its_retry_policy_
     assert "died 3 time(s)" in str(result.result)
     assert int(redis.get(f"runs:{key}")) == workers_killed == 3
     assert result.id not in unacked_ids(redis)
+    letter = letter_of(stack, result.id)
+    assert (letter.reason, letter.error_type) == ("worker lost", "TaskProcessLostError")
+    assert letter.call() == ([], {"key": key})
 
 
 def test_cold_shutdown_gives_the_runs_in_flight_back_to_the_broker(

@@ -14,12 +14,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from celery.result import AsyncResult
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.background import celery_app
 from app.core.background.internals.operations.dead_letters import (
@@ -30,37 +30,11 @@ from app.core.background.internals.operations.dead_letters import (
 )
 from app.core.background.internals.operations.replay import replay, replay_where
 from tests.support import tasks, tasks_operations
+from tests.support.dead_letters import WAIT, letter_of, run
 from tests.support.services import Services
 from tests.support.tasks_operations import blocked_key
 
 pytestmark = pytest.mark.usefixtures("worker")
-
-T = TypeVar("T")
-WAIT = 60.0
-
-
-def run(make: Callable[[AsyncEngine], Awaitable[T]], stack: Services) -> T:
-    """``make(engine)`` on a fresh engine of the test database (each test's own loop)."""
-
-    async def go() -> T:
-        engine = create_async_engine(stack.postgres_url)
-        try:
-            return await make(engine)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(go())
-
-
-def letter_of(stack: Services, task_id: str, timeout: float = WAIT) -> DeadLetter:
-    """The dead letter of ``task_id``, once the worker has written it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = run(lambda engine: DeadLetterStore(engine).get(task_id), stack)
-        if found is not None:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"no dead letter for {task_id} after {timeout}s")
 
 
 def failed(result: AsyncResult[Any]) -> None:

@@ -71,4 +71,19 @@ def test_worker_and_producer_on_the_embedded_default(
             (entity_id.replace("-", ""),),
         ).fetchone()
     assert (status, count) == ("processed", 1)
+    # The non-retriable failure is a dead letter in the same SQLite database,
+    # which the CLI reads with the same defaults.
+    with sqlite3.connect(data / "app.db") as connection:
+        reason, error_type = connection.execute(
+            "SELECT reason, error_type FROM background_dead_letters WHERE task_id = ?",
+            (report["missing_id"],),
+        ).fetchone()
+    assert (reason, error_type) == ("non-retriable", "TaskNotFoundError")
+    shown = subprocess.run(
+        [sys.executable, "-m", "app.core.background", "dead-letters", "show",
+         report["missing_id"]],
+        cwd=tmp_path, env=embedded_env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "Entity not found" in shown.stdout
     assert "transport:   app.core.background.internals.transport.file_broker:Transport" in log

@@ -36,6 +36,7 @@ def main() -> None:
     report: dict[str, object] = {"entity_id": entity_id}
     report["processed"] = process_entity.delay(entity_id=entity_id).get(timeout=30)
     missing = process_entity.delay(entity_id=str(uuid.uuid4()))
+    report["missing_id"] = missing.id
     try:
         missing.get(timeout=30)
     except Exception as exc:  # noqa: BLE001 - reported to the test
