@@ -115,10 +115,9 @@ def claimed_broker(stack: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator
     """A Redis database of the run's own server, claimed until the block ends."""
     from celery import Celery
 
+    from app.core.background import celery_app as session_app
     from app.core.background.celery_app import build_celery_config
     from app.core.config import Settings
-
-    from app.core.background import celery_app as session_app
 
     # Celery reads CELERY_* variables whenever it builds a result backend (one
     # per thread) or a producer pool: build the session app's now, on the
