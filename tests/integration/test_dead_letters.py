@@ -29,6 +29,8 @@ from app.core.background.internals.operations.dead_letters import (
     encode_arguments,
 )
 from app.core.background.internals.operations.replay import replay, replay_where
+from app.core.background.internals.operations.worker_process import WorkerProcess
+from tests.conftest import TEST_TASK_MODULES, PrivateBroker
 from tests.support import tasks, tasks_operations
 from tests.support.dead_letters import WAIT, letter_of, run
 from tests.support.services import Services
@@ -250,3 +252,32 @@ def test_old_dead_letters_are_pruned_by_the_periodic_task(stack: Services) -> No
     assert outcome["deleted"] >= 1
     assert run(lambda engine: DeadLetterStore(engine).get(old_id), stack) is None
     assert run(lambda engine: DeadLetterStore(engine).get(new_id), stack) is not None
+
+
+def test_a_dead_letter_that_cannot_be_written_is_logged_and_the_outcome_stands(
+    private_broker: PrivateBroker,
+) -> None:
+    """The worker's database refuses connections: the failure is still a FAILURE, once."""
+    unreachable = "postgresql+asyncpg://postgres@127.0.0.1:1/unreachable"
+    env = {**private_broker.env, "DATABASE_URL": unreachable}
+    app = private_broker.app
+    key = uuid.uuid4().hex
+    counter = app.connection_for_write().default_channel.client
+    counter.set(blocked_key(key), 1)
+    with WorkerProcess(env, include=TEST_TASK_MODULES) as worker:
+        failing = app.send_task("tests.ops.fails_while_blocked", kwargs={"key": key})
+        with pytest.raises(Exception) as raised:  # noqa: PT011 - the type is asserted below
+            failing.get(timeout=WAIT)
+        assert type(raised.value).__name__ == "NonRetriableTaskError"
+        line = (
+            f"Could not record the dead letter of task {failing.id} (tests.ops.fails_while_blocked)"
+        )
+        deadline = time.monotonic() + WAIT
+        while line not in worker.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert line in worker.log()
+        counter.delete(blocked_key(key))
+        after = app.send_task("tests.ops.fails_while_blocked", kwargs={"key": key})
+        assert after.get(timeout=WAIT)["status"] == "success"  # the worker goes on
+    assert failing.state == "FAILURE"
+    assert int(counter.get(f"executions:{key}")) == 2  # the failed run was not run again
