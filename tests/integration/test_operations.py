@@ -125,8 +125,12 @@ def test_dead_letters_through_the_api_failure_to_replay(
     assert client.delete(f"/background/api/dead-letters/{result.id}").status_code == 404
 
 
+@pytest.mark.parametrize(
+    "cancel_route",
+    ["/background/api/tasks/{}", "/tasks/{}"],  # the operations API; the status API, as is
+)
 def test_a_running_async_task_is_listed_then_cancelled_rolled_back_and_the_worker_goes_on(
-    client: TestClient, stack: Services
+    client: TestClient, stack: Services, cancel_route: str
 ) -> None:
     key = uuid.uuid4().hex
     running = tasks_operations.write_then_wait.delay(key=key, seconds=60)
@@ -144,8 +148,8 @@ def test_a_running_async_task_is_listed_then_cancelled_rolled_back_and_the_worke
     )  # fmt: skip
     assert task["worker"] is not None
     wait_for(lambda: stack.redis().get(f"executions:{key}"), "the row written")
-    cancelled = client.delete(f"/background/api/tasks/{running.id}")
-    assert cancelled.json() == {"task_id": running.id, "state": "revoked"}
+    cancelled = client.delete(cancel_route.format(running.id))
+    assert (cancelled.json()["task_id"], cancelled.json()["state"]) == (running.id, "revoked")
     wait_for(
         lambda: (
             running.id
@@ -159,7 +163,7 @@ def test_a_running_async_task_is_listed_then_cancelled_rolled_back_and_the_worke
     # The same worker process runs the next task: nothing was killed.
     after = tasks_operations.fails_while_blocked.delay(key=uuid.uuid4().hex)
     assert after.get(timeout=WAIT)["status"] == "success"
-    assert client.delete("/background/api/tasks/no-such-task").status_code == 404
+    assert client.delete(cancel_route.format("no-such-task")).status_code == 404
 
 
 def test_a_task_past_its_hard_limit_or_on_a_silent_worker_is_stuck(stack: Services) -> None:
