@@ -27,6 +27,7 @@ import asyncpg
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from app.core.background.internals.console.page import render_dead_letter, render_overview
 from app.core.background.internals.operations.dead_letters import (
     PAGE_SIZE,
     DeadLetterFilter,
@@ -34,7 +35,6 @@ from app.core.background.internals.operations.dead_letters import (
     dead_letters,
     encode_arguments,
 )
-from app.core.background.internals.operations.page import render_dead_letter, render_overview
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -69,7 +69,8 @@ async def fill(engine: AsyncEngine, count: int) -> None:
     batch = 5_000
     for start in range(0, count, batch):
         async with engine.begin() as connection:
-            await connection.execute(insert(dead_letters), rows(start, min(batch, count - start), now))
+            filled = rows(start, min(batch, count - start), now)
+            await connection.execute(insert(dead_letters), filled)
     # What autovacuum does to a table after 100,000 inserts (statistics, and
     # the visibility map that lets PostgreSQL count from the index alone).
     async with engine.connect() as connection:

@@ -22,13 +22,14 @@ from celery.result import AsyncResult
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.background import celery_app
+from app.core.background.internals.console.replay import replay, replay_where
+from app.core.background.internals.delivery.dedup import deduplicator
 from app.core.background.internals.operations.dead_letters import (
     DeadLetter,
     DeadLetterFilter,
     DeadLetterStore,
     encode_arguments,
 )
-from app.core.background.internals.operations.replay import replay, replay_where
 from app.core.background.internals.operations.worker_process import WorkerProcess
 from tests.conftest import TEST_TASK_MODULES, PrivateBroker
 from tests.support import tasks, tasks_operations
@@ -157,6 +158,40 @@ def test_replay_of_a_group_sends_each_pending_one(stack: Services) -> None:
     assert None not in replayed
     for new_id in replayed:
         assert AsyncResult(new_id, app=celery_app).get(timeout=WAIT)["status"] == "success"
+
+
+def test_a_replay_waits_while_a_task_with_the_same_deduplication_id_runs(
+    stack: Services,
+) -> None:
+    """The failed task's id was a deduplication key: a replay is refused while that id is busy."""
+    task_id = f"notify-{uuid.uuid4()}"
+    key = uuid.uuid4().hex
+    arguments, complete = encode_arguments([], {"key": key})
+    now = time.time()
+    letter = DeadLetter(
+        task_id=task_id, task_name="tests.ops.fails_while_blocked", queue="default",
+        reason="non-retriable", arguments=arguments, arguments_complete=complete,
+        error_type="NonRetriableTaskError", error_module="app.core.background",
+        error_message="blocked", traceback=None, attempts=1, worker="w@h",
+        first_failed_at=now, last_failed_at=now,
+    )  # fmt: skip
+    run(lambda engine: DeadLetterStore(engine).record(letter), stack)
+    # The application sends that key again: it runs for 3 s and holds the id.
+    busy = tasks_operations.write_then_wait.apply_async(
+        kwargs={"key": key, "seconds": 3.0}, task_id=task_id
+    )
+    refused = run(lambda engine: replay(DeadLetterStore(engine), celery_app, task_id), stack)
+    assert (refused.sent, refused.refused) == (False, "deduplicated"), refused
+    assert letter_of(stack, task_id).replayed_as is None
+    assert busy.get(timeout=WAIT)["status"] == "success"
+    # Once it has ended (the worker frees the id just after it stores the
+    # result), the replay is sent.
+    deadline = time.monotonic() + WAIT
+    while deduplicator.store.holder(task_id) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sent = run(lambda engine: replay(DeadLetterStore(engine), celery_app, task_id), stack)
+    assert sent.sent, sent
+    assert AsyncResult(sent.replayed_as, app=celery_app).get(timeout=WAIT)["key"] == key
 
 
 def test_a_task_name_no_longer_registered_is_refused_and_the_row_kept(stack: Services) -> None:

@@ -83,7 +83,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
     # Imported here: building the Celery app reads the settings.
     from .celery_app import celery_app
-    from .internals.operations import dead_letter_cli
+    from .internals.console import dead_letter_cli
     from .internals.session import DatabaseConfig, create_engine
 
     for module in filter(None, (name.strip() for name in args.include.split(","))):
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
     relay.add_argument("--batch-size", type=int, default=100, help="rows per transaction")
     relay.set_defaults(handler=_relay)
-    from .internals.operations.dead_letter_cli import add_commands
+    from .internals.console.dead_letter_cli import add_commands
 
     add_commands(commands, handler=_dead_letters)
     return parser

@@ -8,6 +8,8 @@ available from code (``DeadLetterStore``, ``replay``, ``replay_where``,
 (``python -m app.core.background dead-letters``).
 """
 
+from .internals.console.replay import ReplayOutcome, ReplaySummary, replay, replay_where
+from .internals.console.router import operations_router
 from .internals.operations.cancel import TaskCancelledError, revoke
 from .internals.operations.dead_letters import (
     DeadLetter,
@@ -16,8 +18,6 @@ from .internals.operations.dead_letters import (
     DeadLetterStore,
     dead_letters,
 )
-from .internals.operations.replay import ReplayOutcome, ReplaySummary, replay, replay_where
-from .internals.operations.router import operations_router
 from .internals.operations.running import RunningTask, queue_depths, running_tasks
 
 __all__ = (

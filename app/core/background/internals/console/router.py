@@ -28,18 +28,23 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .cancel import revoke
-from .dead_letters import PAGE_SIZE, DeadLetter, DeadLetterFilter, DeadLetterStore
+from ..operations.cancel import revoke
+from ..operations.dead_letters import PAGE_SIZE, DeadLetter, DeadLetterFilter, DeadLetterStore
+from ..operations.running import queue_depths, running_tasks
 from .page import render_dead_letter, render_overview
 from .replay import ReplayOutcome, outcome_as_dict, replay, replay_where
-from .running import queue_depths, running_tasks
 
 EngineOf = Callable[[Request], AsyncEngine]
 
 # The overview page's route name: links and redirects are made from its URL.
 PAGE_ROUTE = "background_operations_page"
 
-_REFUSAL_STATUS = {"not found": 404, "already replayed": 409, "not replayable": 422}
+_REFUSAL_STATUS = {
+    "not found": 404,
+    "already replayed": 409,
+    "deduplicated": 409,
+    "not replayable": 422,
+}
 
 
 def engine_from_app_state(request: Request) -> AsyncEngine:

@@ -17,8 +17,8 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from .dead_letters import DeadLetter, DeadLetterFilter, DeadLetterGroup
-from .running import RunningTask
+from ..operations.dead_letters import DeadLetter, DeadLetterFilter, DeadLetterGroup
+from ..operations.running import RunningTask
 
 # How much of a dead letter's arguments and traceback the page shows.
 SHOWN_CHARS = 20_000

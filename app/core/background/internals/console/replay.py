@@ -23,10 +23,11 @@ from typing import Any, Literal
 
 from celery import Celery, Task
 
-from .dead_letters import DeadLetterFilter, DeadLetterStore, dead_letters
+from ..delivery.dedup import deduplicator
+from ..operations.dead_letters import DeadLetterFilter, DeadLetterStore, dead_letters
 
 # Why a dead letter was not sent again.
-Refusal = Literal["not found", "already replayed", "not replayable", "send failed"]
+Refusal = Literal["not found", "already replayed", "not replayable", "deduplicated", "send failed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,16 @@ async def replay(store: DeadLetterStore, app: Celery, task_id: str) -> ReplayOut
     args, kwargs = letter.call()
     claim = f"replaying:{uuid.uuid4()}"
     try:
+        # The failed task's id may be a deduplication key (``notify-42``): while
+        # a task with that id is queued or running again, a replay would be the
+        # duplicate the key exists to prevent.
+        if await asyncio.to_thread(deduplicator.store.holder, task_id) is not None:
+            return ReplayOutcome(
+                task_id,
+                refused="deduplicated",
+                reason=f"a task with id {task_id!r} is queued or running: its deduplication "
+                "holds; replay once it has ended",
+            )
         async with store.engine.begin() as connection:
             if not await store.mark_replayed(connection, task_id, claim, time.time()):
                 return ReplayOutcome(

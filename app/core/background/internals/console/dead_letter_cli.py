@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .dead_letters import DeadLetter, DeadLetterFilter, DeadLetterStore
+from ..operations.dead_letters import DeadLetter, DeadLetterFilter, DeadLetterStore
 from .replay import replay, replay_where
 
 # How much of the arguments and traceback `show` prints unless --full.
