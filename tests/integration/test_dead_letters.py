@@ -90,6 +90,17 @@ def test_a_non_retriable_error_is_a_dead_letter_after_one_attempt(
     assert letter.first_failed_at == letter.last_failed_at
 
 
+def test_a_run_over_its_time_limit_is_a_dead_letter(stack: Services) -> None:
+    key = uuid.uuid4().hex
+    result = tasks_operations.write_then_wait.apply_async(
+        kwargs={"key": key, "seconds": 30.0}, soft_time_limit=1, time_limit=10
+    )
+    failed(result)
+    letter = letter_of(stack, result.id)
+    assert (letter.reason, letter.error_type) == ("time limit", "SoftTimeLimitExceeded")
+    assert letter.call() == ([], {"key": key, "seconds": 30.0})
+
+
 def test_a_call_that_does_not_fit_the_signature_is_refused(stack: Services) -> None:
     result = celery_app.send_task("tests.record", kwargs={"not_a_parameter": 1})
     failed(result)
