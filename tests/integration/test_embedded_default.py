@@ -87,3 +87,31 @@ def test_worker_and_producer_on_the_embedded_default(
     assert shown.returncode == 0, shown.stderr
     assert "Entity not found" in shown.stdout
     assert "transport:   app.core.background.internals.transport.file_broker:Transport" in log
+
+
+@pytest.mark.timeout(300)
+def test_running_tasks_are_listed_from_the_embedded_result_database(
+    tmp_path: Path, embedded_env: dict[str, str]
+) -> None:
+    worker = WorkerProcess({}, cwd=tmp_path, include=["tests.support.tasks_asyncio_pool"])
+    worker.env = embedded_env
+    with worker:
+        client = subprocess.run(
+            [sys.executable, "-m", "tests.support.embedded.running"],
+            cwd=tmp_path, env=embedded_env, capture_output=True, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
+        log = worker.log()
+    assert client.returncode == 0, client.stderr[-3000:] + log[-3000:]
+    report = json.loads(client.stdout.strip().splitlines()[-1])
+    listed = report["listed"]
+    assert listed is not None, "the run was never listed as running"
+    assert (listed["task_name"], listed["attempt"], listed["stuck"]) == ("pool.sleep", 0, False)
+    assert listed["worker"] is not None  # its heartbeat is in the same database
+    assert listed["pid"] is not None
+    assert report["after"] == []  # struck out when it ended
+    with sqlite3.connect(tmp_path / ".data" / "results.db") as connection:
+        (beats,) = connection.execute(
+            "SELECT count(*) FROM background_worker_heartbeats"
+        ).fetchone()
+    assert beats == 0  # a worker that stopped warm takes its heartbeat away

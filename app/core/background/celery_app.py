@@ -31,6 +31,7 @@ from .internals.observability.metrics_export import (
     start_metrics_server,
 )
 from .internals.observability.metrics_hook import MetricsHook
+from .internals.operations import running_book
 from .internals.operations.dead_letters import RETENTION_SETTING
 from .internals.operations.failures import DeadLetterRecorder
 from .internals.operations.running import WorkerHeartbeat
@@ -247,6 +248,9 @@ class WorkerSignals:
         signals.worker_shutdown.connect(self.stop_metrics_endpoint, weak=False)
         signals.worker_process_shutdown.connect(self.close_process_resources, weak=False)
         signals.worker_shutdown.connect(self.close_process_resources, weak=False)
+        # A database result backend keeps the running set by these (Redis: its script).
+        signals.task_prerun.connect(running_book.on_task_prerun, weak=False)
+        signals.task_postrun.connect(running_book.on_task_postrun, weak=False)
         signals.worker_ready.connect(self.start_heartbeat, weak=False)
         signals.worker_shutdown.connect(self.stop_heartbeat, weak=False)
 

@@ -13,8 +13,9 @@
   deliver the message again after its visibility timeout).
 * Queue depths: a passive declare per queue, on any broker kombu supports.
 
-Other result backends (the embedded default's database) keep no running
-set: ``running_tasks`` returns None and says so.
+A database result backend (the embedded default) keeps the same in two
+tables, written at each run's start and end (``running_book.py``). Other
+result backends keep no running set: ``running_tasks`` returns None.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from celery import Celery, states
 from kombu.exceptions import ChannelError, OperationalError
 
 from ..transport.result_backend import RUNNING_KEY, AtomicRedisBackend
+from .running_book import book_of
 
 HEARTBEAT_KEY = "background:worker-heartbeats"
 HEARTBEAT_INTERVAL = 10.0
@@ -59,10 +62,33 @@ class RunningTask:
 
 def running_tasks(app: Celery, now: float | None = None) -> list[RunningTask] | None:
     """The running tasks, oldest first, stuck ones flagged; None if the backend keeps no set."""
-    backend = app.backend
-    if not isinstance(backend, AtomicRedisBackend):
-        return None
     now = time.time() if now is None else now
+    backend = app.backend
+    if isinstance(backend, AtomicRedisBackend):
+        return _from_redis(app, backend, now)
+    book = book_of(app)
+    if book is not None:
+        runs, beats = book.read(MAX_LISTED)
+        return [
+            _running(
+                app,
+                task_id=run.task_id,
+                name=run.task_name,
+                state=states.STARTED,
+                worker=run.worker,
+                pid=run.pid,
+                attempt=run.attempt,
+                queue=run.queue,
+                started_at=run.started_at,
+                now=now,
+                beats=beats,
+            )
+            for run in runs
+        ]
+    return None
+
+
+def _from_redis(app: Celery, backend: AtomicRedisBackend, now: float) -> list[RunningTask]:
     client = backend.client
     entries: list[tuple[bytes, float]] = client.zrange(
         RUNNING_KEY, 0, MAX_LISTED - 1, withscores=True
@@ -78,36 +104,61 @@ def running_tasks(app: Celery, now: float | None = None) -> list[RunningTask] | 
         if not isinstance(meta, Mapping) or meta.get("status") not in (states.STARTED, "PROGRESS"):
             ended.append(key)  # expired, or a state written without the script
             continue
-        found.append(_running(app, meta, started_at, now, beats))
+        state = str(meta.get("status"))
+        result = meta.get("result") if state == states.STARTED else None
+        result = result if isinstance(result, Mapping) else {}
+        worker = meta.get("worker") or result.get("hostname")
+        name = meta.get("name")
+        retries = meta.get("retries")
+        found.append(
+            _running(
+                app,
+                task_id=str(meta.get("task_id")),
+                name=name if isinstance(name, str) else None,
+                state=state,
+                worker=str(worker) if worker is not None else None,
+                pid=int(result["pid"]) if "pid" in result else None,
+                attempt=int(retries) if retries is not None else None,
+                queue=meta.get("queue"),
+                started_at=started_at,
+                now=now,
+                beats=beats,
+            )
+        )
     if ended:
         client.zrem(RUNNING_KEY, *ended)
     return found
 
 
 def _running(
-    app: Celery, meta: Mapping[str, Any], started_at: float, now: float, beats: dict[str, float]
+    app: Celery,
+    task_id: str,
+    name: str | None,
+    state: str,
+    worker: str | None,
+    pid: int | None,
+    attempt: int | None,
+    queue: str | None,
+    started_at: float,
+    now: float,
+    beats: Mapping[str, float],
 ) -> RunningTask:
-    result = meta.get("result") if meta.get("status") == states.STARTED else None
-    result = result if isinstance(result, Mapping) else {}
-    worker = meta.get("worker") or result.get("hostname")
-    name = meta.get("name")
-    task = app.tasks.get(name) if isinstance(name, str) else None
+    task = app.tasks.get(name) if name is not None else None
     hard_limit = getattr(task, "time_limit", None) or app.conf.task_time_limit
     running_for = max(now - started_at, 0.0)
     reason = None
     if hard_limit and running_for > float(hard_limit):
         reason = f"running for {running_for:.0f}s, past its hard time limit ({hard_limit}s)"
-    elif worker is not None and now - beats.get(str(worker), 0.0) > SILENT_AFTER:
+    elif worker is not None and now - beats.get(worker, 0.0) > SILENT_AFTER:
         reason = f"its worker {worker} has not been heard from for over {SILENT_AFTER:.0f}s"
-    retries = meta.get("retries")
     return RunningTask(
-        task_id=str(meta.get("task_id")),
-        task_name=name if isinstance(name, str) else None,
-        state=str(meta.get("status")).lower(),
-        worker=str(worker) if worker is not None else None,
-        pid=int(result["pid"]) if "pid" in result else None,
-        attempt=int(retries) if retries is not None else None,
-        queue=meta.get("queue"),
+        task_id=task_id,
+        task_name=name,
+        state=state.lower(),
+        worker=worker,
+        pid=pid,
+        attempt=attempt,
+        queue=queue,
         started_at=started_at,
         running_for=running_for,
         stuck=reason is not None,
@@ -120,34 +171,48 @@ def _text(value: Any) -> str:
 
 
 class WorkerHeartbeat:
-    """Writes this worker's time into ``HEARTBEAT_KEY`` while it runs (main process only)."""
+    """Writes this worker's time where the running set is kept, while it runs (main process only).
+
+    The Redis result backend: a hash (``HEARTBEAT_KEY``); a database result
+    backend: ``background_worker_heartbeats`` (``running_book.py``).
+    """
 
     def __init__(self, app: Celery, hostname: str, interval: float = HEARTBEAT_INTERVAL) -> None:
         self._app, self._hostname, self._interval = app, hostname, interval
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client: Any = None
+        self._beat: Callable[[float], None] | None = None
+        self._forget: Callable[[], None] | None = None
 
     def start(self) -> None:
         backend = self._app.backend
-        if not isinstance(backend, AtomicRedisBackend):
+        book = book_of(self._app)
+        if isinstance(backend, AtomicRedisBackend):
+            client, hostname = backend.client, self._hostname
+            self._beat = lambda now: client.hset(HEARTBEAT_KEY, hostname, repr(now))
+            self._forget = lambda: client.hdel(HEARTBEAT_KEY, hostname)
+        elif book is not None:
+            self._beat = partial(book.beat, self._hostname)
+            self._forget = partial(book.forget_worker, self._hostname)
+        else:
             return
-        self._client = backend.client
-        self._thread = threading.Thread(target=self._beat, name="background-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="background-heartbeat", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stopped.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._forget is not None:
             with contextlib.suppress(Exception):
-                self._client.hdel(HEARTBEAT_KEY, self._hostname)
+                self._forget()
 
-    def _beat(self) -> None:
+    def _run(self) -> None:
+        assert self._beat is not None
         while not self._stopped.is_set():
-            # Redis restarting: the next beat tries again; a long silence is what the page shows.
+            # The store restarting: the next beat tries again (a long silence shows as stuck).
             with contextlib.suppress(Exception):
-                self._client.hset(HEARTBEAT_KEY, self._hostname, repr(time.time()))
+                self._beat(time.time())
             self._stopped.wait(self._interval)
 
 
