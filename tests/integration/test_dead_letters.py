@@ -327,3 +327,35 @@ def test_a_dead_letter_that_cannot_be_written_is_logged_and_the_outcome_stands(
         assert after.get(timeout=WAIT)["status"] == "success"  # the worker goes on
     assert failing.state == "FAILURE"
     assert int(counter.get(f"executions:{key}")) == 2  # the failed run was not run again
+
+
+def test_the_same_id_failing_again_after_a_replay_is_a_new_failure_to_replay(
+    stack: Services,
+) -> None:
+    task_id = f"notify-{uuid.uuid4()}"
+    arguments, complete = encode_arguments([], {"key": "k"})
+
+    def letter(at: float) -> DeadLetter:
+        return DeadLetter(
+            task_id=task_id, task_name="tests.ops.fails_while_blocked", queue="default",
+            reason="non-retriable", arguments=arguments, arguments_complete=complete,
+            error_type="NonRetriableTaskError", error_module=None, error_message=f"at {at}",
+            traceback=None, attempts=1, worker="w@h", first_failed_at=at, last_failed_at=at,
+        )  # fmt: skip
+
+    async def fail_replay_fail(engine: AsyncEngine) -> DeadLetter | None:
+        store = DeadLetterStore(engine)
+        await store.record(letter(1000.0))
+        async with engine.begin() as connection:
+            assert await store.mark_replayed(connection, task_id, "replayed-id", 1001.0)
+        await store.record(letter(2000.0))
+        return await store.get(task_id)
+
+    again = run(fail_replay_fail, stack)
+    assert again is not None
+    assert (again.replayed_as, again.replayed_at) == (None, None)
+    assert (again.first_failed_at, again.last_failed_at) == (1000.0, 2000.0)
+    pending = run(
+        lambda engine: DeadLetterStore(engine).task_ids(DeadLetterFilter(pending=True)), stack
+    )
+    assert task_id in pending

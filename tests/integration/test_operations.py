@@ -64,6 +64,20 @@ def test_the_router_is_never_open(client: TestClient, monkeypatch: pytest.Monkey
     assert "OPERATIONS_PASSWORD" in refused.json()["detail"]
 
 
+def test_a_change_another_site_makes_the_browser_send_is_refused(client: TestClient) -> None:
+    url = "/background/api/dead-letters/any-id/replay"
+    cross_site = client.post(url, headers={"Sec-Fetch-Site": "cross-site"})
+    assert cross_site.status_code == 403
+    other_origin = client.post(url, headers={"Origin": "http://evil.example"})
+    assert other_origin.status_code == 403
+    same_site_form = client.post(
+        "/background/tasks/no-such-task/cancel", headers={"Sec-Fetch-Site": "same-origin"}
+    )
+    assert same_site_form.status_code == 200  # followed the 303 back to the page
+    assert client.post(url).status_code == 404  # an API client: checked, then not found
+    assert client.get("/background/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200
+
+
 def test_queue_depths_count_what_waits(client: TestClient) -> None:
     depths = client.get("/background/api/queues").json()
     assert set(depths) == {"high_priority", "default", "low_priority"}

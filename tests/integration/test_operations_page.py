@@ -111,6 +111,16 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> 
     raise AssertionError(f"not within {timeout}s: {what}")
 
 
+def text_after_click(driver: Any, element_id: str) -> str:
+    """The text of ``element_id`` on the page a click led to (a click does not wait for it)."""
+    from selenium.webdriver.common.by import By
+
+    found = wait_for(
+        lambda: driver.find_elements(By.ID, element_id), f"#{element_id} after the click", 15
+    )
+    return str(found[0].text)
+
+
 def test_open_the_page_while_a_task_fails_replay_it_and_see_it_succeed(
     api: str, browser: Any, stack: Services
 ) -> None:
@@ -135,14 +145,14 @@ def test_open_the_page_while_a_task_fails_replay_it_and_see_it_succeed(
     screenshot(driver, "overview-with-a-dead-letter")
 
     driver.find_element(By.LINK_TEXT, failed.id).click()
-    assert driver.find_element(By.ID, "error-message").text == f"{key} is blocked"
+    assert text_after_click(driver, "error-message") == f"{key} is blocked"
     assert '"order": 42' in driver.find_element(By.ID, "arguments").text
     assert "NonRetriableTaskError" in driver.find_element(By.ID, "traceback").text
     screenshot(driver, "dead-letter")
 
     stack.redis().delete(blocked_key(key))  # the cause is fixed
     driver.find_element(By.ID, "replay").click()
-    message = driver.find_element(By.ID, "message").text
+    message = text_after_click(driver, "message")
     match = re.search(r"as ([0-9a-f-]{36})", message)
     assert match, message
     new_id = match.group(1)
@@ -170,7 +180,7 @@ def test_cancel_a_running_task_from_the_page(api: str, browser: Any, stack: Serv
         r for r in driver.find_elements(By.CSS_SELECTOR, "#running tr") if running.id in r.text
     )
     row.find_element(By.NAME, "cancel").click()
-    assert "revoked" in driver.find_element(By.ID, "message").text
+    assert "revoked" in text_after_click(driver, "message")
     wait_for(lambda: running.state == "REVOKED", "the task revoked")
 
     def gone_from_the_page() -> bool:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
@@ -17,6 +20,7 @@ from app.core.background.internals.exceptions import (
 )
 from app.core.background.internals.operations.dead_letters import (
     MAX_ARGUMENTS_CHARS,
+    DeadLetter,
     DeadLetterStore,
     cut,
     encode_arguments,
@@ -48,6 +52,24 @@ def test_arguments_are_json_and_any_text_is_stored_safely() -> None:
     assert complete
     assert stored.isascii()  # a lone surrogate or any non-ASCII text cannot break a column
     assert json.loads(stored) == {"args": ["caf\u00e9", "\udcff"], "kwargs": {"n": 1}}
+
+
+def test_typed_arguments_come_back_with_their_types_for_a_replay() -> None:
+    sent = [Decimal("10.00"), datetime(2026, 12, 4, 12, 0, tzinfo=UTC), UUID(int=7)]
+    stored, complete = encode_arguments(sent, {"day": date(2026, 12, 4)})
+    assert complete
+    letter = DeadLetter(
+        task_id="t", task_name="n", queue=None, reason="refused", arguments=stored,
+        arguments_complete=complete, error_type="E", error_module=None, error_message="",
+        traceback=None, attempts=1, worker=None, first_failed_at=0.0, last_failed_at=0.0,
+    )  # fmt: skip
+    assert letter.call() == (sent, {"day": date(2026, 12, 4)})
+
+
+def test_a_value_no_json_can_hold_is_kept_as_text_and_not_replayable() -> None:
+    stored, complete = encode_arguments([object()], {})
+    assert not complete
+    assert "<object object at" in stored
 
 
 def test_huge_arguments_are_cut_and_marked_incomplete() -> None:

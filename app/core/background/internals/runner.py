@@ -96,7 +96,7 @@ def _execute(
             task.backend.store_result(ctx.task_id, None, states.PENDING, request=task.request)
         raise
     except TaskCancelledError:
-        ctx.log_warning("Task revoked while running: cancelled", duration=round(timer.stop(), 6))
+        hooks.on_revoked(ctx, timer.stop())
         raise
     except _CELERY_CONTROL:
         raise

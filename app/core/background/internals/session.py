@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from .exceptions import TaskConfigurationError
 
@@ -89,13 +90,17 @@ async def create_table(engine: AsyncEngine, ddl: str | Table, lock_id: int) -> N
     Two PostgreSQL sessions running it at the same moment can both miss the
     other's table, and one then fails (duplicate type or key): on PostgreSQL
     they take turns on the advisory lock ``lock_id`` and the second sees the
-    table. SQLite serializes DDL by itself.
+    table. A ``Table`` is created with ``IF NOT EXISTS`` statements, not
+    SQLAlchemy's check-then-create, which two SQLite connections can race
+    through ("table already exists").
     """
     async with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             await connection.execute(text(f"SELECT pg_advisory_xact_lock({lock_id})"))
         if isinstance(ddl, Table):
-            await connection.run_sync(ddl.create, checkfirst=True)
+            await connection.execute(CreateTable(ddl, if_not_exists=True))
+            for index in sorted(ddl.indexes, key=lambda index: str(index.name)):
+                await connection.execute(CreateIndex(index, if_not_exists=True))
         else:
             await connection.execute(text(ddl))
 

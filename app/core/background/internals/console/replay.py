@@ -15,6 +15,7 @@ task was sent and the row is not marked: at least once, as everywhere else.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -22,9 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from celery import Celery, Task
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..delivery.dedup import deduplicator
+from ..logging import FRAMEWORK_LOGGER_NAME
 from ..operations.dead_letters import DeadLetterFilter, DeadLetterStore, dead_letters
+
+_log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
 
 # Why a dead letter was not sent again.
 Refusal = Literal["not found", "already replayed", "not replayable", "deduplicated", "send failed"]
@@ -98,18 +103,36 @@ async def replay(store: DeadLetterStore, app: Celery, task_id: str) -> ReplayOut
             "be read); send it again by hand from what `show` prints",
         )
     args, kwargs = letter.call()
-    claim = f"replaying:{uuid.uuid4()}"
     try:
         # The failed task's id may be a deduplication key (``notify-42``): while
-        # a task with that id is queued or running again, a replay would be the
-        # duplicate the key exists to prevent.
+        # that id holds a lease (queued, running, retrying, in its period, or
+        # revoked), a replay would be the duplicate the key exists to prevent.
         if await asyncio.to_thread(deduplicator.store.holder, task_id) is not None:
             return ReplayOutcome(
                 task_id,
                 refused="deduplicated",
-                reason=f"a task with id {task_id!r} is queued or running: its deduplication "
-                "holds; replay once it has ended",
+                reason=f"the id {task_id!r} is held by a deduplication lease (a task with "
+                "it is queued, running or waiting to retry, or its period or revocation "
+                "holds); replay once it is free",
             )
+    except Exception as exc:  # noqa: BLE001 - the reason is the answer; the row is kept
+        return ReplayOutcome(task_id, refused="send failed", reason=f"{type(exc).__name__}: {exc}")
+    # Shielded: a client that goes away mid-request must not cut between the
+    # send and the mark that records it.
+    return await asyncio.shield(_claim_send_and_mark(store, task, task_id, args, kwargs))
+
+
+async def _claim_send_and_mark(
+    store: DeadLetterStore,
+    task: Task[Any, Any],
+    task_id: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+) -> ReplayOutcome:
+    """Claim the row, send, and write the new id, in one transaction held across the send."""
+    claim = f"replaying:{uuid.uuid4()}"
+    sent: str | None = None
+    try:
         async with store.engine.begin() as connection:
             if not await store.mark_replayed(connection, task_id, claim, time.time()):
                 return ReplayOutcome(
@@ -117,14 +140,35 @@ async def replay(store: DeadLetterStore, app: Celery, task_id: str) -> ReplayOut
                 )
             # The send path is synchronous (Celery's publish): off this event loop.
             result = await asyncio.to_thread(task.apply_async, tuple(args), kwargs)
-            await connection.execute(
-                dead_letters.update()
-                .where(dead_letters.c.task_id == task_id)
-                .values(replayed_as=result.id)
-            )
+            sent = str(result.id)
+            await _write_replayed_as(connection, task_id, sent)
     except Exception as exc:  # noqa: BLE001 - the reason is the answer; the row is kept
-        return ReplayOutcome(task_id, refused="send failed", reason=f"{type(exc).__name__}: {exc}")
-    return ReplayOutcome(task_id, replayed_as=str(result.id))
+        if sent is None:
+            return ReplayOutcome(
+                task_id, refused="send failed", reason=f"{type(exc).__name__}: {exc}"
+            )
+        # Sent, but the mark went with the transaction: a "failed" answer now
+        # would invite a second replay. Write it again on its own.
+        try:
+            async with store.engine.begin() as connection:
+                await _write_replayed_as(connection, task_id, sent, at=time.time())
+        except Exception as again:  # noqa: BLE001 - the task is sent: say so, and log the mark
+            _log.error(
+                "Dead letter %s was replayed as %s but could not be marked: %s: %s",
+                task_id, sent, type(again).__name__, again,
+            )  # fmt: skip
+    return ReplayOutcome(task_id, replayed_as=sent)
+
+
+async def _write_replayed_as(
+    connection: AsyncConnection, task_id: str, sent: str, at: float | None = None
+) -> None:
+    values: dict[str, Any] = {"replayed_as": sent}
+    if at is not None:
+        values["replayed_at"] = at
+    await connection.execute(
+        dead_letters.update().where(dead_letters.c.task_id == task_id).values(**values)
+    )
 
 
 async def replay_where(

@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from celery import Celery
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response
@@ -58,6 +58,30 @@ def engine_from_app_state(request: Request) -> AsyncEngine:
     return engine
 
 
+_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def refuse_cross_site_changes(request: Request) -> None:
+    """Refuse a replay, purge or cancel that another site's page made the browser send.
+
+    A browser sends cached HTTP Basic credentials (and cookies) with a form
+    another site submits: without this, any page an operator opens could
+    replay or cancel tasks. Browsers say where a request comes from
+    (``Sec-Fetch-Site``; ``Origin`` on a POST); a request that says neither
+    (curl, an API client) is no browser's cross-site request.
+    """
+    if request.method not in _UNSAFE_METHODS:
+        return
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        if site not in ("same-origin", "none"):
+            raise HTTPException(403, f"refused: a cross-site request ({site})")
+        return
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        raise HTTPException(403, f"refused: a request from another origin ({origin})")
+
+
 class ReplayFilter(BaseModel):
     """Which dead letters to replay: a group (task and error), a time range, or both."""
 
@@ -74,7 +98,9 @@ def operations_router(
     engine: EngineOf = engine_from_app_state,
 ) -> APIRouter:
     """The operations endpoints and page, every one behind the application's ``guard``."""
-    router = APIRouter(dependencies=[Depends(guard)], tags=["operations"])
+    router = APIRouter(
+        dependencies=[Depends(guard), Depends(refuse_cross_site_changes)], tags=["operations"]
+    )
 
     def store(request: Request) -> DeadLetterStore:
         return DeadLetterStore(engine(request))

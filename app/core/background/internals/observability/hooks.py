@@ -33,6 +33,9 @@ class TaskHook:
     ) -> None:
         """The task failed for good (``reason``: non-retriable or retries exhausted)."""
 
+    def on_revoked(self, ctx: TaskContext, duration: float) -> None:
+        """The task was revoked while it ran: its body was cancelled after ``duration`` seconds."""
+
 
 class LifecycleLogger(TaskHook):
     """The framework's own log lines: start, success, retry, final failure."""
@@ -52,6 +55,10 @@ class LifecycleLogger(TaskHook):
             error_type=type(exc).__name__,
             error=str(exc),
         )
+
+    def on_revoked(self, ctx: TaskContext, duration: float) -> None:
+        ctx.logger.bind(duration=round(duration, 6), outcome="revoked")
+        ctx.log_warning("Task revoked while running: cancelled")
 
     def on_failure(
         self, ctx: TaskContext, exc: BaseException, reason: str, duration: float
@@ -110,6 +117,10 @@ class HookRegistry:
     ) -> None:
         for hook in self._hooks:
             _guarded(hook.on_failure, ctx, exc, reason, duration)
+
+    def on_revoked(self, ctx: TaskContext, duration: float) -> None:
+        for hook in self._hooks:
+            _guarded(hook.on_revoked, ctx, duration)
 
 
 def _guarded(method: Any, *args: Any) -> None:

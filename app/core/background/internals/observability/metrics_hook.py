@@ -28,7 +28,7 @@ class _TaskSeries:
         self.failed = metrics.failed.labels(task_name, queue)
         self.duration = {
             outcome: metrics.duration.labels(task_name, queue, outcome)
-            for outcome in ("success", "retry", "failure")
+            for outcome in ("success", "retry", "failure", "revoked")
         }
 
 
@@ -78,3 +78,7 @@ class MetricsHook(TaskHook):
         series = self._of(ctx)
         series.failed.inc()
         self._finished(series, ctx, "failure", duration)
+
+    def on_revoked(self, ctx: TaskContext, duration: float) -> None:
+        # No counter of its own: the run is no longer in flight, its time is kept.
+        self._finished(self._of(ctx), ctx, "revoked", duration)

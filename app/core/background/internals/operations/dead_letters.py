@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from kombu.utils import json as kombu_json
 from sqlalchemy import (
     Boolean,
     Column,
@@ -128,7 +129,7 @@ class DeadLetter:
 
     def call(self) -> tuple[list[Any], dict[str, Any]]:
         """The positional and keyword arguments it was sent with (complete rows only)."""
-        decoded = json.loads(self.arguments)
+        decoded = kombu_json.loads(self.arguments)
         return list(decoded.get("args") or []), dict(decoded.get("kwargs") or {})
 
     def as_dict(self) -> dict[str, Any]:
@@ -176,13 +177,22 @@ class DeadLetterFilter:
 
 
 def encode_arguments(args: Sequence[Any] | None, kwargs: dict[str, Any] | None) -> tuple[str, bool]:
-    """The arguments as stored: JSON (ASCII, so any text is safe), cut when huge."""
-    encoded = json.dumps(
-        {"args": list(args or ()), "kwargs": dict(kwargs or {})}, ensure_ascii=True, default=repr
-    )
+    """The arguments as stored: JSON (ASCII, so any text is safe), cut when huge.
+
+    kombu's JSON, as on the wire: a datetime, Decimal or UUID the task was
+    sent with is stored with its type and comes back as one in a replay. A
+    value no JSON can hold is stored as its ``repr`` and the row marked
+    incomplete (not replayable as is).
+    """
+    call = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
+    complete = True
+    try:
+        encoded = kombu_json.dumps(call, ensure_ascii=True)
+    except (TypeError, ValueError):
+        encoded, complete = json.dumps(call, ensure_ascii=True, default=repr), False
     if len(encoded) > MAX_ARGUMENTS_CHARS:
         return encoded[:MAX_ARGUMENTS_CHARS], False
-    return encoded, True
+    return encoded, complete
 
 
 def cut(text: str | None, limit: int = MAX_TEXT_CHARS) -> str | None:
@@ -208,12 +218,14 @@ class DeadLetterStore:
     async def record(self, letter: DeadLetter) -> None:
         """Add ``letter``; the same task id failing again updates its row.
 
-        The row keeps its first failure time and its replay; the rest is the
-        latest failure's.
+        The row keeps its first failure time; the rest is the latest
+        failure's. A replay mark is cleared: the id failing again (a
+        deduplication key sent again by the application) is a failure to see
+        and replay, not one already dealt with.
         """
         await self.ensure_table()
         values = letter.as_dict()
-        del values["replayed_as"], values["replayed_at"]
+        values["replayed_as"] = values["replayed_at"] = None
         async with self.engine.begin() as connection:
             insert = (postgresql if connection.dialect.name == "postgresql" else sqlite).insert
             statement = insert(dead_letters).values(**values)
