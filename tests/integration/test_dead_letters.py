@@ -101,6 +101,22 @@ def test_a_run_over_its_time_limit_is_a_dead_letter(stack: Services) -> None:
     assert letter.call() == ([], {"key": key, "seconds": 30.0})
 
 
+def test_a_run_killed_at_its_hard_time_limit_is_a_dead_letter_with_its_worker(
+    stack: Services,
+) -> None:
+    """Reported by the worker's main process, after Celery has let go of the request."""
+    result = tasks_operations.ignores_soft_limit.apply_async(
+        kwargs={"seconds": 10}, time_limit=2, soft_time_limit=1
+    )
+    failed(result)
+    letter = letter_of(stack, result.id)
+    assert (letter.reason, letter.error_type) == ("time limit", "TimeLimitExceeded")
+    assert letter.worker is not None
+    assert "@" in letter.worker  # the Celery node name, as stored with the failure
+    assert letter.queue == "default"
+    assert letter.call() == ([], {"seconds": 10})
+
+
 def test_a_call_that_does_not_fit_the_signature_is_refused(stack: Services) -> None:
     result = celery_app.send_task("tests.record", kwargs={"not_a_parameter": 1})
     failed(result)

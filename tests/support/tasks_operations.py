@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
 
 from app.core.background import NonRetriableTaskError, TaskContext, db_task, simple_task
 from tests.support.models import Record
@@ -38,3 +41,14 @@ async def write_then_wait(ctx: TaskContext, key: str, seconds: float) -> dict[st
     count(key)
     await asyncio.sleep(seconds)
     return ctx.success_result(key=key)
+
+
+@simple_task(name="tests.ops.ignores_soft_limit", retry_policy="no_retry")
+def ignores_soft_limit(ctx: TaskContext, seconds: float) -> None:
+    """Sleeps ``seconds`` through its soft time limit: only the hard limit (a kill) ends it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            continue

@@ -24,7 +24,8 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from celery import signals
@@ -216,7 +217,9 @@ def _request_of(task: Any, task_id: str) -> Any:
     """The failed run's request: the task's own in the process that ran it.
 
     A hard time limit is reported by the worker's main process, where the task
-    has no current request: the worker's record of active requests has it.
+    has no current request, and Celery has already taken the run out of its
+    active requests: what the backend stored with the failure (retries,
+    worker, queue: ``result_extended``) stands in for it.
     """
     request = getattr(task, "request", None)
     if request is not None and getattr(request, "id", None) == task_id:
@@ -225,19 +228,33 @@ def _request_of(task: Any, task_id: str) -> Any:
 
     for active in list(state.active_requests):
         if getattr(active, "id", None) == task_id:
-            return _ActiveRequest(active)
-    return None
+            fields = getattr(active, "request_dict", None) or {}
+            return _RequestFields(
+                retries=fields.get("retries"),
+                hostname=getattr(active, "hostname", None),
+                delivery_info=getattr(active, "delivery_info", None) or {},
+                headers=fields,
+            )
+    try:
+        meta = task.backend.get_task_meta(task_id)
+    except Exception:  # noqa: BLE001 - the dead letter is written with what is known
+        return None
+    return _RequestFields(
+        retries=meta.get("retries"),
+        hostname=meta.get("worker"),
+        delivery_info={"routing_key": meta.get("queue")},
+        headers={},
+    )
 
 
-class _ActiveRequest:
-    """The fields of a ``celery.worker.request.Request`` that a task request has."""
+@dataclass(frozen=True, slots=True)
+class _RequestFields:
+    """The fields of a task request that a dead letter reads."""
 
-    def __init__(self, request: Any) -> None:
-        fields = getattr(request, "request_dict", None) or {}
-        self.retries = fields.get("retries")
-        self.hostname = getattr(request, "hostname", None)
-        self.delivery_info = getattr(request, "delivery_info", None) or {}
-        self.headers = fields
+    retries: int | None
+    hostname: str | None
+    delivery_info: Mapping[str, Any]
+    headers: Mapping[str, Any]
 
 
 def _header(request: Any, name: str) -> Any:
