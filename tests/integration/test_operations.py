@@ -180,6 +180,24 @@ def test_a_running_async_task_is_listed_then_cancelled_rolled_back_and_the_worke
     assert client.delete(cancel_route.format("no-such-task")).status_code == 404
 
 
+def test_a_running_sync_task_is_not_cancelled_nor_hidden(client: TestClient) -> None:
+    running = tasks_operations.ignores_soft_limit.delay(seconds=3.0)
+    wait_for(
+        lambda: (
+            running.id
+            in [t["task_id"] for t in client.get("/background/api/running").json()["tasks"]]
+        ),
+        "the sync task listed as running",
+    )
+    refused = client.delete(f"/background/api/tasks/{running.id}")
+    assert refused.status_code == 409
+    assert "sync body" in refused.json()["detail"]
+    listed = [t["task_id"] for t in client.get("/background/api/running").json()["tasks"]]
+    assert running.id in listed  # still shown: it still runs
+    running.get(timeout=WAIT)
+    assert running.state == "SUCCESS"
+
+
 def test_a_task_past_its_hard_limit_or_on_a_silent_worker_is_stuck(stack: Services) -> None:
     key = uuid.uuid4().hex
     running = tasks_operations.write_then_wait.delay(key=key, seconds=30)

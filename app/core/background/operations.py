@@ -10,7 +10,7 @@ available from code (``DeadLetterStore``, ``replay``, ``replay_where``,
 
 from .internals.console.replay import ReplayOutcome, ReplaySummary, replay, replay_where
 from .internals.console.router import operations_router
-from .internals.operations.cancel import TaskCancelledError, revoke
+from .internals.operations.cancel import NotCancellableError, TaskCancelledError, revoke
 from .internals.operations.dead_letters import (
     DeadLetter,
     DeadLetterFilter,
@@ -35,5 +35,6 @@ __all__ = (
     "running_tasks",
     "queue_depths",
     "revoke",
+    "NotCancellableError",
     "TaskCancelledError",
 )

@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..operations.cancel import revoke
+from ..operations.cancel import NotCancellableError, revoke
 from ..operations.dead_letters import PAGE_SIZE, DeadLetter, DeadLetterFilter, DeadLetterStore
 from ..operations.running import queue_depths, running_tasks
 from .page import render_dead_letter, render_overview
@@ -171,7 +171,10 @@ def operations_router(
 
     @router.delete("/api/tasks/{task_id}")
     async def cancel(task_id: str) -> dict[str, Any]:
-        state = await asyncio.to_thread(revoke, app, task_id)
+        try:
+            state = await asyncio.to_thread(revoke, app, task_id)
+        except NotCancellableError as exc:
+            raise HTTPException(409, str(exc)) from None
         if state is None:
             raise HTTPException(404, f"unknown task {task_id!r}")
         return {"task_id": task_id, "state": state}
@@ -243,7 +246,10 @@ def operations_router(
 
     @router.post("/tasks/{task_id}/cancel")
     async def cancel_from_page(request: Request, task_id: str) -> Response:
-        state = await asyncio.to_thread(revoke, app, task_id)
+        try:
+            state = await asyncio.to_thread(revoke, app, task_id)
+        except NotCancellableError as exc:
+            return _back(request, "/", f"Not cancelled: {exc}.")
         text = f"Unknown task {task_id}." if state is None else f"Task {task_id}: {state}."
         return _back(request, "/", text)
 

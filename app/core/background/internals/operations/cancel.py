@@ -46,20 +46,37 @@ class TaskCancelledError(Ignore):
     """The task was revoked while it ran: its coroutine was cancelled (``REVOKED`` is stored)."""
 
 
+class NotCancellableError(Exception):
+    """A sync task is running: nothing can stop it short of a signal to its process."""
+
+
 def revoke(app: Celery, task_id: str) -> str | None:
     """Revoke ``task_id``: queued, it never starts; running async, it is cancelled (blocking).
 
     Returns the task's state afterwards ("revoked", or the state it finished
-    in), or None for an id the backend has never seen.
+    in), or None for an id the backend has never seen. A running sync task
+    raises ``NotCancellableError`` and is left alone.
     """
     status = get_task_status(app, task_id)
     if not status.known:
         return None
     if status.finished:
         return status.state
+    if status.state in ("started", "progress") and _runs_sync_body(app, task_id):
+        # Storing REVOKED would hide a run that goes on to its end.
+        raise NotCancellableError(
+            f"task {task_id} runs a sync body, which cannot be cancelled at an await; "
+            "it runs to its end (Celery's terminate, a signal to its process, is the only stop)"
+        )
     app.control.revoke(task_id)
     record_revoked(app, task_id, "revoked by an operator")
     return "revoked"
+
+
+def _runs_sync_body(app: Celery, task_id: str) -> bool:
+    meta = raw_meta(app, task_id) or {}
+    task = app.tasks.get(str(meta.get("name")))
+    return task is not None and getattr(task, "is_async", True) is False
 
 
 def revoked_in_backend(app: Celery, task_id: str) -> bool:
