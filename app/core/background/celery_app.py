@@ -248,9 +248,11 @@ class WorkerSignals:
         signals.worker_shutdown.connect(self.stop_metrics_endpoint, weak=False)
         signals.worker_process_shutdown.connect(self.close_process_resources, weak=False)
         signals.worker_shutdown.connect(self.close_process_resources, weak=False)
-        # A database result backend keeps the running set by these (Redis: its script).
-        signals.task_prerun.connect(running_book.on_task_prerun, weak=False)
-        signals.task_postrun.connect(running_book.on_task_postrun, weak=False)
+        if self.settings.celery_result_backend.startswith("db+"):
+            # A database result backend keeps the running set by these (Redis:
+            # its state script); connected only then, off every other task start.
+            signals.task_prerun.connect(running_book.on_task_prerun, weak=False)
+            signals.task_postrun.connect(running_book.on_task_postrun, weak=False)
         signals.worker_ready.connect(self.start_heartbeat, weak=False)
         signals.worker_shutdown.connect(self.stop_heartbeat, weak=False)
 

@@ -68,6 +68,10 @@ class TaskRegistry:
     def release(self, name: str) -> None:
         self._functions.pop(name, None)
 
+    def body(self, name: str) -> Callable[..., Any] | None:
+        """The function of the framework task ``name`` (None for any other name)."""
+        return self._functions.get(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._functions
 

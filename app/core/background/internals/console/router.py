@@ -17,6 +17,7 @@ loop.
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints'
 # annotations at run time, and ``Store`` is local to operations_router.
 import asyncio
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any
@@ -102,8 +103,15 @@ def operations_router(
         dependencies=[Depends(guard), Depends(refuse_cross_site_changes)], tags=["operations"]
     )
 
+    # One store per engine: it creates the table once, not on every request.
+    stores: weakref.WeakKeyDictionary[AsyncEngine, DeadLetterStore] = weakref.WeakKeyDictionary()
+
     def store(request: Request) -> DeadLetterStore:
-        return DeadLetterStore(engine(request))
+        bound = engine(request)
+        found = stores.get(bound)
+        if found is None:
+            found = stores[bound] = DeadLetterStore(bound)
+        return found
 
     Store = Annotated[DeadLetterStore, Depends(store)]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ from celery import Celery, states
 from celery.exceptions import Ignore
 
 from ..logging import FRAMEWORK_LOGGER_NAME
+from ..registry import registry
 from .status import get_task_status, raw_meta, record_revoked
 
 T = TypeVar("T")
@@ -74,9 +76,10 @@ def revoke(app: Celery, task_id: str) -> str | None:
 
 
 def _runs_sync_body(app: Celery, task_id: str) -> bool:
-    meta = raw_meta(app, task_id) or {}
-    task = app.tasks.get(str(meta.get("name")))
-    return task is not None and getattr(task, "is_async", True) is False
+    # From the framework's registry, not ``app.tasks``: reading that finalizes
+    # an app that is not yet, registering every shared task on it.
+    body = registry.body(str((raw_meta(app, task_id) or {}).get("name")))
+    return body is not None and not inspect.iscoroutinefunction(body)
 
 
 def revoked_in_backend(app: Celery, task_id: str) -> bool:

@@ -235,6 +235,8 @@ def _request_of(task: Any, task_id: str) -> Any:
                 delivery_info=getattr(active, "delivery_info", None) or {},
                 headers=fields,
             )
+    if task is None:
+        return None
     try:
         meta = task.backend.get_task_meta(task_id)
     except Exception:  # noqa: BLE001 - the dead letter is written with what is known

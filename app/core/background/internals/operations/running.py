@@ -32,7 +32,7 @@ from celery import Celery, states
 from kombu.exceptions import ChannelError, OperationalError
 
 from ..transport.result_backend import RUNNING_KEY, AtomicRedisBackend
-from .running_book import book_of
+from .running_book import BookedRun, book_of
 
 HEARTBEAT_KEY = "background:worker-heartbeats"
 HEARTBEAT_INTERVAL = 10.0
@@ -64,102 +64,74 @@ def running_tasks(app: Celery, now: float | None = None) -> list[RunningTask] | 
     """The running tasks, oldest first, stuck ones flagged; None if the backend keeps no set."""
     now = time.time() if now is None else now
     backend = app.backend
-    if isinstance(backend, AtomicRedisBackend):
-        return _from_redis(app, backend, now)
     book = book_of(app)
-    if book is not None:
+    if isinstance(backend, AtomicRedisBackend):
+        runs, beats = _read_redis(backend)
+    elif book is not None:
         runs, beats = book.read(MAX_LISTED)
-        return [
-            _running(
-                app,
-                task_id=run.task_id,
-                name=run.task_name,
-                state=states.STARTED,
-                worker=run.worker,
-                pid=run.pid,
-                attempt=run.attempt,
-                queue=run.queue,
-                started_at=run.started_at,
-                now=now,
-                beats=beats,
-            )
-            for run in runs
-        ]
-    return None
+    else:
+        return None
+    return [_running(app, run, now, beats) for run in runs]
 
 
-def _from_redis(app: Celery, backend: AtomicRedisBackend, now: float) -> list[RunningTask]:
+def _read_redis(backend: AtomicRedisBackend) -> tuple[list[BookedRun], dict[str, float]]:
+    """The runs of the running set (``ZRANGE`` + ``MGET``) and the heartbeats (``HGETALL``)."""
     client = backend.client
     entries: list[tuple[bytes, float]] = client.zrange(
         RUNNING_KEY, 0, MAX_LISTED - 1, withscores=True
     )
     if not entries:
-        return []
+        return [], {}
     metas = client.mget([key for key, _ in entries])
     beats = {_text(name): float(value) for name, value in client.hgetall(HEARTBEAT_KEY).items()}
-    found: list[RunningTask] = []
+    runs: list[BookedRun] = []
     ended: list[bytes] = []
     for (key, started_at), raw in zip(entries, metas, strict=True):
         meta = backend.decode(raw) if raw else None
         if not isinstance(meta, Mapping) or meta.get("status") not in (states.STARTED, "PROGRESS"):
             ended.append(key)  # expired, or a state written without the script
             continue
-        state = str(meta.get("status"))
-        result = meta.get("result") if state == states.STARTED else None
+        # STARTED's result is Celery's {"pid", "hostname"}; PROGRESS's is the metrics.
+        result = meta.get("result") if meta.get("status") == states.STARTED else None
         result = result if isinstance(result, Mapping) else {}
         worker = meta.get("worker") or result.get("hostname")
         name = meta.get("name")
         retries = meta.get("retries")
-        found.append(
-            _running(
-                app,
+        runs.append(
+            BookedRun(
                 task_id=str(meta.get("task_id")),
-                name=name if isinstance(name, str) else None,
-                state=state,
+                task_name=name if isinstance(name, str) else None,
                 worker=str(worker) if worker is not None else None,
                 pid=int(result["pid"]) if "pid" in result else None,
                 attempt=int(retries) if retries is not None else None,
                 queue=meta.get("queue"),
                 started_at=started_at,
-                now=now,
-                beats=beats,
+                state=str(meta.get("status")),
             )
         )
     if ended:
         client.zrem(RUNNING_KEY, *ended)
-    return found
+    return runs, beats
 
 
-def _running(
-    app: Celery,
-    task_id: str,
-    name: str | None,
-    state: str,
-    worker: str | None,
-    pid: int | None,
-    attempt: int | None,
-    queue: str | None,
-    started_at: float,
-    now: float,
-    beats: Mapping[str, float],
-) -> RunningTask:
-    task = app.tasks.get(name) if name is not None else None
+def _running(app: Celery, run: BookedRun, now: float, beats: Mapping[str, float]) -> RunningTask:
+    task = app.tasks.get(run.task_name) if run.task_name is not None else None
     hard_limit = getattr(task, "time_limit", None) or app.conf.task_time_limit
-    running_for = max(now - started_at, 0.0)
+    running_for = max(now - run.started_at, 0.0)
     reason = None
     if hard_limit and running_for > float(hard_limit):
         reason = f"running for {running_for:.0f}s, past its hard time limit ({hard_limit}s)"
-    elif worker is not None and now - beats.get(worker, 0.0) > SILENT_AFTER:
-        reason = f"its worker {worker} has not been heard from for over {SILENT_AFTER:.0f}s"
+    elif run.worker is not None and now - beats.get(run.worker, 0.0) > SILENT_AFTER:
+        reason = f"its worker {run.worker} has not been heard from for over {SILENT_AFTER:.0f}s"
     return RunningTask(
-        task_id=task_id,
-        task_name=name,
-        state=state.lower(),
-        worker=worker,
-        pid=pid,
-        attempt=attempt,
-        queue=queue,
-        started_at=started_at,
+        task_id=run.task_id,
+        task_name=run.task_name,
+        state=run.state.lower(),
+        worker=run.worker,
+        pid=run.pid,
+        attempt=run.attempt,
+        queue=run.queue,
+        started_at=run.started_at,
         running_for=running_for,
         stuck=reason is not None,
         stuck_reason=reason,

@@ -68,7 +68,7 @@ worker_heartbeats = Table(
 
 @dataclass(frozen=True, slots=True)
 class BookedRun:
-    """One run in progress, as its process wrote it down."""
+    """One run in progress, as the framework keeps it (this table, or Redis's running set)."""
 
     task_id: str
     task_name: str | None
@@ -77,6 +77,7 @@ class BookedRun:
     attempt: int | None
     queue: str | None
     started_at: float
+    state: str = states.STARTED  # or PROGRESS (Redis only: this table keeps no progress)
 
 
 class RunningBook:
@@ -164,7 +165,7 @@ class RunningBook:
 
 
 def _fields(run: BookedRun) -> dict[str, Any]:
-    return {name: getattr(run, name) for name in run.__slots__}
+    return {column.name: getattr(run, column.name) for column in running_runs.columns}
 
 
 def book_of(app: Any) -> RunningBook | None:
