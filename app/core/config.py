@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     background_dedup_database_url: str | None = None
     # Extra lease lifetime for the time a message may wait in its queue.
     background_dedup_queue_margin: float = Field(default=3600, ge=0)
+    # Task limits (rate_limit=, concurrency=) share the leases' store; a
+    # concurrency slot of a process that died is free again after this long.
+    background_admission_lease_seconds: float = Field(default=30, gt=0)
 
     # Final failures kept in the database (operations: dead letters), and for how long.
     background_dead_letters: bool = True

@@ -219,15 +219,25 @@ def test_celery_options_pass_through(task_name: str) -> None:
         name=task_name,
         time_limit=7,
         soft_time_limit=5,
-        rate_limit="10/s",
         ignore_result=True,
         acks_on_failure_or_timeout=True,
     )
     def body(ctx: TaskContext) -> None: ...
 
     assert (body.time_limit, body.soft_time_limit) == (7, 5)
-    assert body.rate_limit == "10/s"
     assert body.ignore_result is True
+
+
+def test_rate_limit_is_the_frameworks_shared_limit_not_celerys_per_process_one(
+    task_name: str,
+) -> None:
+    @simple_task(name=task_name, rate_limit="10/s")
+    def body(ctx: TaskContext) -> None: ...
+
+    assert body.limits is not None and body.limits.rate is not None
+    assert body.limits.rate.per_second == 10
+    # Celery's own limiter (per worker process, holding a prefetch slot) stays off.
+    assert body.rate_limit is None
 
 
 @pytest.mark.parametrize("policy", list(RETRY_POLICIES))

@@ -17,6 +17,8 @@ from kombu import Queue
 
 from app.core.config import DATA_DIR, Settings, get_settings
 
+from .internals.admission.gate import admission
+from .internals.admission.stores import store_from_settings as admission_store_from_settings
 from .internals.base import route_to_declared_queue
 from .internals.delivery.dedup import connect_worker_signals as connect_dedup_signals
 from .internals.delivery.dedup import deduplicator, store_from_settings
@@ -170,6 +172,9 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     )
     deduplicator.configure(
         store_from_settings(settings), queue_margin=settings.background_dedup_queue_margin
+    )
+    admission.configure(
+        admission_store_from_settings(settings), settings.background_admission_lease_seconds
     )
     if (
         settings.is_embedded_broker

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from . import runner
+from .admission.limits import Limits
 from .context import TaskContext
 from .delivery.after_commit import enqueue_after_commit
 from .delivery.bulk import dispatch_many
@@ -58,6 +59,8 @@ class BaseTask(Task[P, R], Generic[P, R]):
     body: Callable[..., Any]
     body_signature: inspect.Signature
     policy: RetryPolicy
+    # Its rate limit and concurrency cap (``admission/limits.py``), if it declares any.
+    limits: Limits | None = None
     background_queue: str = "default"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -8,6 +8,7 @@ from typing import Any, Concatenate, NoReturn, ParamSpec, Protocol, TypeVar, cas
 
 from celery import Task
 
+from .admission.limits import KeyFunction, declared_limits
 from .base import AsyncTask, BaseTask, DatabaseTask, SyncTask
 from .context import TaskContext
 from .exceptions import TaskDefinitionError
@@ -118,6 +119,7 @@ def _build_task(
     name: str,
     retry_policy: str,
     queue: str,
+    limit_options: dict[str, Any],
     celery_options: dict[str, Any],
 ) -> Any:
     if not isinstance(name, str) or not name.strip():
@@ -133,6 +135,7 @@ def _build_task(
             raise TaskDefinitionError(f"{name}: {option!r} is not a Celery task option")
     signature = inspect.signature(fn)
     _check_context_parameter(fn, name, signature)
+    limits = declared_limits(name, signature, **limit_options)
 
     app = current_app()
     if (existing := registry.claim(name, fn)) is not None:
@@ -158,6 +161,7 @@ def _build_task(
         "body": staticmethod(fn),
         "body_signature": signature,
         "policy": policy,
+        "limits": limits,
     }
 
     def run(self: BaseTask[Any, Any], *args: Any, **kwargs: Any) -> Any:
@@ -201,6 +205,10 @@ def simple_task(
     name: str,
     retry_policy: RetryPolicyName = "standard",
     queue: QueueName = "default",
+    rate_limit: str | None = None,
+    rate_limit_key: KeyFunction | None = None,
+    concurrency: int | None = None,
+    concurrency_key: KeyFunction | None = None,
     **celery_options: Any,
 ) -> _SimpleTaskDecorator: ...
 def simple_task(
@@ -210,18 +218,32 @@ def simple_task(
     name: str | None = None,
     retry_policy: RetryPolicyName = "standard",
     queue: QueueName = "default",
+    rate_limit: str | None = None,
+    rate_limit_key: KeyFunction | None = None,
+    concurrency: int | None = None,
+    concurrency_key: KeyFunction | None = None,
     **celery_options: Any,
 ) -> _SimpleTaskDecorator:
     """A task without database access, on a plain function or an ``async def``.
 
-    Extra keyword arguments are Celery task options (``time_limit``,
-    ``rate_limit``, ``ignore_result``...) and behave as in Celery.
+    ``rate_limit`` (``"50/s"``, ``/m``, ``/h``) and ``concurrency`` (runs at
+    once) hold across every worker, per key with ``rate_limit_key`` /
+    ``concurrency_key`` (functions of the task's arguments); a run that must
+    wait is sent back for later, not retried (``admission/``). Extra keyword
+    arguments are Celery task options (``time_limit``, ``ignore_result``...)
+    and behave as in Celery.
     """
     task_name = _check_called_with_arguments("simple_task", fn, name)
+    limits = {
+        "rate_limit": rate_limit,
+        "rate_limit_key": rate_limit_key,
+        "concurrency": concurrency,
+        "concurrency_key": concurrency_key,
+    }
 
     def decorate(fn: Callable[..., Any]) -> Any:
         base = AsyncTask if inspect.iscoroutinefunction(fn) else SyncTask
-        return _build_task(fn, base, task_name, retry_policy, queue, celery_options)
+        return _build_task(fn, base, task_name, retry_policy, queue, limits, celery_options)
 
     return decorate
 
@@ -234,6 +256,10 @@ def db_task(
     name: str,
     retry_policy: RetryPolicyName = "standard",
     queue: QueueName = "default",
+    rate_limit: str | None = None,
+    rate_limit_key: KeyFunction | None = None,
+    concurrency: int | None = None,
+    concurrency_key: KeyFunction | None = None,
     **celery_options: Any,
 ) -> _DbTaskDecorator: ...
 def db_task(
@@ -243,14 +269,27 @@ def db_task(
     name: str | None = None,
     retry_policy: RetryPolicyName = "standard",
     queue: QueueName = "default",
+    rate_limit: str | None = None,
+    rate_limit_key: KeyFunction | None = None,
+    concurrency: int | None = None,
+    concurrency_key: KeyFunction | None = None,
     **celery_options: Any,
 ) -> _DbTaskDecorator:
-    """A task with an ``AsyncSession`` at ``ctx.session``: commit on success, rollback on error."""
+    """A task with an ``AsyncSession`` at ``ctx.session``: commit on success, rollback on error.
+
+    Limits and Celery options as for ``simple_task``.
+    """
     task_name = _check_called_with_arguments("db_task", fn, name)
+    limits = {
+        "rate_limit": rate_limit,
+        "rate_limit_key": rate_limit_key,
+        "concurrency": concurrency,
+        "concurrency_key": concurrency_key,
+    }
 
     def decorate(fn: Callable[..., Any]) -> Any:
         if not inspect.iscoroutinefunction(fn):
             raise TaskDefinitionError(f"{task_name}: @db_task needs an 'async def' function")
-        return _build_task(fn, DatabaseTask, task_name, retry_policy, queue, celery_options)
+        return _build_task(fn, DatabaseTask, task_name, retry_policy, queue, limits, celery_options)
 
     return decorate

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from celery.exceptions import Ignore
 from kombu.exceptions import OperationalError
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -58,6 +59,15 @@ class TaskProcessLostError(NonRetriableTaskError):
     A whole worker process that dies (SIGKILL, out of memory) acknowledges
     nothing: the broker delivers the message again with the same attempt
     number, so each death is counted apart (``transport/result_backend.py``).
+    """
+
+
+class TaskDeferred(Ignore):
+    """This delivery ended because the task must wait for its limits; it is sent again.
+
+    Celery's ``Ignore``: the message is acknowledged and no state is stored
+    by Celery (the gate stored ``WAITING``). Not a failure: no retry, no
+    dead letter, and a deduplication lease stays with the copy sent again.
     """
 
 

@@ -108,6 +108,13 @@ class TaskMetrics:
         self.deduplicated = Counter(
             "background_tasks_deduplicated", "Tasks skipped as duplicates", labels, registry=reg
         )
+        # The key label is the limit's key (a tenant...): as many series as keys.
+        self.deferred = Counter(
+            "background_tasks_deferred",
+            "Runs sent back to wait for the task's rate limit or concurrency cap, by key",
+            (*labels, "limit", "key"),
+            registry=reg,
+        )
         self.dispatched = Counter(
             "background_tasks_dispatched", "Tasks sent to the broker", labels, registry=reg
         )

@@ -26,6 +26,9 @@ KEEP_UNTIL_HEADER = "background_dedup_keep_until"
 PERIOD_HEADER = "background_period"
 # Set on a task's first retry: when (epoch) its first attempt failed (dead letters).
 FIRST_FAILURE_HEADER = "background_first_failure"
+# Set when a run waited for its task's limits: how many times it was sent again
+# for that (a deferral is no retry: the attempt count does not move).
+DEFERRALS_HEADER = "background_deferrals"
 
 
 # -- the Celery app -------------------------------------------------------------------

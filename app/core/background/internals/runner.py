@@ -8,7 +8,9 @@ calls the task, the task calls ``execute``, and ``execute``:
 2. checks the arguments the message carried (a message that cannot run never will),
    and that earlier runs of it lost with their process (``TaskProcessLostError``)
    leave the retry policy room for this one;
-3. calls the hooks' ``before_run``;
+3. passes the task's limits (``admission/gate.py``): a run that must wait is
+   sent again for later and ends here, acknowledged; an admitted one holds
+   its concurrency slot until it ends; then calls the hooks' ``before_run``;
 4. runs the body: a sync body in this thread; an async one on the process's
    event loop (``event_loop.py``); a db task's inside a transaction on a
    session of its own, committed after the body, with its run-once
@@ -34,6 +36,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from kombu.utils.json import dumps
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .admission.gate import MustWait, admission, defer
 from .context import TaskContext
 from .delivery.completions import AlreadyCompleted, CompletionMarker, completion_log
 from .delivery.dedup import run_once_key
@@ -83,13 +86,20 @@ def _execute(
     try:
         if (error := task.argument_error(args, kwargs)) is not None:
             raise TaskArgumentsRefusedError(error)
-        hooks.before_run(ctx)
-        result = _run_body(task, ctx, args, kwargs)
-        if task.is_async:
-            revoked = partial(revoked_in_backend, task.app, ctx.task_id)
-            result = worker_loop.run(cancel_when_revoked(result, revoked, ctx.task_id))
-        if not task.uses_database:
-            check_result(task, result)
+        ticket = admission.enter(task, ctx, args, kwargs)
+        try:
+            hooks.before_run(ctx)
+            result = _run_body(task, ctx, args, kwargs)
+            if task.is_async:
+                revoked = partial(revoked_in_backend, task.app, ctx.task_id)
+                result = worker_loop.run(cancel_when_revoked(result, revoked, ctx.task_id))
+            if not task.uses_database:
+                check_result(task, result)
+        finally:
+            if ticket is not None:
+                ticket.release()
+    except MustWait as waiting:
+        raise _deferred(task, ctx, args, kwargs, waiting) from None
     except Reject as reject:
         if getattr(reject, "requeue", False):  # celery-types does not declare it
             # Back to the queue, not lost: its next run must not count this one.
@@ -104,6 +114,24 @@ def _execute(
         raise _after_failure(task, ctx, exc, timer.stop()) from None
     hooks.on_success(ctx, result, timer.stop())
     return result
+
+
+def _deferred(
+    task: BaseTask[Any, Any],
+    ctx: TaskContext,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    waiting: MustWait,
+) -> BaseException:
+    """The exception ending a run that must wait for its limits (see ``admission/gate.py``)."""
+    hooks.on_deferred(ctx, waiting.limit, waiting.key, waiting.wait)
+    try:
+        return defer(task, ctx, args, kwargs, waiting)
+    except Exception:  # noqa: BLE001 - the message must not be lost with the send
+        ctx.log_error(
+            "Could not send a waiting task again; it goes back to its queue", exc_info=True
+        )
+        return Reject(requeue=True)
 
 
 def _runs_lost_before(task: BaseTask[Any, Any]) -> TaskProcessLostError | None:

@@ -28,10 +28,16 @@ from celery.exceptions import Reject, TimeLimitExceeded, WorkerLostError
 from celery.result import AsyncResult
 from celery.worker.state import REVOKE_EXPIRES
 
-from ..exceptions import TaskError
+from ..exceptions import TaskDeferred, TaskError
 from ..logging import FRAMEWORK_LOGGER_NAME
 from ..monitoring import task_metrics
-from ..registry import KEEP_UNTIL_HEADER, PERIOD_HEADER, TOKEN_HEADER, TTL_HEADER
+from ..registry import (
+    DEFERRALS_HEADER,
+    KEEP_UNTIL_HEADER,
+    PERIOD_HEADER,
+    TOKEN_HEADER,
+    TTL_HEADER,
+)
 from ..retry import delay_scale
 from .lease_stores import REVOKED, DatabaseLeaseStore, LeaseStore, RedisLeaseStore
 from .publish import Message, bounded_dispatch, publish
@@ -162,14 +168,15 @@ class Deduplicator:
     def send(self, app: Celery, message: Message) -> AsyncResult[Any]:
         """Publish ``message`` unless a lease on its id is held; else the holder's result.
 
-        A retry (Celery re-sends the same task, with the same id and headers)
-        keeps, and extends, the lease it has; a retry of a task sent without a
+        A retry or a deferral (the worker sends the same task again, with the
+        same id and headers) keeps, and extends, the lease it has; a retry of a task sent without a
         custom id has none and takes none.
         """
         task = message.task
         assert not isinstance(task, str), "deduplication needs the task object"
         headers = dict(message.options.get("headers") or {})
-        if message.options.get("retries"):
+        # A deferral (the task waited for its limits) is sent again as a retry is.
+        if message.options.get("retries") or headers.get(DEFERRALS_HEADER):
             if token := headers.get(TOKEN_HEADER):
                 # A failing lease store must not drop the retry: the lease then expires.
                 self._guarded(self.store.extend, message.task_id, token, float(headers[TTL_HEADER]))
@@ -326,8 +333,8 @@ def _on_prerun(task_id: str = "", task: Any = None, **_: Any) -> None:
 def _on_postrun(
     task_id: str = "", task: Any = None, state: str | None = None, retval: Any = None, **_: Any
 ) -> None:
-    if task is None or state == "RETRY":
-        return  # the retry's apply_async extended the lease
+    if task is None or state == "RETRY" or isinstance(retval, TaskDeferred):
+        return  # the retry's (the deferral's) apply_async extended the lease
     # Celery's Reject always has ``requeue``: the default is never used.
     requeue = getattr(retval, "requeue", False)  # pragma: no mutate
     if isinstance(retval, Reject) and requeue:

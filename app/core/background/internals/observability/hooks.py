@@ -36,6 +36,12 @@ class TaskHook:
     def on_revoked(self, ctx: TaskContext, duration: float) -> None:
         """The task was revoked while it ran: its body was cancelled after ``duration`` seconds."""
 
+    def on_deferred(self, ctx: TaskContext, limit: str, key: str, wait: float) -> None:
+        """The run may not start yet (``limit`` of ``key``): it comes back in ``wait`` seconds.
+
+        Nothing ran (no ``before_run``): the task's limits sent it back.
+        """
+
 
 class LifecycleLogger(TaskHook):
     """The framework's own log lines: start, success, retry, final failure."""
@@ -59,6 +65,9 @@ class LifecycleLogger(TaskHook):
     def on_revoked(self, ctx: TaskContext, duration: float) -> None:
         ctx.logger.bind(duration=round(duration, 6), outcome="revoked")
         ctx.log_warning("Task revoked while running: cancelled")
+
+    def on_deferred(self, ctx: TaskContext, limit: str, key: str, wait: float) -> None:
+        ctx.log_info("Task waiting for its limit", limit=limit, key=key, wait=round(wait, 3))
 
     def on_failure(
         self, ctx: TaskContext, exc: BaseException, reason: str, duration: float
@@ -121,6 +130,10 @@ class HookRegistry:
     def on_revoked(self, ctx: TaskContext, duration: float) -> None:
         for hook in self._hooks:
             _guarded(hook.on_revoked, ctx, duration)
+
+    def on_deferred(self, ctx: TaskContext, limit: str, key: str, wait: float) -> None:
+        for hook in self._hooks:
+            _guarded(hook.on_deferred, ctx, limit, key, wait)
 
 
 def _guarded(method: Any, *args: Any) -> None:

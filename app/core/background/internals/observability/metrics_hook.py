@@ -82,3 +82,6 @@ class MetricsHook(TaskHook):
     def on_revoked(self, ctx: TaskContext, duration: float) -> None:
         # No counter of its own: the run is no longer in flight, its time is kept.
         self._finished(self._of(ctx), ctx, "revoked", duration)
+
+    def on_deferred(self, ctx: TaskContext, limit: str, key: str, wait: float) -> None:
+        task_metrics().deferred.labels(ctx.task_name, ctx.queue, limit, key).inc()

@@ -22,21 +22,34 @@ from celery.backends.base import BaseKeyValueStoreBackend
 from celery.backends.redis import RedisBackend
 from celery.exceptions import TaskRevokedError
 
+from ..registry import DEFERRALS_HEADER
 from ..transport.result_backend import AtomicRedisBackend
 
 _logger = logging.getLogger("app.core.background.dispatch")
 
 SENT = "SENT"
 PROGRESS = "PROGRESS"
+# A run that had to wait for its task's rate limit or concurrency cap: sent
+# again for later (``admission/gate.py``), with the limit, key and time in its result.
+WAITING = "WAITING"
 
 TaskState = Literal[
-    "unknown", "pending", "started", "progress", "retry", "success", "failure", "revoked"
+    "unknown",
+    "pending",
+    "waiting",
+    "started",
+    "progress",
+    "retry",
+    "success",
+    "failure",
+    "revoked",
 ]
 
 _STATES: dict[str, TaskState] = {
     states.PENDING: "unknown",
     SENT: "pending",
     states.RECEIVED: "pending",
+    WAITING: "waiting",
     states.STARTED: "started",
     PROGRESS: "progress",
     states.RETRY: "retry",
@@ -178,10 +191,15 @@ def _store(app: Celery, task_id: str, meta: dict[str, Any], state: str) -> None:
 def on_before_publish(
     app: Celery, headers: Mapping[str, Any] | None, routing_key: str | None = None
 ) -> None:
-    """Record the first publish of a task (not its retries, not Celery's own tasks)."""
+    """Record the first publish of a task (not its retries or deferrals, not Celery's own)."""
     headers = headers or {}
     task_id, name = headers.get("id"), str(headers.get("task") or "")
-    if not task_id or headers.get("retries") or name.startswith("celery."):
+    if (
+        not task_id
+        or headers.get("retries")
+        or headers.get(DEFERRALS_HEADER)
+        or name.startswith("celery.")
+    ):
         return
     task = app.tasks.get(name) if name in app.tasks else None
     if task is not None and task.ignore_result:
@@ -217,6 +235,8 @@ def get_task_status(app: Celery, task_id: str) -> TaskStatus:
         _describe_error(status, value)
     elif status.state == "progress" and isinstance(value, Mapping):
         status.progress = dict(value)
+    elif status.state == "waiting" and isinstance(value, Mapping):
+        status.extra = {k: value[k] for k in ("limit", "key", "until", "deferrals") if k in value}
     elif status.state == "started" and isinstance(value, Mapping):
         status.extra = {k: value[k] for k in ("hostname", "pid") if k in value}
     return status

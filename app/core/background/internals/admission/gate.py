@@ -1,0 +1,232 @@
+"""The gate a run of a limited task passes before its body, and what happens when it may not.
+
+``runner.execute`` calls ``admission.enter`` after checking the message and
+before the hooks and the body. For a task with limits (``limits.py``) it takes
+a concurrency slot, then a rate token, from the shared store
+(``stores.py``), keyed by the run's arguments. Both granted: the run goes on,
+holding a ``Ticket`` that gives the slot back when the run ends, whatever the
+outcome. Refused: ``enter`` raises ``MustWait`` and the run is deferred
+(``defer``):
+
+1. the result backend gets the state ``WAITING`` (the status API:
+   ``waiting``, with the limit, the key and when it comes back);
+2. the same message (same id, arguments, attempt, headers) is sent again with
+   a countdown of the store's wait, plus a count of its deferrals. It is not
+   a retry: the retry policy and the attempt count do not move;
+3. ``TaskDeferred`` (Celery's ``Ignore``) ends this delivery, acknowledged.
+
+So a waiting task holds no worker slot and does not spin: it comes back when
+the store expects capacity for it. While a slot is held, ``SlotKeeper``
+renews its lease every third of it; a process that dies stops renewing and
+its slots are free again within one lease (``BACKGROUND_ADMISSION_LEASE_SECONDS``).
+A delivery of the same task again (its process died before acknowledging)
+takes its own slot back at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from ..context import TaskContext
+from ..event_loop import worker_loop
+from ..exceptions import TaskConfigurationError, TaskDeferred
+from ..logging import FRAMEWORK_LOGGER_NAME
+from ..operations.status import WAITING
+from ..registry import DEFERRALS_HEADER
+from .limits import call_arguments
+from .stores import AdmissionStore
+
+if TYPE_CHECKING:
+    from ..base import BaseTask
+
+_log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
+
+# The longest a deferred task waits before asking again. Far below Redis's
+# visibility timeout (a countdown message is held unacknowledged meanwhile).
+MAX_WAIT_SECONDS = 300.0
+DEFAULT_LEASE_SECONDS = 30.0
+
+
+class MustWait(Exception):
+    """The run may not start now: ``limit`` (``"concurrency"``/``"rate_limit"``) of ``key``."""
+
+    def __init__(self, limit: str, key: str, wait: float) -> None:
+        super().__init__(f"waiting for its {limit} (key {key!r}), {wait:.3f}s")
+        self.limit, self.key, self.wait = limit, key, wait
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What an admitted run holds: its concurrency slot, if its task has a cap."""
+
+    gate: Admission
+    slot: tuple[str, str] | None
+    started: float
+
+    def release(self, ran: bool = True) -> None:
+        """Give the slot back (``ran``: the run's time counts in the waiters' spacing)."""
+        if self.slot is None:
+            return
+        slot, self.slot = self.slot, None
+        self.gate.keeper.drop(slot)
+        duration = time.monotonic() - self.started if ran else None
+        try:
+            worker_loop.run_blocking(lambda: self.gate.store.release_slot(*slot, duration))
+        except Exception:  # noqa: BLE001 - the lease then expires by itself
+            _log.exception(
+                "Could not give back a concurrency slot; it is free again when its lease ends",
+                extra={"fields": {"scope": slot[0]}},
+            )
+
+
+class SlotKeeper:
+    """Renews the leases of the slots this process's runs hold, from a thread of its own."""
+
+    def __init__(self, gate: Admission) -> None:
+        self._gate = gate
+        self._held: dict[tuple[str, str], None] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pid: int | None = None
+
+    def hold(self, slot: tuple[str, str]) -> None:
+        with self._lock:
+            self._held[slot] = None
+            if self._pid != os.getpid():
+                # First slot of this process (a prefork child starts with none).
+                self._pid = os.getpid()
+                threading.Thread(target=self._renew, name="admission-leases", daemon=True).start()
+
+    def drop(self, slot: tuple[str, str]) -> None:
+        with self._lock:
+            self._held.pop(slot, None)
+
+    def _renew(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid:
+            lease = self._gate.lease_seconds
+            self._wake.wait(lease / 3)
+            with self._lock:
+                held = list(self._held)
+            try:
+                self._gate.store.renew_slots(held, lease)
+            except Exception:  # noqa: BLE001 - tried again next time; the leases may lapse
+                _log.exception("Could not renew the leases of concurrency slots")
+
+
+class Admission:
+    """The process's gate: the store and the lease length come from the settings."""
+
+    def __init__(self) -> None:
+        self._factory: Callable[[], AdmissionStore] | None = None
+        self._store: AdmissionStore | None = None
+        self.lease_seconds = DEFAULT_LEASE_SECONDS
+        self.keeper = SlotKeeper(self)
+
+    def configure(self, store_factory: Callable[[], AdmissionStore], lease_seconds: float) -> None:
+        """Say where the limits live (built on first use) and how long a slot's lease is."""
+        self._factory, self._store = store_factory, None
+        self.lease_seconds = lease_seconds
+
+    def use_store(self, store: AdmissionStore) -> None:
+        self._store = store
+
+    @property
+    def store(self) -> AdmissionStore:
+        if self._store is None:
+            if self._factory is None:
+                raise TaskConfigurationError(
+                    "task limits are not configured: import app.core.background.celery_app"
+                )
+            self._store = self._factory()
+        return self._store
+
+    def enter(
+        self,
+        task: BaseTask[Any, Any],
+        ctx: TaskContext,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> Ticket | None:
+        """The run's ticket, None for a task without limits, or ``MustWait``."""
+        limits = task.limits
+        if limits is None:
+            return None
+        arguments = call_arguments(task.body_signature, args, kwargs)
+        slot = limits.concurrency_scope(arguments)
+        rate = limits.rate_scope(arguments)
+        ticket = Ticket(self, None, time.monotonic())
+        if slot is not None:
+            scope, key = slot
+            cap = limits.concurrency
+            assert cap is not None
+            verdict = worker_loop.run_blocking(
+                lambda: self.store.take_slot(
+                    scope, ctx.task_id, cap, self.lease_seconds, MAX_WAIT_SECONDS
+                )
+            )
+            if not verdict.admitted:
+                raise MustWait("concurrency", key, verdict.wait)
+            ticket.slot = (scope, ctx.task_id)
+            self.keeper.hold(ticket.slot)
+        if rate is not None and limits.rate is not None:
+            scope, key = rate
+            pace = limits.rate
+            verdict = worker_loop.run_blocking(
+                lambda: self.store.take_token(scope, pace, MAX_WAIT_SECONDS)
+            )
+            if not verdict.admitted:
+                ticket.release(ran=False)
+                raise MustWait("rate_limit", key, verdict.wait)
+        ticket.started = time.monotonic()
+        return ticket
+
+
+admission = Admission()
+
+
+def defer(
+    task: BaseTask[Any, Any],
+    ctx: TaskContext,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    waiting: MustWait,
+) -> TaskDeferred:
+    """Store ``WAITING``, send the message again after the wait; the exception ending this run."""
+    request = task.request
+    wait = waiting.wait
+    if wait >= MAX_WAIT_SECONDS:
+        # Beyond the store's horizon every such waiter was told the same: spread them.
+        wait *= random.uniform(0.5, 1.0)
+    headers = dict(getattr(request, "headers", None) or {})
+    deferrals = int(headers.get(DEFERRALS_HEADER) or getattr(request, DEFERRALS_HEADER, 0) or 0) + 1
+    headers[DEFERRALS_HEADER] = deferrals
+    until = datetime.now(UTC) + timedelta(seconds=wait)
+    if not task.ignore_result:
+        meta = {
+            "limit": waiting.limit,
+            "key": waiting.key,
+            "until": until.isoformat(),
+            "deferrals": deferrals,
+        }
+        task.backend.store_result(ctx.task_id, meta, WAITING, request=request)
+    # Celery's own way to send a request again (what ``Task.retry`` does), with
+    # the attempt count unchanged; the deferral header makes deduplication keep
+    # the task's lease instead of refusing its own id (``delivery/dedup.py``).
+    task.signature_from_request(
+        request,
+        args,
+        kwargs,
+        countdown=wait,
+        retries=request.retries,
+        headers=headers,
+    ).apply_async()
+    return TaskDeferred(str(waiting))

@@ -1,0 +1,422 @@
+"""Where the limits' shared state lives: Redis (one Lua script per decision) or SQL tables.
+
+Every worker on every host asks the same store, and each decision is one
+atomic step, so no two workers can both take the last slot or token:
+
+- a **concurrency slot** is a holder (the task id) with a lease. Expired
+  leases are dropped before counting; the holder's own entry is kept (a
+  delivery of the same task again, after its process died, takes its slot
+  back at once). Running tasks renew their leases (``gate.SlotKeeper``), so
+  a slot of a process that died is free again after at most one lease;
+- a **rate limit** is GCRA (the generic cell rate algorithm, as in
+  redis-cell and Stripe's limiters): one "theoretical arrival time" per
+  scope; a start is allowed while it is at most ``(burst - 1) x interval``
+  ahead of now, and moves it one interval on.
+
+A refused start is told when to come back. The store keeps, per scope, the
+time the last waiter was told (``line_end``): each new waiter comes back one
+expected interval after it (the rate's interval; for a cap, the average run
+time over the cap), so waiters return spread over time, about when capacity
+is expected, instead of all retrying at once. No wait is longer than
+``max_wait`` (a waiter beyond it simply asks again then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..event_loop import LoopThread
+from ..session import DatabaseConfig, create_engine, create_table
+from .limits import RateLimit
+
+# Before the first run of a scope has ended, the run time its waiters are spread by.
+DEFAULT_RUN_SECONDS = 0.1
+# How much of each new run time goes into the average (an exponential moving average).
+_AVERAGE_WEIGHT = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether the run may start; if not, in how many seconds to ask again."""
+
+    admitted: bool
+    wait: float = 0.0
+
+
+ADMITTED = Verdict(True)
+
+
+class AdmissionStore(Protocol):
+    def take_slot(
+        self, scope: str, holder: str, limit: int, lease: float, max_wait: float
+    ) -> Verdict:
+        """Hold one of ``limit`` slots of ``scope`` for ``lease`` seconds, if one is free."""
+
+    def release_slot(self, scope: str, holder: str, duration: float | None) -> None:
+        """Give the slot back; ``duration`` (the run's time, None: it did not run) feeds
+        the waiters' spacing."""
+
+    def renew_slots(self, held: Sequence[tuple[str, str]], lease: float) -> None:
+        """Extend the leases of these (scope, holder) slots to ``lease`` seconds from now."""
+
+    def holders(self, scope: str) -> list[str]:
+        """The holders of live slots of ``scope`` (for operators and tests)."""
+
+    def take_token(self, scope: str, rate: RateLimit, max_wait: float) -> Verdict:
+        """Take a start of ``scope``'s rate if its pace allows one now."""
+
+
+# -- Redis ---------------------------------------------------------------
+
+# Milliseconds from Redis's own clock: every host's workers share one time.
+_NOW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local function put(key, field, value)
+  redis.call('HSET', key, field, string.format('%.3f', value))
+end
+"""
+
+# KEYS[1]: the slots (sorted set: holder -> lease end), KEYS[2]: the scope's
+# state (hash: line_end, average). ARGV: holder, limit, lease ms, max wait ms,
+# default run ms. Returns 0 (admitted) or the wait in ms.
+_TAKE_SLOT = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local lease = tonumber(ARGV[3])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(lease))
+  return 0
+end
+local average = tonumber(redis.call('HGET', KEYS[2], 'average') or ARGV[5])
+local at = math.max(now, tonumber(redis.call('HGET', KEYS[2], 'line_end') or 0))
+  + math.max(average / tonumber(ARGV[2]), 1)
+if at - now > tonumber(ARGV[4]) then
+  return math.ceil(tonumber(ARGV[4]))
+end
+put(KEYS[2], 'line_end', at)
+redis.call('PEXPIRE', KEYS[2], 86400000)
+return math.max(1, math.ceil(at - now))
+"""
+)
+
+# KEYS as above; ARGV: holder, the run's time in ms (negative: it did not run),
+# default run ms.
+_RELEASE_SLOT = (
+    _NOW
+    + """
+redis.call('ZREM', KEYS[1], ARGV[1])
+if tonumber(ARGV[2]) < 0 then return 1 end
+local average = tonumber(redis.call('HGET', KEYS[2], 'average') or ARGV[3])
+put(KEYS[2], 'average', average + (tonumber(ARGV[2]) - average) * """
+    + str(_AVERAGE_WEIGHT)
+    + """)
+redis.call('PEXPIRE', KEYS[2], 86400000)
+return 1
+"""
+)
+
+# KEYS[1..n]: slot sets; ARGV[1]: lease ms, ARGV[2..n+1]: their holders.
+_RENEW = (
+    _NOW
+    + """
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
+  redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[1])))
+end
+return 1
+"""
+)
+
+# KEYS[1]: the scope's state (hash: tat, line_end). ARGV: interval ms, burst,
+# max wait ms. Returns 0 (admitted) or the wait in ms.
+_TAKE_TOKEN = (
+    _NOW
+    + """
+local interval = tonumber(ARGV[1])
+local tolerance = (tonumber(ARGV[2]) - 1) * interval
+local tat = math.max(tonumber(redis.call('HGET', KEYS[1], 'tat') or 0), now)
+if tat - now <= tolerance then
+  put(KEYS[1], 'tat', tat + interval)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(tat + interval - now) + 60000)
+  return 0
+end
+local line_end = tonumber(redis.call('HGET', KEYS[1], 'line_end') or 0)
+local at = math.max(tat - tolerance, line_end + interval)
+if at - now > tonumber(ARGV[3]) then
+  return math.ceil(tonumber(ARGV[3]))
+end
+put(KEYS[1], 'line_end', at)
+redis.call('PEXPIRE', KEYS[1], math.ceil(at - now) + 60000)
+return math.max(1, math.ceil(at - now))
+"""
+)
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+def _verdict(wait_ms: Any) -> Verdict:
+    wait = int(wait_ms)
+    return ADMITTED if wait == 0 else Verdict(False, wait / 1000.0)
+
+
+class RedisAdmissionStore:
+    """The limits' state in Redis, one script per decision (keys share a hash tag)."""
+
+    def __init__(self, url: str, prefix: str = "background:admission:") -> None:
+        self.url = url
+        self.prefix = prefix
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._pid: int | None = None
+
+    def _script(self, name: str) -> Any:
+        if self._pid != os.getpid():
+            # A client inherited through fork would share its sockets with the parent.
+            self._client = redis.Redis.from_url(self.url)
+            self._scripts = {
+                "take_slot": self._client.register_script(_TAKE_SLOT),
+                "release_slot": self._client.register_script(_RELEASE_SLOT),
+                "renew": self._client.register_script(_RENEW),
+                "take_token": self._client.register_script(_TAKE_TOKEN),
+            }
+            self._pid = os.getpid()
+        return self._scripts[name]
+
+    def _keys(self, scope: str) -> list[str]:
+        # One hash tag per scope: both keys of a script on one Redis Cluster node.
+        return [f"{self.prefix}{{{scope}}}:slots", f"{self.prefix}{{{scope}}}:state"]
+
+    def take_slot(
+        self, scope: str, holder: str, limit: int, lease: float, max_wait: float
+    ) -> Verdict:
+        args = [holder, limit, _ms(lease), _ms(max_wait), _ms(DEFAULT_RUN_SECONDS)]
+        return _verdict(self._script("take_slot")(keys=self._keys(scope), args=args))
+
+    def release_slot(self, scope: str, holder: str, duration: float | None) -> None:
+        args = [holder, -1 if duration is None else _ms(duration), _ms(DEFAULT_RUN_SECONDS)]
+        self._script("release_slot")(keys=self._keys(scope), args=args)
+
+    def renew_slots(self, held: Sequence[tuple[str, str]], lease: float) -> None:
+        if held:
+            keys = [self._keys(scope)[0] for scope, _ in held]
+            self._script("renew")(keys=keys, args=[_ms(lease), *(holder for _, holder in held)])
+
+    def holders(self, scope: str) -> list[str]:
+        script = self._script("take_slot")  # opens the client in this process
+        del script
+        now_ms = _ms(time.time())
+        members = self._client.zrangebyscore(self._keys(scope)[0], now_ms, "+inf")
+        return sorted(member.decode() for member in members)
+
+    def take_token(self, scope: str, rate: RateLimit, max_wait: float) -> Verdict:
+        args = [_ms(rate.interval), rate.burst, _ms(max_wait)]
+        return _verdict(self._script("take_token")(keys=[self._keys(scope)[1]], args=args))
+
+
+# -- SQL database --------------------------------------------------------
+
+SLOTS_TABLE = "background_admission_slots"
+STATE_TABLE = "background_admission_state"
+
+_CREATE_SLOTS = f"""
+CREATE TABLE IF NOT EXISTS {SLOTS_TABLE} (
+    scope VARCHAR(512) NOT NULL,
+    holder VARCHAR(255) NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (scope, holder)
+)
+"""
+_CREATE_STATE = f"""
+CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
+    scope VARCHAR(512) PRIMARY KEY,
+    tat DOUBLE PRECISION NOT NULL,
+    line_end DOUBLE PRECISION NOT NULL,
+    average DOUBLE PRECISION
+)
+"""
+# The first statement of every decision: it writes the scope's row, so the
+# transaction holds that row's lock (PostgreSQL) or the database's write lock
+# (SQLite) until it commits. Deciding takes a read of the slots and a write,
+# which no single portable statement does; the lock makes the read and the
+# write one step, as the Lua script does on Redis.
+_LOCK_STATE = f"""
+INSERT INTO {STATE_TABLE} (scope, tat, line_end, average) VALUES (:scope, 0, 0, NULL)
+ON CONFLICT (scope) DO UPDATE SET scope = excluded.scope
+RETURNING tat, line_end, average
+"""
+_DROP_EXPIRED = f"DELETE FROM {SLOTS_TABLE} WHERE scope = :scope AND expires_at < :now"
+_COUNT_SLOTS = f"""
+SELECT COUNT(*) AS held, COALESCE(SUM(CASE WHEN holder = :holder THEN 1 ELSE 0 END), 0) AS mine
+FROM {SLOTS_TABLE} WHERE scope = :scope
+"""
+_TAKE = f"""
+INSERT INTO {SLOTS_TABLE} (scope, holder, expires_at) VALUES (:scope, :holder, :expires)
+ON CONFLICT (scope, holder) DO UPDATE SET expires_at = excluded.expires_at
+"""
+_RELEASE = f"DELETE FROM {SLOTS_TABLE} WHERE scope = :scope AND holder = :holder"
+_RENEW_SQL = f"""
+UPDATE {SLOTS_TABLE} SET expires_at = :expires WHERE scope = :scope AND holder = :holder
+"""
+_HOLDERS = f"SELECT holder FROM {SLOTS_TABLE} WHERE scope = :scope AND expires_at >= :now"
+_SET_LINE_END = f"UPDATE {STATE_TABLE} SET line_end = :line_end WHERE scope = :scope"
+_SET_AVERAGE = f"UPDATE {STATE_TABLE} SET average = :average WHERE scope = :scope"
+_SET_TAT = f"UPDATE {STATE_TABLE} SET tat = :tat WHERE scope = :scope"
+
+# Any constant: the advisory lock that serializes the tables' creation.
+_CREATE_LOCK_ID = 0x6267_6164_6D69_74  # "bgadmit"
+# A bound on one decision, not behaviour (a lock wait on SQLite is 30 s at most).
+_CALL_TIMEOUT = 60.0
+_POOL_SIZE = 2
+
+
+class DatabaseAdmissionStore:
+    """The limits' state in two tables (SQLite or PostgreSQL), one transaction per decision.
+
+    Time is the caller's wall clock: hosts that share the database need
+    synchronised clocks (NTP), as with the deduplication leases.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine: Any = None
+        self._engine_pid: int | None = None
+        self._ready = asyncio.Lock()
+        # Workers call from task threads, the asyncio pool from its own threads:
+        # a loop of our own serves them all (as DatabaseLeaseStore does).
+        self._loop = LoopThread("admission")
+
+    async def _in_transaction(self, decide: Any, **params: Any) -> Any:
+        if self._engine_pid != os.getpid():
+            self._ready = asyncio.Lock()
+            self._engine, self._engine_pid = None, os.getpid()
+        async with self._ready:
+            if self._engine is None:
+                engine = create_engine(DatabaseConfig(url=self.url, pool_size=_POOL_SIZE))
+                await create_table(engine, _CREATE_SLOTS, _CREATE_LOCK_ID)
+                await create_table(engine, _CREATE_STATE, _CREATE_LOCK_ID)
+                self._engine = engine
+        async with self._engine.begin() as connection:
+            return await decide(connection, **params)
+
+    def _run(self, decide: Any, **params: Any) -> Any:
+        return self._loop.run(self._in_transaction(decide, **params), _CALL_TIMEOUT)
+
+    def close(self) -> None:
+        """Dispose this process's engine (its pooled connections)."""
+        if self._engine is not None and self._engine_pid == os.getpid():
+            engine, self._engine = self._engine, None
+            self._loop.run(engine.dispose(), _CALL_TIMEOUT)
+
+    def take_slot(
+        self, scope: str, holder: str, limit: int, lease: float, max_wait: float
+    ) -> Verdict:
+        return self._run(  # type: ignore[no-any-return]
+            _take_slot, scope=scope, holder=holder, limit=limit, lease=lease, max_wait=max_wait
+        )
+
+    def release_slot(self, scope: str, holder: str, duration: float | None) -> None:
+        self._run(_release_slot, scope=scope, holder=holder, duration=duration)
+
+    def renew_slots(self, held: Sequence[tuple[str, str]], lease: float) -> None:
+        if held:
+            self._run(_renew, held=held, lease=lease)
+
+    def holders(self, scope: str) -> list[str]:
+        return self._run(_holders, scope=scope)  # type: ignore[no-any-return]
+
+    def take_token(self, scope: str, rate: RateLimit, max_wait: float) -> Verdict:
+        return self._run(_take_token, scope=scope, rate=rate, max_wait=max_wait)  # type: ignore[no-any-return]
+
+
+async def _state(connection: AsyncConnection, scope: str) -> Any:
+    return (await connection.execute(text(_LOCK_STATE), {"scope": scope})).one()
+
+
+async def _take_slot(
+    connection: AsyncConnection, scope: str, holder: str, limit: int, lease: float, max_wait: float
+) -> Verdict:
+    state = await _state(connection, scope)
+    now = time.time()
+    await connection.execute(text(_DROP_EXPIRED), {"scope": scope, "now": now})
+    counts = (
+        await connection.execute(text(_COUNT_SLOTS), {"scope": scope, "holder": holder})
+    ).one()
+    if counts.mine or counts.held < limit:
+        await connection.execute(
+            text(_TAKE), {"scope": scope, "holder": holder, "expires": now + lease}
+        )
+        return ADMITTED
+    average = DEFAULT_RUN_SECONDS if state.average is None else state.average
+    at = max(now, state.line_end) + max(average / limit, 0.001)
+    return await _told_to_wait(connection, scope, now, at, max_wait)
+
+
+async def _told_to_wait(
+    connection: AsyncConnection, scope: str, now: float, at: float, max_wait: float
+) -> Verdict:
+    if at - now > max_wait:
+        return Verdict(False, max_wait)
+    await connection.execute(text(_SET_LINE_END), {"scope": scope, "line_end": at})
+    return Verdict(False, max(at - now, 0.001))
+
+
+async def _release_slot(
+    connection: AsyncConnection, scope: str, holder: str, duration: float | None
+) -> None:
+    state = await _state(connection, scope)
+    await connection.execute(text(_RELEASE), {"scope": scope, "holder": holder})
+    if duration is None:
+        return
+    average = DEFAULT_RUN_SECONDS if state.average is None else state.average
+    average += (duration - average) * _AVERAGE_WEIGHT
+    await connection.execute(text(_SET_AVERAGE), {"scope": scope, "average": average})
+
+
+async def _renew(
+    connection: AsyncConnection, held: Sequence[tuple[str, str]], lease: float
+) -> None:
+    expires = time.time() + lease
+    rows = [{"scope": scope, "holder": holder, "expires": expires} for scope, holder in held]
+    await connection.execute(text(_RENEW_SQL), rows)
+
+
+async def _holders(connection: AsyncConnection, scope: str) -> list[str]:
+    rows = await connection.execute(text(_HOLDERS), {"scope": scope, "now": time.time()})
+    return sorted(str(row.holder) for row in rows)
+
+
+async def _take_token(
+    connection: AsyncConnection, scope: str, rate: RateLimit, max_wait: float
+) -> Verdict:
+    state = await _state(connection, scope)
+    now = time.time()
+    tolerance = (rate.burst - 1) * rate.interval
+    tat = max(state.tat, now)
+    if tat - now <= tolerance:
+        await connection.execute(text(_SET_TAT), {"scope": scope, "tat": tat + rate.interval})
+        return ADMITTED
+    at = max(tat - tolerance, state.line_end + rate.interval)
+    return await _told_to_wait(connection, scope, now, at, max_wait)
+
+
+def store_from_settings(settings: Any) -> Callable[[], AdmissionStore]:
+    """The store the settings select: where the deduplication leases live (built on first use)."""
+    if settings.dedup_backend == "redis":
+        url = settings.background_dedup_redis_url or settings.celery_broker_url
+        return lambda: RedisAdmissionStore(url)
+    url = settings.background_dedup_database_url or settings.database_url
+    return lambda: DatabaseAdmissionStore(url)

@@ -1,0 +1,174 @@
+"""The limits' stores (Redis, SQLite, PostgreSQL): each decision atomic, every slot leased.
+
+Driven for real: many callers at once on one scope (each with a store, so a
+connection, of its own) never get more slots than the cap; a lease that is
+not renewed frees its slot; waiters are told to come back one after another,
+not all at once.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from app.core.background.internals.admission.limits import RateLimit, parse_rate
+from app.core.background.internals.admission.stores import (
+    AdmissionStore,
+    DatabaseAdmissionStore,
+    RedisAdmissionStore,
+)
+from tests.support.services import Services
+
+LONG = 60.0
+MAX_WAIT = 300.0
+CALLERS = 12
+
+
+@pytest.fixture(scope="module", params=["redis", "sqlite", "postgres"])
+def new_store(
+    request: pytest.FixtureRequest, stack: Services
+) -> Iterator[Callable[[], AdmissionStore]]:
+    """Makes stores on one shared state: each its own client or engine, as workers have."""
+    made: list[AdmissionStore] = []
+    if request.param == "redis":
+        db = stack.claim_redis_db()
+        url = stack.redis_url_for(db)
+    elif request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp(prefix='admission-'))}/limits.db"
+    else:
+        url = stack.postgres_url
+
+    def make() -> AdmissionStore:
+        store: AdmissionStore = (
+            RedisAdmissionStore(url) if request.param == "redis" else DatabaseAdmissionStore(url)
+        )
+        made.append(store)
+        return store
+
+    try:
+        yield make
+    finally:
+        for store in made:
+            if isinstance(store, DatabaseAdmissionStore):
+                store.close()
+        if request.param == "redis":
+            stack.release_redis_db(db)
+
+
+def scope() -> str:
+    return f"concurrency:tests.admission:{uuid.uuid4().hex}"
+
+
+def test_a_cap_admits_that_many_and_tells_the_next_when_to_come_back(
+    new_store: Callable[[], AdmissionStore],
+) -> None:
+    store, s = new_store(), scope()
+    assert [store.take_slot(s, f"t{i}", 3, LONG, MAX_WAIT).admitted for i in range(3)] == [True] * 3
+    refused = store.take_slot(s, "t3", 3, LONG, MAX_WAIT)
+    assert not refused.admitted and 0 < refused.wait <= MAX_WAIT
+    # The holder's own slot is its own: a delivery of the same task again takes it back.
+    assert store.take_slot(s, "t1", 3, LONG, MAX_WAIT).admitted
+    assert store.holders(s) == ["t0", "t1", "t2"]
+    store.release_slot(s, "t1", 0.05)
+    assert store.take_slot(s, "t3", 3, LONG, MAX_WAIT).admitted
+    assert store.holders(s) == ["t0", "t2", "t3"]
+
+
+def test_waiters_are_spread_over_time_not_sent_back_together(
+    new_store: Callable[[], AdmissionStore],
+) -> None:
+    store, s = new_store(), scope()
+    assert store.take_slot(s, "holder", 1, LONG, MAX_WAIT).admitted
+    waits = [store.take_slot(s, f"w{i}", 1, LONG, MAX_WAIT).wait for i in range(5)]
+    # Each later waiter comes back later (one expected run after the one before).
+    assert waits == sorted(waits) and len(set(waits)) == 5
+
+
+def test_no_two_callers_take_the_last_slot(new_store: Callable[[], AdmissionStore]) -> None:
+    s, cap = scope(), 3
+    stores = [new_store() for _ in range(CALLERS)]
+    start = threading.Barrier(CALLERS)
+    admitted: list[str] = []
+
+    def call(index: int) -> None:
+        start.wait()
+        if stores[index].take_slot(s, f"t{index}", cap, LONG, MAX_WAIT).admitted:
+            admitted.append(f"t{index}")
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(CALLERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(admitted) == cap
+    assert stores[0].holders(s) == sorted(admitted)
+
+
+def test_a_slot_not_renewed_is_free_after_its_lease_and_a_renewed_one_is_kept(
+    new_store: Callable[[], AdmissionStore],
+) -> None:
+    store, s, lease = new_store(), scope(), 1.0
+    assert store.take_slot(s, "kept", 2, lease, MAX_WAIT).admitted
+    assert store.take_slot(s, "dead", 2, lease, MAX_WAIT).admitted
+    deadline = time.monotonic() + 10 * lease
+    while "dead" in store.holders(s):
+        assert time.monotonic() < deadline, "the unrenewed lease never ended"
+        store.renew_slots([(s, "kept")], lease)
+        time.sleep(lease / 5)
+    assert store.holders(s) == ["kept"]
+    assert store.take_slot(s, "next", 2, lease, MAX_WAIT).admitted
+
+
+def test_a_rate_lets_its_burst_through_then_paces(new_store: Callable[[], AdmissionStore]) -> None:
+    store, s = new_store(), f"rate:tests.admission:{uuid.uuid4().hex}"
+    rate = parse_rate("t", "20/s")  # burst 2, one every 50 ms
+    verdicts = [store.take_token(s, rate, MAX_WAIT) for _ in range(6)]
+    assert [v.admitted for v in verdicts] == [True, True, False, False, False, False]
+    waits = [v.wait for v in verdicts[2:]]
+    # The waiters come back one interval apart, the first when a token is due.
+    assert waits == sorted(waits)
+    gaps = [later - earlier for earlier, later in zip(waits, waits[1:], strict=False)]
+    assert all(abs(gap - rate.interval) < 0.01 for gap in gaps), gaps
+
+
+def test_a_rate_admits_no_more_than_its_pace_under_contention(
+    new_store: Callable[[], AdmissionStore],
+) -> None:
+    s = f"rate:tests.admission:{uuid.uuid4().hex}"
+    rate = RateLimit("50/s", 50.0)  # burst 5
+    stores = [new_store() for _ in range(4)]
+    admitted: list[float] = []
+    start = threading.Barrier(len(stores))
+    began: list[float] = []
+
+    def hammer(store: AdmissionStore) -> None:
+        start.wait()
+        began.append(time.monotonic())
+        stop = began[0] + 1.0
+        while time.monotonic() < stop:
+            if store.take_token(s, rate, MAX_WAIT).admitted:
+                admitted.append(time.monotonic())
+
+    threads = [threading.Thread(target=hammer, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Every decision was made between the first call and the last answer: in
+    # that time, the pace of 50/s plus the burst, never more, whatever the callers.
+    elapsed = max(admitted) - min(began)
+    assert len(admitted) <= rate.per_second * elapsed + rate.burst, (len(admitted), elapsed)
+    assert len(admitted) >= 40, len(admitted)
+
+
+def test_waits_are_capped_at_the_longest_wait(new_store: Callable[[], AdmissionStore]) -> None:
+    store, s = new_store(), scope()
+    assert store.take_slot(s, "holder", 1, LONG, 0.5).admitted
+    waits = [store.take_slot(s, f"w{i}", 1, LONG, 0.5).wait for i in range(20)]
+    assert max(waits) <= 0.5
