@@ -8,6 +8,7 @@ not all at once.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import threading
 import time
@@ -71,7 +72,8 @@ def test_a_cap_admits_that_many_and_tells_the_next_when_to_come_back(
     store, s = new_store(), scope()
     assert [store.take_slot(s, f"t{i}", 3, LONG, MAX_WAIT).admitted for i in range(3)] == [True] * 3
     refused = store.take_slot(s, "t3", 3, LONG, MAX_WAIT)
-    assert not refused.admitted and 0 < refused.wait <= MAX_WAIT
+    assert not refused.admitted
+    assert 0 < refused.wait <= MAX_WAIT
     # The holder's own slot is its own: a delivery of the same task again takes it back.
     assert store.take_slot(s, "t1", 3, LONG, MAX_WAIT).admitted
     assert store.holders(s) == ["t0", "t1", "t2"]
@@ -87,7 +89,8 @@ def test_waiters_are_spread_over_time_not_sent_back_together(
     assert store.take_slot(s, "holder", 1, LONG, MAX_WAIT).admitted
     waits = [store.take_slot(s, f"w{i}", 1, LONG, MAX_WAIT).wait for i in range(5)]
     # Each later waiter comes back later (one expected run after the one before).
-    assert waits == sorted(waits) and len(set(waits)) == 5
+    assert waits == sorted(waits)
+    assert len(set(waits)) == 5
 
 
 def test_no_two_callers_take_the_last_slot(new_store: Callable[[], AdmissionStore]) -> None:
@@ -133,7 +136,7 @@ def test_a_rate_lets_its_burst_through_then_paces(new_store: Callable[[], Admiss
     waits = [v.wait for v in verdicts[2:]]
     # The waiters come back one interval apart, the first when a token is due.
     assert waits == sorted(waits)
-    gaps = [later - earlier for earlier, later in zip(waits, waits[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(waits)]
     assert all(abs(gap - rate.interval) < 0.01 for gap in gaps), gaps
 
 

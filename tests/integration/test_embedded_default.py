@@ -11,6 +11,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,44 @@ def test_running_tasks_are_listed_from_the_embedded_result_database(
             "SELECT count(*) FROM background_worker_heartbeats"
         ).fetchone()
     assert beats == 0  # a worker that stopped warm takes its heartbeat away
+
+
+_SEND_PAIRS = """
+import sys
+from tests.support.tasks_admission import pair_to_file
+for i in range(int(sys.argv[2])):
+    pair_to_file.delay(path=sys.argv[1], key="k", seconds=0.3)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_concurrency_cap_holds_on_the_embedded_default(
+    tmp_path: Path, embedded_env: dict[str, str]
+) -> None:
+    """No Redis: the cap's slots live in the SQLite database, shared by the worker's processes."""
+    runs, count = tmp_path / "runs.jsonl", 8
+    worker = WorkerProcess(
+        {}, cwd=tmp_path, concurrency=4, include=["tests.support.tasks_admission"]
+    )
+    worker.env = embedded_env
+    with worker:
+        subprocess.run(
+            [sys.executable, "-c", _SEND_PAIRS, str(runs), str(count)],
+            cwd=tmp_path, env=embedded_env, check=True, timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not runs.exists() or len(runs.read_text().splitlines()) < count:
+            assert time.monotonic() < deadline, worker.log()[-3000:]
+            time.sleep(0.1)
+        log = worker.log()
+    records = [json.loads(line) for line in runs.read_text().splitlines()]
+    assert len({r["task_id"] for r in records}) == count
+    events = sorted([(r["start"], 1) for r in records] + [(r["end"], -1) for r in records])
+    at_once = most = 0
+    for _, step in events:
+        at_once += step
+        most = max(most, at_once)
+    assert most == 2  # four processes, a cap of two: met, never passed
+    assert '"Task waiting for its limit"' in log
+    with sqlite3.connect(tmp_path / ".data" / "app.db") as connection:
+        assert connection.execute("SELECT count(*) FROM background_admission_slots").fetchone()

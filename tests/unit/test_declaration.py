@@ -234,7 +234,8 @@ def test_rate_limit_is_the_frameworks_shared_limit_not_celerys_per_process_one(
     @simple_task(name=task_name, rate_limit="10/s")
     def body(ctx: TaskContext) -> None: ...
 
-    assert body.limits is not None and body.limits.rate is not None
+    assert body.limits is not None
+    assert body.limits.rate is not None
     assert body.limits.rate.per_second == 10
     # Celery's own limiter (per worker process, holding a prefetch slot) stays off.
     assert body.rate_limit is None
