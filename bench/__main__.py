@@ -16,7 +16,7 @@ from typing import Any
 
 from bench import async_mode
 
-SUITES = ("throughput", "db", "dispatch", "topology", "raw", "io", "io_db")
+SUITES = ("throughput", "db", "dispatch", "topology", "raw", "io", "io_db", "admission")
 
 
 def main() -> None:
@@ -119,6 +119,10 @@ def run_suite(
         suites.io_sleep(report, services, args)
     elif name == "io_db":
         suites.io_db(report, services, args)
+    elif name == "admission":
+        from bench.admission import admission
+
+        admission(report, services, args.rounds, args.tasks)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import asyncpg
@@ -44,6 +45,35 @@ def raw_noop_limited(i: int) -> None:
 @simple_task(name="bench.noop_unlimited", time_limit=None, soft_time_limit=None)
 def noop_unlimited(ctx: TaskContext, i: int) -> None:
     """The framework's no-op without time limits, to see what the limits cost."""
+
+
+# -- limits (bench/admission.py) ----------------------------------------------
+
+
+# Far above any load this machine can make: the check runs, never refuses.
+@simple_task(name="bench.noop_rate_limited", rate_limit="1000000/s")
+def noop_rate_limited(ctx: TaskContext, i: int) -> None:
+    """The no-op under a rate limit it never reaches."""
+
+
+@simple_task(name="bench.noop_capped", concurrency=100_000, concurrency_key=lambda i, **_: i % 16)
+def noop_capped(ctx: TaskContext, i: int) -> None:
+    """The no-op under a keyed concurrency cap it never reaches (a slot taken and given back)."""
+
+
+_fairness_redis: Any = None
+
+
+@simple_task(name="bench.tenant_job", concurrency=3, concurrency_key=lambda tenant, **_: tenant)
+async def tenant_job(ctx: TaskContext, tenant: str, seconds: float) -> None:
+    """Three of a tenant at once; each end is written to ``fair:{tenant}`` (broker database)."""
+    global _fairness_redis
+    if _fairness_redis is None:
+        import redis
+
+        _fairness_redis = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
+    await asyncio.sleep(seconds)
+    _fairness_redis.rpush(f"fair:{tenant}", time.time())
 
 
 # -- one INSERT ---------------------------------------------------------------
