@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from app.core.background.internals.admission.gate import Admission
 from app.core.background.internals.admission.limits import RateLimit, parse_rate
 from app.core.background.internals.admission.stores import (
     AdmissionStore,
@@ -175,3 +176,22 @@ def test_waits_are_capped_at_the_longest_wait(new_store: Callable[[], AdmissionS
     assert store.take_slot(s, "holder", 1, LONG, 0.5).admitted
     waits = [store.take_slot(s, f"w{i}", 1, LONG, 0.5).wait for i in range(20)]
     assert max(waits) <= 0.5
+
+
+def test_the_keeper_renews_a_held_slot_but_not_past_the_runs_time_limit(stack: Services) -> None:
+    """A run holding a slot keeps it past its lease; one that never gave it back loses it."""
+    db = stack.claim_redis_db()
+    try:
+        gate, lease, s = Admission(), 1.0, scope()
+        gate.configure(lambda: RedisAdmissionStore(stack.redis_url_for(db)), lease)
+        assert gate.store.take_slot(s, "run", 1, lease, MAX_WAIT).admitted
+        gate.keeper.hold((s, "run"), longest=3 * lease)
+        time.sleep(2.5 * lease)  # two leases: only renewals kept it
+        assert gate.store.holders(s) == ["run"]
+        deadline = time.monotonic() + 20 * lease
+        while gate.store.holders(s):
+            assert time.monotonic() < deadline, "renewed past the run's time limit"
+            time.sleep(0.1)
+        gate.keeper.drop((s, "run"))
+    finally:
+        stack.release_redis_db(db)

@@ -26,6 +26,7 @@ takes its own slot back at once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import threading
@@ -88,18 +89,25 @@ class Ticket:
 
 
 class SlotKeeper:
-    """Renews the leases of the slots this process's runs hold, from a thread of its own."""
+    """Renews the leases of the slots this process's runs hold, from a thread of its own.
+
+    Never past a run's hard time limit (plus one lease): a run that somehow
+    ends without giving its slot back cannot keep it alive for good.
+    """
 
     def __init__(self, gate: Admission) -> None:
         self._gate = gate
-        self._held: dict[tuple[str, str], None] = {}
+        # slot -> the monotonic time after which it is no longer renewed
+        self._held: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._pid: int | None = None
 
-    def hold(self, slot: tuple[str, str]) -> None:
+    def hold(self, slot: tuple[str, str], longest: float | None) -> None:
+        """Renew ``slot`` until dropped, or ``longest`` seconds (the run's hard limit) are past."""
+        until = time.monotonic() + (longest if longest else math.inf) + self._gate.lease_seconds
         with self._lock:
-            self._held[slot] = None
+            self._held[slot] = until
             if self._pid != os.getpid():
                 # First slot of this process (a prefork child starts with none).
                 self._pid = os.getpid()
@@ -114,7 +122,10 @@ class SlotKeeper:
         while self._pid == pid:
             lease = self._gate.lease_seconds
             self._wake.wait(lease / 3)
+            now = time.monotonic()
             with self._lock:
+                for slot in [slot for slot, until in self._held.items() if until < now]:
+                    del self._held[slot]
                 held = list(self._held)
             try:
                 self._gate.store.renew_slots(held, lease)
@@ -176,7 +187,7 @@ class Admission:
             if not verdict.admitted:
                 raise MustWait("concurrency", key, verdict.wait)
             ticket.slot = (scope, ctx.task_id)
-            self.keeper.hold(ticket.slot)
+            self.keeper.hold(ticket.slot, task.time_limit)
         if rate is not None and limits.rate is not None:
             scope, key = rate
             pace = limits.rate
