@@ -61,6 +61,8 @@ ON_COMMIT_FAILURES = tuple(
     )
 )
 DEDUP_TESTS = "tests/integration/test_dedup.py"
+ADMISSION_TESTS = "tests/integration/test_admission.py"
+TWENTY_TENANTS = "test_twenty_tenants_never_run_more_than_three_each_across_two_workers"
 
 TARGETS = (
     Target("lease_stores", f"{INTERNALS}/delivery/lease_stores.py",
@@ -123,6 +125,18 @@ TARGETS = (
            ("tests/unit/test_error_classification.py",
             "tests/integration/test_postgres_errors.py")),
     Target("retry", f"{INTERNALS}/retry.py", ("tests/unit/test_retry_policies.py",)),
+    # Task limits: the declaration (unit tests, seconds); the stores' decisions on
+    # Redis, SQLite and PostgreSQL (seconds); the gate on real workers, without
+    # the two long proofs (4,000 capped runs, 2,000 paced ones: a minute each).
+    Target("admission_limits", f"{INTERNALS}/admission/limits.py",
+           ("tests/unit/test_task_limits.py", "tests/unit/test_declaration.py")),
+    Target("admission_stores", f"{INTERNALS}/admission/stores.py",
+           ("tests/integration/test_admission_stores.py",)),
+    Target("admission_gate", f"{INTERNALS}/admission/gate.py",
+           ("tests/integration/test_admission_stores.py", "tests/integration/test_admission.py",
+            "--deselect", f"{ADMISSION_TESTS}::{TWENTY_TENANTS}",
+            "--deselect", f"{ADMISSION_TESTS}::test_a_rate_limit_holds_across_two_workers"),
+           timeout=300),
     # The bound on runs lost with their process (runner.py), in seconds: the
     # decision alone. The Redis script that counts them is result_backend's.
     Target("lost_runs", f"{INTERNALS}/runner.py", ("tests/unit/test_run_decision.py",),

@@ -171,6 +171,49 @@ def test_a_rate_limit_holds_across_two_workers(private_broker: PrivateBroker) ->
     assert deferred > 0
 
 
+def test_a_keyed_rate_paces_each_key_apart(private_broker: PrivateBroker) -> None:
+    """rate_limit="5/s" per key (burst 1): each key's starts 200 ms apart, the keys side by side."""
+    run, per_key = run_id(), 8
+    redis = redis_of(private_broker)
+    with worker(private_broker, pool="threads", concurrency=8):
+        for i in range(2 * per_key):
+            private_broker.app.send_task(
+                "admission.paced_per_key", kwargs={"run": run, "key": f"k{i % 2}"}
+            )
+        wait_until(
+            lambda: all(redis.llen(f"paced:{run}:k{k}") == per_key for k in (0, 1)), "all ran"
+        )
+    starts = {k: sorted(float(t) for t in redis.lrange(f"paced:{run}:k{k}", 0, -1)) for k in (0, 1)}
+    for key_starts in starts.values():
+        # One decision every 200 ms; each start is written a moment after its own.
+        assert key_starts[-1] - key_starts[0] >= (per_key - 1) * 0.2 - 0.05
+    # Each key has its own pace: their runs interleave instead of one key waiting for the other.
+    assert starts[0][0] < starts[1][-1]
+    assert starts[1][0] < starts[0][-1]
+
+
+def test_waiters_behind_long_runs_come_back_less_often_as_the_runs_go_on(
+    private_broker: PrivateBroker,
+) -> None:
+    """Two runs hold the cap for seconds; three waiters do not ask every 100 ms meanwhile."""
+    run, held_for = run_id(), 6.0
+    redis = redis_of(private_broker)
+    app = private_broker.app
+    with worker(private_broker, pool="custom", concurrency=8) as process:
+        results = [app.send_task("admission.held", kwargs={"run": run}) for _ in range(2)]
+        wait_until(lambda: redis.llen(f"held-started:{run}") == 2, "both slots taken")
+        results += [app.send_task("admission.held", kwargs={"run": run}) for _ in range(3)]
+        time.sleep(held_for)
+        deferred = deferrals_logged(process)
+        redis.set(f"release:{run}", 1)
+        for result in results:
+            result.get(timeout=TIMEOUT)
+    # Spaced by the average run time alone (100 ms before any run ended), three
+    # waiters would ask about 180 times in 6 s; spaced by the age of the oldest
+    # run, each comes back after a wait that grows with it.
+    assert 3 <= deferred <= 60, deferred
+
+
 def _in_one_second(starts: list[float], first: int) -> int:
     """How many starts fall in the second that begins at ``starts[first]``."""
     end, n = starts[first] + 1.0, 0
@@ -182,13 +225,18 @@ def _in_one_second(starts: list[float], first: int) -> int:
 
 
 @pytest.mark.parametrize(
-    ("pool", "concurrency", "workers", "keys"),
+    ("pool", "concurrency", "workers", "keys", "task"),
     # Solo runs one task per worker: three workers on one key meet its cap of two.
-    [("solo", 1, 3, 1), ("threads", 8, 1, 3), ("custom", 16, 1, 3)],
-    ids=["solo", "threads", "asyncio-pool"],
+    [
+        ("solo", 1, 3, 1, "admission.pair_per_key"),
+        ("threads", 8, 1, 3, "admission.pair_per_key"),
+        ("threads", 8, 1, 3, "admission.sync_pair_per_key"),
+        ("custom", 16, 1, 3, "admission.pair_per_key"),
+    ],
+    ids=["solo", "threads", "threads-sync-body", "asyncio-pool"],
 )
 def test_a_cap_holds_in_every_execution_mode(
-    private_broker: PrivateBroker, pool: str, concurrency: int, workers: int, keys: int
+    private_broker: PrivateBroker, pool: str, concurrency: int, workers: int, keys: int, task: str
 ) -> None:
     run, per_key = run_id(), 10
     redis = redis_of(private_broker)
@@ -196,8 +244,7 @@ def test_a_cap_holds_in_every_execution_mode(
     try:
         for i in range(keys * per_key):
             private_broker.app.send_task(
-                "admission.pair_per_key",
-                kwargs={"run": run, "key": f"k{i % keys}", "seconds": 0.2},
+                task, kwargs={"run": run, "key": f"k{i % keys}", "seconds": 0.2}
             )
         wait_until(lambda: redis.llen(f"pairs:{run}") >= keys * per_key, "every task ran")
         deferred = deferrals_logged(*started)
@@ -223,8 +270,14 @@ def test_a_waiting_task_shows_as_waiting_and_keeps_its_attempt(
         holders = [app.send_task("admission.held", kwargs={"run": run}) for _ in range(2)]
         wait_until(lambda: redis.llen(f"held-started:{run}") == 2, "both slots taken")
         third = app.send_task("admission.held", kwargs={"run": run})
-        wait_until(lambda: get_task_status(app, third.id).state == "waiting", "the third waits")
-        status = get_task_status(app, third.id)
+        seen = []
+
+        def waiting() -> bool:
+            seen.append(get_task_status(app, third.id))
+            return seen[-1].state == "waiting"
+
+        wait_until(waiting, "the third waits")
+        status = seen[-1]
         assert status.extra["limit"] == "concurrency"
         assert status.extra["deferrals"] >= 1
         assert status.attempt in (None, 0)

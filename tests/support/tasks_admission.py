@@ -103,3 +103,13 @@ async def pair_to_file(ctx: TaskContext, path: str, key: str, seconds: float) ->
     # One short append per run (whole lines); a blocking write is what the test wants to see.
     with open(path, "a", encoding="utf-8") as runs:  # noqa: ASYNC230
         runs.write(json.dumps(record) + "\n")
+
+
+@simple_task(
+    name="admission.paced_per_key",
+    retry_policy="no_retry",
+    rate_limit="5/s",
+    rate_limit_key=lambda key, **_: key,
+)
+def paced_per_key(ctx: TaskContext, run: str, key: str) -> None:
+    counter().rpush(f"paced:{run}:{key}", time.time())

@@ -8,6 +8,7 @@ from typing import Any
 
 from celery.schedules import crontab
 
+from .internals.admission.gate import admission
 from .internals.context import TaskContext
 from .internals.decorators import simple_task
 from .internals.delivery.periodic import periodic
@@ -19,7 +20,7 @@ from .internals.operations.dead_letters import (
 from .internals.registry import current_app
 from .internals.session import database
 
-__all__ = ("ping", "prune_dead_letters")
+__all__ = ("ping", "prune_dead_letters", "prune_limits")
 
 
 @simple_task(name="background.ping", retry_policy="no_retry", queue="high_priority", expires=30)
@@ -36,3 +37,12 @@ async def prune_dead_letters(ctx: TaskContext) -> dict[str, Any]:
     deleted = await DeadLetterStore(database.engine).prune(retention)
     ctx.log_info("Dead letters pruned", deleted=deleted)
     return ctx.success_result(deleted=deleted)
+
+
+@periodic(crontab(minute=37, hour=3), period="daily")
+@simple_task(name="background.prune_limits", retry_policy="standard", queue="low_priority")
+def prune_limits(ctx: TaskContext) -> dict[str, Any]:
+    """Delete the state of task limits idle for a day (the SQL store; Redis keys expire)."""
+    pruned = admission.store.prune()
+    ctx.log_info("Idle task limits pruned", scopes=pruned)
+    return ctx.success_result(scopes=pruned)

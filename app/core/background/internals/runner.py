@@ -125,13 +125,7 @@ def _deferred(
 ) -> BaseException:
     """The exception ending a run that must wait for its limits (see ``admission/gate.py``)."""
     hooks.on_deferred(ctx, waiting.limit, waiting.key, waiting.wait)
-    try:
-        return defer(task, ctx, args, kwargs, waiting)
-    except Exception:  # noqa: BLE001 - the message must not be lost with the send
-        ctx.log_error(
-            "Could not send a waiting task again; it goes back to its queue", exc_info=True
-        )
-        return Reject(requeue=True)
+    return defer(task, ctx, args, kwargs, waiting)
 
 
 def _runs_lost_before(task: BaseTask[Any, Any]) -> TaskProcessLostError | None:

@@ -25,8 +25,8 @@ takes its own slot back at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import os
 import random
 import threading
@@ -34,12 +34,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
+
+from celery import states
+from celery.exceptions import Ignore, Reject
 
 from ..context import TaskContext
 from ..event_loop import worker_loop
 from ..exceptions import TaskConfigurationError, TaskDeferred
 from ..logging import FRAMEWORK_LOGGER_NAME
+from ..operations.cancel import revoked_in_backend
 from ..operations.status import WAITING
 from ..registry import DEFERRALS_HEADER
 from .limits import call_arguments
@@ -91,23 +96,22 @@ class Ticket:
 class SlotKeeper:
     """Renews the leases of the slots this process's runs hold, from a thread of its own.
 
-    Never past a run's hard time limit (plus one lease): a run that somehow
-    ends without giving its slot back cannot keep it alive for good.
+    A slot is renewed from the moment its run takes it until the run gives it
+    back (``Ticket.release``, in the runner's ``finally``). There is no other
+    cut-off: a body that runs past its time limit (threads and solo do not
+    enforce one) still holds its slot, so the cap is never exceeded.
     """
 
     def __init__(self, gate: Admission) -> None:
         self._gate = gate
-        # slot -> the monotonic time after which it is no longer renewed
-        self._held: dict[tuple[str, str], float] = {}
+        self._held: dict[tuple[str, str], None] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._pid: int | None = None
 
-    def hold(self, slot: tuple[str, str], longest: float | None) -> None:
-        """Renew ``slot`` until dropped, or ``longest`` seconds (the run's hard limit) are past."""
-        until = time.monotonic() + (longest if longest else math.inf) + self._gate.lease_seconds
+    def hold(self, slot: tuple[str, str]) -> None:
         with self._lock:
-            self._held[slot] = until
+            self._held[slot] = None
             if self._pid != os.getpid():
                 # First slot of this process (a prefork child starts with none).
                 self._pid = os.getpid()
@@ -122,10 +126,7 @@ class SlotKeeper:
         while self._pid == pid:
             lease = self._gate.lease_seconds
             self._wake.wait(lease / 3)
-            now = time.monotonic()
             with self._lock:
-                for slot in [slot for slot, until in self._held.items() if until < now]:
-                    del self._held[slot]
                 held = list(self._held)
             try:
                 self._gate.store.renew_slots(held, lease)
@@ -187,13 +188,18 @@ class Admission:
             if not verdict.admitted:
                 raise MustWait("concurrency", key, verdict.wait)
             ticket.slot = (scope, ctx.task_id)
-            self.keeper.hold(ticket.slot, task.time_limit)
+            self.keeper.hold(ticket.slot)
         if rate is not None and limits.rate is not None:
             scope, key = rate
             pace = limits.rate
-            verdict = worker_loop.run_blocking(
-                lambda: self.store.take_token(scope, pace, MAX_WAIT_SECONDS)
-            )
+            try:
+                verdict = worker_loop.run_blocking(
+                    lambda: self.store.take_token(scope, pace, MAX_WAIT_SECONDS)
+                )
+            except BaseException:
+                # The store failed, or a time limit struck: the slot goes back.
+                ticket.release(ran=False)
+                raise
             if not verdict.admitted:
                 ticket.release(ran=False)
                 raise MustWait("rate_limit", key, verdict.wait)
@@ -210,34 +216,64 @@ def defer(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     waiting: MustWait,
-) -> TaskDeferred:
-    """Store ``WAITING``, send the message again after the wait; the exception ending this run."""
+) -> BaseException:
+    """Send the run again for after its wait; the exception that ends this delivery.
+
+    ``TaskDeferred`` once the copy is sent (``WAITING`` stored, best effort: a
+    state is no reason to lose the run). ``Reject(requeue=True)`` when the
+    copy could not be sent: this message goes back to its queue, ``PENDING``
+    stored so that its next start is not counted as a run lost with its
+    process. Plain ``Ignore`` when the task was revoked meanwhile: no copy.
+    """
     request = task.request
+    if _revoked(task, ctx):
+        ctx.log_info("Task revoked while waiting for its limit: not sent again")
+        return Ignore()
     wait = waiting.wait
     if wait >= MAX_WAIT_SECONDS:
         # Beyond the store's horizon every such waiter was told the same: spread them.
         wait *= random.uniform(0.5, 1.0)
-    headers = dict(getattr(request, "headers", None) or {})
+    # RabbitMQ's dead-lettering history stays with the message it describes (as
+    # Celery's own ``as_execution_options`` does).
+    headers = {
+        name: value
+        for name, value in (getattr(request, "headers", None) or {}).items()
+        if name != "x-death"
+    }
     deferrals = int(headers.get(DEFERRALS_HEADER) or getattr(request, DEFERRALS_HEADER, 0) or 0) + 1
     headers[DEFERRALS_HEADER] = deferrals
-    until = datetime.now(UTC) + timedelta(seconds=wait)
     if not task.ignore_result:
+        until = datetime.now(UTC) + timedelta(seconds=wait)
         meta = {
             "limit": waiting.limit,
             "key": waiting.key,
             "until": until.isoformat(),
             "deferrals": deferrals,
         }
-        task.backend.store_result(ctx.task_id, meta, WAITING, request=request)
-    # Celery's own way to send a request again (what ``Task.retry`` does), with
-    # the attempt count unchanged; the deferral header makes deduplication keep
-    # the task's lease instead of refusing its own id (``delivery/dedup.py``).
-    task.signature_from_request(
-        request,
-        args,
-        kwargs,
-        countdown=wait,
-        retries=request.retries,
-        headers=headers,
-    ).apply_async()
+        try:
+            task.backend.store_result(ctx.task_id, meta, WAITING, request=request)
+        except Exception:  # noqa: BLE001 - the status is not worth the run
+            ctx.log_warning("Could not store the WAITING state of a task sent back to wait")
+    try:
+        # Celery's own way to send a request again (what ``Task.retry`` does), with
+        # the attempt count unchanged; the deferral header makes deduplication keep
+        # the task's lease instead of refusing its own id (``delivery/dedup.py``).
+        task.signature_from_request(
+            request, args, kwargs, countdown=wait, retries=request.retries, headers=headers
+        ).apply_async()
+    except Exception:  # noqa: BLE001 - the message must not be lost with the send
+        ctx.log_error(
+            "Could not send a waiting task again; it goes back to its queue", exc_info=True
+        )
+        with contextlib.suppress(Exception):
+            task.backend.store_result(ctx.task_id, None, states.PENDING, request=request)
+        return Reject(requeue=True)
     return TaskDeferred(str(waiting))
+
+
+def _revoked(task: BaseTask[Any, Any], ctx: TaskContext) -> bool:
+    """Whether a revoke reached the result backend (a copy sent again would outlive it)."""
+    try:
+        return worker_loop.run_blocking(partial(revoked_in_backend, task.app, ctx.task_id))
+    except Exception:  # noqa: BLE001 - unknown: the worker's own revoked list still applies
+        return False

@@ -15,10 +15,16 @@ atomic step, so no two workers can both take the last slot or token:
 
 A refused start is told when to come back. The store keeps, per scope, the
 time the last waiter was told (``line_end``): each new waiter comes back one
-expected interval after it (the rate's interval; for a cap, the average run
-time over the cap), so waiters return spread over time, about when capacity
-is expected, instead of all retrying at once. No wait is longer than
+expected interval after it, so waiters return spread over time, about when
+capacity is expected, instead of all retrying at once. For a rate the
+interval is the rate's; for a cap, the expected run time over the cap: the
+average of the scope's past runs, or the age of its oldest running holder
+when that is longer (runs longer than the past ones, or a scope's first runs,
+do not make waiters come back every 100 ms). No wait is longer than
 ``max_wait`` (a waiter beyond it simply asks again then).
+
+Idle state goes away: Redis keys expire (a day after their last use), and
+``prune`` deletes idle rows of the SQL store (``background.prune_limits``).
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ from .limits import RateLimit
 
 # Before the first run of a scope has ended, the run time its waiters are spread by.
 DEFAULT_RUN_SECONDS = 0.1
+# A scope's state is kept this long after its last use (then a waiter's spacing
+# starts again from DEFAULT_RUN_SECONDS and the oldest holder's age).
+IDLE_SECONDS = 86_400
+# A bound on one Redis call (the check, a release, a renewal).
+_SOCKET_TIMEOUT = 10.0
 # How much of each new run time goes into the average (an exponential moving average).
 _AVERAGE_WEIGHT = 0.2
 
@@ -74,6 +85,9 @@ class AdmissionStore(Protocol):
     def take_token(self, scope: str, rate: RateLimit, max_wait: float) -> Verdict:
         """Take a start of ``scope``'s rate if its pace allows one now."""
 
+    def prune(self) -> int:
+        """Delete the state of scopes idle for a day; how many scopes went."""
+
 
 # -- Redis ---------------------------------------------------------------
 
@@ -87,29 +101,38 @@ end
 """
 
 # KEYS[1]: the slots (sorted set: holder -> lease end), KEYS[2]: the scope's
-# state (hash: line_end, average). ARGV: holder, limit, lease ms, max wait ms,
-# default run ms. Returns 0 (admitted) or the wait in ms.
+# state (hash: line_end, average), KEYS[3]: the holders' starts (sorted set:
+# holder -> start). ARGV: holder, limit, lease ms, max wait ms, default run ms.
+# Returns 0 (admitted) or the wait in ms.
 _TAKE_SLOT = (
     _NOW
     + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  redis.call('ZREM', KEYS[3], unpack(expired))
+end
 local lease = tonumber(ARGV[3])
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+  redis.call('ZADD', KEYS[3], now, ARGV[1])
   redis.call('PEXPIRE', KEYS[1], math.ceil(lease))
+  redis.call('PEXPIRE', KEYS[3], math.ceil(lease))
   return 0
 end
-local average = tonumber(redis.call('HGET', KEYS[2], 'average') or ARGV[5])
+local run = tonumber(redis.call('HGET', KEYS[2], 'average') or ARGV[5])
+local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+if oldest[2] then run = math.max(run, now - tonumber(oldest[2])) end
 local at = math.max(now, tonumber(redis.call('HGET', KEYS[2], 'line_end') or 0))
-  + math.max(average / tonumber(ARGV[2]), 1)
+  + math.max(run / tonumber(ARGV[2]), 1)
 if at - now > tonumber(ARGV[4]) then
   return math.ceil(tonumber(ARGV[4]))
 end
 put(KEYS[2], 'line_end', at)
-redis.call('PEXPIRE', KEYS[2], 86400000)
+redis.call('PEXPIRE', KEYS[2], IDLE_MS)
 return math.max(1, math.ceil(at - now))
 """
-)
+).replace("IDLE_MS", str(IDLE_SECONDS * 1000))
 
 # KEYS as above; ARGV: holder, the run's time in ms (negative: it did not run),
 # default run ms.
@@ -117,24 +140,29 @@ _RELEASE_SLOT = (
     _NOW
     + """
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 if tonumber(ARGV[2]) < 0 then return 1 end
 local average = tonumber(redis.call('HGET', KEYS[2], 'average') or ARGV[3])
 put(KEYS[2], 'average', average + (tonumber(ARGV[2]) - average) * """
     + str(_AVERAGE_WEIGHT)
     + """)
-redis.call('PEXPIRE', KEYS[2], 86400000)
+redis.call('PEXPIRE', KEYS[2], IDLE_MS)
 return 1
 """
-)
+).replace("IDLE_MS", str(IDLE_SECONDS * 1000))
 
-# KEYS[1..n]: slot sets; ARGV[1]: lease ms, ARGV[2..n+1]: their holders.
+# KEYS[1]: a scope's slots, KEYS[2]: their starts; ARGV[1]: lease ms,
+# ARGV[2..]: holders of this process in that scope (one scope per call: its
+# keys share a hash tag).
 _RENEW = (
     _NOW
     + """
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
-  redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[1])))
+local lease = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])
 end
+redis.call('PEXPIRE', KEYS[1], math.ceil(lease))
+redis.call('PEXPIRE', KEYS[2], math.ceil(lease))
 return 1
 """
 )
@@ -186,7 +214,11 @@ class RedisAdmissionStore:
     def _script(self, name: str) -> Any:
         if self._pid != os.getpid():
             # A client inherited through fork would share its sockets with the parent.
-            self._client = redis.Redis.from_url(self.url)
+            # Bounded waits: a Redis that takes connections and never answers
+            # fails the check (a retriable error) instead of holding the run.
+            self._client = redis.Redis.from_url(
+                self.url, socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_SOCKET_TIMEOUT
+            )
             self._scripts = {
                 "take_slot": self._client.register_script(_TAKE_SLOT),
                 "release_slot": self._client.register_script(_RELEASE_SLOT),
@@ -197,8 +229,9 @@ class RedisAdmissionStore:
         return self._scripts[name]
 
     def _keys(self, scope: str) -> list[str]:
-        # One hash tag per scope: both keys of a script on one Redis Cluster node.
-        return [f"{self.prefix}{{{scope}}}:slots", f"{self.prefix}{{{scope}}}:state"]
+        """slots, state, starts: one hash tag per scope, so a script's keys share a node."""
+        tagged = f"{self.prefix}{{{scope}}}"
+        return [f"{tagged}:slots", f"{tagged}:state", f"{tagged}:starts"]
 
     def take_slot(
         self, scope: str, holder: str, limit: int, lease: float, max_wait: float
@@ -211,9 +244,21 @@ class RedisAdmissionStore:
         self._script("release_slot")(keys=self._keys(scope), args=args)
 
     def renew_slots(self, held: Sequence[tuple[str, str]], lease: float) -> None:
-        if held:
-            keys = [self._keys(scope)[0] for scope, _ in held]
-            self._script("renew")(keys=keys, args=[_ms(lease), *(holder for _, holder in held)])
+        by_scope: dict[str, list[str]] = {}
+        for scope, holder in held:
+            by_scope.setdefault(scope, []).append(holder)
+        if not by_scope:
+            return
+        renew = self._script("renew")
+        pipe = self._client.pipeline(transaction=False)
+        for scope, holders in by_scope.items():
+            slots, _, starts = self._keys(scope)
+            renew(keys=[slots, starts], args=[_ms(lease), *holders], client=pipe)
+        pipe.execute()
+
+    def prune(self) -> int:
+        """Nothing to do: every key expires by itself (a day after its last use)."""
+        return 0
 
     def holders(self, scope: str) -> list[str]:
         script = self._script("take_slot")  # opens the client in this process
@@ -236,6 +281,7 @@ _CREATE_SLOTS = f"""
 CREATE TABLE IF NOT EXISTS {SLOTS_TABLE} (
     scope VARCHAR(512) NOT NULL,
     holder VARCHAR(255) NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL,
     expires_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (scope, holder)
 )
@@ -260,12 +306,15 @@ RETURNING tat, line_end, average
 """
 _DROP_EXPIRED = f"DELETE FROM {SLOTS_TABLE} WHERE scope = :scope AND expires_at < :now"
 _COUNT_SLOTS = f"""
-SELECT COUNT(*) AS held, COALESCE(SUM(CASE WHEN holder = :holder THEN 1 ELSE 0 END), 0) AS mine
+SELECT COUNT(*) AS held, COALESCE(SUM(CASE WHEN holder = :holder THEN 1 ELSE 0 END), 0) AS mine,
+       MIN(started_at) AS oldest
 FROM {SLOTS_TABLE} WHERE scope = :scope
 """
 _TAKE = f"""
-INSERT INTO {SLOTS_TABLE} (scope, holder, expires_at) VALUES (:scope, :holder, :expires)
-ON CONFLICT (scope, holder) DO UPDATE SET expires_at = excluded.expires_at
+INSERT INTO {SLOTS_TABLE} (scope, holder, started_at, expires_at)
+VALUES (:scope, :holder, :now, :expires)
+ON CONFLICT (scope, holder) DO UPDATE
+SET started_at = excluded.started_at, expires_at = excluded.expires_at
 """
 _RELEASE = f"DELETE FROM {SLOTS_TABLE} WHERE scope = :scope AND holder = :holder"
 _RENEW_SQL = f"""
@@ -275,6 +324,12 @@ _HOLDERS = f"SELECT holder FROM {SLOTS_TABLE} WHERE scope = :scope AND expires_a
 _SET_LINE_END = f"UPDATE {STATE_TABLE} SET line_end = :line_end WHERE scope = :scope"
 _SET_AVERAGE = f"UPDATE {STATE_TABLE} SET average = :average WHERE scope = :scope"
 _SET_TAT = f"UPDATE {STATE_TABLE} SET tat = :tat WHERE scope = :scope"
+_PRUNE_SLOTS = f"DELETE FROM {SLOTS_TABLE} WHERE expires_at < :now"
+_PRUNE_STATE = f"""
+DELETE FROM {STATE_TABLE}
+WHERE tat < :idle AND line_end < :idle
+AND NOT EXISTS (SELECT 1 FROM {SLOTS_TABLE} WHERE {SLOTS_TABLE}.scope = {STATE_TABLE}.scope)
+"""
 
 # Any constant: the advisory lock that serializes the tables' creation.
 _CREATE_LOCK_ID = 0x6267_6164_6D69_74  # "bgadmit"
@@ -332,8 +387,13 @@ class DatabaseAdmissionStore:
         self._run(_release_slot, scope=scope, holder=holder, duration=duration)
 
     def renew_slots(self, held: Sequence[tuple[str, str]], lease: float) -> None:
-        if held:
-            self._run(_renew, held=held, lease=lease)
+        # One short transaction per slot: never two row locks held at once, so
+        # no deadlock with a decision that deletes expired rows of a scope.
+        for scope, holder in held:
+            self._run(_renew, scope=scope, holder=holder, lease=lease)
+
+    def prune(self) -> int:
+        return self._run(_prune)  # type: ignore[no-any-return]
 
     def holders(self, scope: str) -> list[str]:
         return self._run(_holders, scope=scope)  # type: ignore[no-any-return]
@@ -356,12 +416,13 @@ async def _take_slot(
         await connection.execute(text(_COUNT_SLOTS), {"scope": scope, "holder": holder})
     ).one()
     if counts.mine or counts.held < limit:
-        await connection.execute(
-            text(_TAKE), {"scope": scope, "holder": holder, "expires": now + lease}
-        )
+        values = {"scope": scope, "holder": holder, "now": now, "expires": now + lease}
+        await connection.execute(text(_TAKE), values)
         return ADMITTED
-    average = DEFAULT_RUN_SECONDS if state.average is None else state.average
-    at = max(now, state.line_end) + max(average / limit, 0.001)
+    run = DEFAULT_RUN_SECONDS if state.average is None else state.average
+    if counts.oldest is not None:
+        run = max(run, now - counts.oldest)
+    at = max(now, state.line_end) + max(run / limit, 0.001)
     return await _told_to_wait(connection, scope, now, at, max_wait)
 
 
@@ -386,12 +447,16 @@ async def _release_slot(
     await connection.execute(text(_SET_AVERAGE), {"scope": scope, "average": average})
 
 
-async def _renew(
-    connection: AsyncConnection, held: Sequence[tuple[str, str]], lease: float
-) -> None:
-    expires = time.time() + lease
-    rows = [{"scope": scope, "holder": holder, "expires": expires} for scope, holder in held]
-    await connection.execute(text(_RENEW_SQL), rows)
+async def _renew(connection: AsyncConnection, scope: str, holder: str, lease: float) -> None:
+    values = {"scope": scope, "holder": holder, "expires": time.time() + lease}
+    await connection.execute(text(_RENEW_SQL), values)
+
+
+async def _prune(connection: AsyncConnection) -> int:
+    now = time.time()
+    await connection.execute(text(_PRUNE_SLOTS), {"now": now})
+    result = await connection.execute(text(_PRUNE_STATE), {"idle": now - IDLE_SECONDS})
+    return int(result.rowcount or 0)
 
 
 async def _holders(connection: AsyncConnection, scope: str) -> list[str]:
