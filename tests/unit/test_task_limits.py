@@ -32,11 +32,19 @@ def task_name() -> Iterator[str]:
 
 @pytest.mark.parametrize(
     ("text", "per_second", "burst"),
-    [("50/s", 50.0, 5), ("120/m", 2.0, 1), ("3600/h", 1.0, 1), (" 1000 / s ", 1000.0, 100)],
+    [
+        ("50/s", 50.0, 5),
+        ("1/s", 1.0, 1),
+        ("120/m", 2.0, 1),
+        ("3600/h", 1.0, 1),
+        (" 1000 / s ", 1000.0, 100),
+        ("0.5/s", 0.5, 1),
+    ],
 )
 def test_rates_per_second_minute_and_hour(text: str, per_second: float, burst: int) -> None:
     rate = parse_rate("t", text)
     assert rate.per_second == pytest.approx(per_second)
+    assert rate.interval == pytest.approx(1 / per_second)
     assert rate.burst == burst
 
 
@@ -69,6 +77,16 @@ def test_a_key_that_cannot_take_the_tasks_arguments_is_refused_at_import(task_na
 def test_a_key_that_is_not_a_function_is_refused(task_name: str) -> None:
     with pytest.raises(TaskDefinitionError, match="must be a function of the task's arguments"):
         simple_task(name=task_name, concurrency=3, concurrency_key="tenant_id")(lambda ctx: None)
+
+
+def test_a_key_without_a_signature_is_checked_when_it_is_called(task_name: str) -> None:
+    # ``dict`` has no signature to check at import; what it returns is checked per run.
+    @simple_task(name=task_name, concurrency=1, concurrency_key=dict)
+    def body(ctx: TaskContext, tenant_id: int) -> None: ...
+
+    assert body.limits is not None
+    with pytest.raises(TaskArgumentsRefusedError, match="returned a dict"):
+        body.limits.concurrency_scope({"tenant_id": 1})
 
 
 def test_keys_get_the_arguments_by_name_with_defaults() -> None:

