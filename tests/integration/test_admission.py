@@ -290,6 +290,36 @@ def test_a_waiting_task_shows_as_waiting_and_keeps_its_attempt(
     )
 
 
+def test_the_consumer_sends_a_message_that_must_wait_back_before_the_pool(
+    private_broker: PrivateBroker,
+) -> None:
+    """A fresh message that must wait is sent back by the worker's consumer, not by a run.
+
+    Celery logs "received" when its handler takes a message for the pool. A
+    message screened by the consumer is sent back before that: each task that
+    waited is received exactly once per copy sent back (the copies, with their
+    countdown, go through Celery's handler), never once more for its original.
+    """
+    run = run_id()
+    redis = redis_of(private_broker)
+    app = private_broker.app
+    with worker(private_broker, concurrency=2) as process:
+        first = app.send_task("admission.one_at_a_time", kwargs={"run": run})
+        wait_until(lambda: redis.llen(f"held-started:{run}") == 1, "the first run holds the cap")
+        later = [app.send_task("admission.one_at_a_time", kwargs={"run": run}) for _ in range(5)]
+        wait_until(lambda: deferrals_logged(process) >= 5, "every later message sent back")
+        redis.set(f"release:{run}", 1)
+        for result in [first, *later]:
+            result.get(timeout=TIMEOUT)
+        lines = [json.loads(line) for line in process.log().splitlines() if line.startswith("{")]
+    for result in later:
+        mine = [line["event"] for line in lines if line.get("task_id") == result.id]
+        deferrals = mine.count("Task waiting for its limit")
+        assert deferrals >= 1
+        assert mine.count(f"Task admission.one_at_a_time[{result.id}] received") == deferrals
+    assert redis.llen(f"held-done:{run}") == 6
+
+
 def test_a_killed_worker_gives_its_slots_back_within_the_lease_and_its_tasks_run(
     private_broker: PrivateBroker,
 ) -> None:

@@ -83,6 +83,23 @@ def test_a_cap_admits_that_many_and_tells_the_next_when_to_come_back(
     assert store.holders(s) == ["t0", "t2", "t3"]
 
 
+def test_a_peek_takes_nothing_but_a_refused_peek_queues_like_a_take(
+    new_store: Callable[[], AdmissionStore],
+) -> None:
+    store, s = new_store(), scope()
+    assert store.take_slot(s, "a", 1, LONG, MAX_WAIT, peek=True).admitted
+    assert store.holders(s) == []  # looked, did not take
+    assert store.take_slot(s, "a", 1, LONG, MAX_WAIT).admitted
+    first = store.take_slot(s, "b", 1, LONG, MAX_WAIT, peek=True)
+    second = store.take_slot(s, "c", 1, LONG, MAX_WAIT)
+    assert not first.admitted
+    assert second.wait > first.wait  # the peek took its place in the line
+    rate, r = parse_rate("t", "10/s"), f"rate:tests.admission:{uuid.uuid4().hex}"
+    assert all(store.take_token(r, rate, MAX_WAIT, peek=True).admitted for _ in range(5))
+    assert store.take_token(r, rate, MAX_WAIT).admitted  # the peeks took no token
+    assert not store.take_token(r, rate, MAX_WAIT, peek=True).admitted
+
+
 def test_waiters_are_spread_over_time_not_sent_back_together(
     new_store: Callable[[], AdmissionStore],
 ) -> None:

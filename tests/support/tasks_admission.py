@@ -82,6 +82,16 @@ def sync_pair_per_key(ctx: TaskContext, run: str, key: str, seconds: float) -> N
 @simple_task(name="admission.held", retry_policy="standard", concurrency=2)
 async def held(ctx: TaskContext, run: str) -> None:
     """Holds its slot until the test says ``release:{run}``; counts its starts and ends."""
+    await _hold(ctx, run)
+
+
+@simple_task(name="admission.one_at_a_time", retry_policy="standard", concurrency=1)
+async def one_at_a_time(ctx: TaskContext, run: str) -> None:
+    """``held`` with a cap of one."""
+    await _hold(ctx, run)
+
+
+async def _hold(ctx: TaskContext, run: str) -> None:
     redis = counter()
     redis.rpush(f"held-started:{run}", ctx.task_id)
     while not redis.exists(f"release:{run}"):  # noqa: ASYNC110 - set by another process

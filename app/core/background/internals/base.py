@@ -61,6 +61,9 @@ class BaseTask(Task[P, R], Generic[P, R]):
     policy: RetryPolicy
     # Its rate limit and concurrency cap (``admission/limits.py``), if it declares any.
     limits: Limits | None = None
+    # The worker's handler of its messages: Celery's, screened by the limits
+    # before the pool when the task has any (``admission/consumer.py``).
+    Strategy = "app.core.background.internals.admission.consumer:strategy"
     background_queue: str = "default"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -125,7 +125,7 @@ def _deferred(
 ) -> BaseException:
     """The exception ending a run that must wait for its limits (see ``admission/gate.py``)."""
     hooks.on_deferred(ctx, waiting.limit, waiting.key, waiting.wait)
-    return defer(task, ctx, args, kwargs, waiting)
+    return defer(task, task.request, ctx, args, kwargs, waiting)
 
 
 def _runs_lost_before(task: BaseTask[Any, Any]) -> TaskProcessLostError | None:

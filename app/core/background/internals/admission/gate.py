@@ -59,6 +59,8 @@ _log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
 # visibility timeout (a countdown message is held unacknowledged meanwhile).
 MAX_WAIT_SECONDS = 300.0
 DEFAULT_LEASE_SECONDS = 30.0
+# How long the consumer takes a scope it found free as free (``Admission.screen``).
+SCREEN_PAUSE = 0.1
 
 
 class MustWait(Exception):
@@ -142,6 +144,8 @@ class Admission:
         self._store: AdmissionStore | None = None
         self.lease_seconds = DEFAULT_LEASE_SECONDS
         self.keeper = SlotKeeper(self)
+        # Consumer screening: scope -> until when it is taken as free (``screen``).
+        self._clear_until: dict[str, float] = {}
 
     def configure(self, store_factory: Callable[[], AdmissionStore], lease_seconds: float) -> None:
         """Say where the limits live (built on first use) and how long a slot's lease is."""
@@ -206,12 +210,53 @@ class Admission:
         ticket.started = time.monotonic()
         return ticket
 
+    def screen(
+        self, task: BaseTask[Any, Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> MustWait | None:
+        """Whether a fresh message would have to wait, asked without taking anything.
+
+        For the worker's consumer (``consumer.py``). A scope found free is not
+        asked again for ``SCREEN_PAUSE``: its messages go straight to the pool,
+        whose run takes for real (and defers itself if it must). So a limit far
+        above the load costs the consumer one look per scope now and then, and
+        a limit that refuses costs it one look per message.
+        """
+        limits = task.limits
+        if limits is None:
+            return None
+        arguments = call_arguments(task.body_signature, args, kwargs)
+        now = time.monotonic()
+        slot = limits.concurrency_scope(arguments)
+        if slot is not None and self._clear_until.get(slot[0], 0.0) <= now:
+            scope, key = slot
+            cap = limits.concurrency
+            assert cap is not None
+            verdict = self.store.take_slot(
+                scope, "", cap, self.lease_seconds, MAX_WAIT_SECONDS, peek=True
+            )
+            if not verdict.admitted:
+                return MustWait("concurrency", key, verdict.wait)
+            self._clear_until[scope] = now + SCREEN_PAUSE
+        rate = limits.rate_scope(arguments)
+        if (
+            rate is not None
+            and limits.rate is not None
+            and self._clear_until.get(rate[0], 0.0) <= now
+        ):
+            scope, key = rate
+            verdict = self.store.take_token(scope, limits.rate, MAX_WAIT_SECONDS, peek=True)
+            if not verdict.admitted:
+                return MustWait("rate_limit", key, verdict.wait)
+            self._clear_until[scope] = now + SCREEN_PAUSE
+        return None
+
 
 admission = Admission()
 
 
 def defer(
     task: BaseTask[Any, Any],
+    request: Any,
     ctx: TaskContext,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -224,8 +269,9 @@ def defer(
     copy could not be sent: this message goes back to its queue, ``PENDING``
     stored so that its next start is not counted as a run lost with its
     process. Plain ``Ignore`` when the task was revoked meanwhile: no copy.
+    ``request`` is Celery's context of this delivery (``task.request`` in a
+    run; built from the message in the consumer, ``consumer.py``).
     """
-    request = task.request
     if _revoked(task, ctx):
         ctx.log_info("Task revoked while waiting for its limit: not sent again")
         return Ignore()

@@ -67,8 +67,11 @@ ADMITTED = Verdict(True)
 
 
 class AdmissionStore(Protocol):
+    """``peek``: decide as for a take, but take nothing when admitted (a refusal
+    still queues the waiter); the worker's consumer screens messages with it."""
+
     def take_slot(
-        self, scope: str, holder: str, limit: int, lease: float, max_wait: float
+        self, scope: str, holder: str, limit: int, lease: float, max_wait: float, peek: bool = False
     ) -> Verdict:
         """Hold one of ``limit`` slots of ``scope`` for ``lease`` seconds, if one is free."""
 
@@ -82,7 +85,9 @@ class AdmissionStore(Protocol):
     def holders(self, scope: str) -> list[str]:
         """The holders of live slots of ``scope`` (for operators and tests)."""
 
-    def take_token(self, scope: str, rate: RateLimit, max_wait: float) -> Verdict:
+    def take_token(
+        self, scope: str, rate: RateLimit, max_wait: float, peek: bool = False
+    ) -> Verdict:
         """Take a start of ``scope``'s rate if its pace allows one now."""
 
     def prune(self) -> int:
@@ -102,8 +107,8 @@ end
 
 # KEYS[1]: the slots (sorted set: holder -> lease end), KEYS[2]: the scope's
 # state (hash: line_end, average), KEYS[3]: the holders' starts (sorted set:
-# holder -> start). ARGV: holder, limit, lease ms, max wait ms, default run ms.
-# Returns 0 (admitted) or the wait in ms.
+# holder -> start). ARGV: holder, limit, lease ms, max wait ms, default run ms,
+# peek (1: take nothing). Returns 0 (admitted) or the wait in ms.
 _TAKE_SLOT = (
     _NOW
     + """
@@ -114,6 +119,7 @@ if #expired > 0 then
 end
 local lease = tonumber(ARGV[3])
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  if ARGV[6] == '1' then return 0 end
   redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
   redis.call('ZADD', KEYS[3], now, ARGV[1])
   redis.call('PEXPIRE', KEYS[1], math.ceil(lease))
@@ -168,7 +174,7 @@ return 1
 )
 
 # KEYS[1]: the scope's state (hash: tat, line_end). ARGV: interval ms, burst,
-# max wait ms. Returns 0 (admitted) or the wait in ms.
+# max wait ms, peek (1: take nothing). Returns 0 (admitted) or the wait in ms.
 _TAKE_TOKEN = (
     _NOW
     + """
@@ -176,6 +182,7 @@ local interval = tonumber(ARGV[1])
 local tolerance = (tonumber(ARGV[2]) - 1) * interval
 local tat = math.max(tonumber(redis.call('HGET', KEYS[1], 'tat') or 0), now)
 if tat - now <= tolerance then
+  if ARGV[4] == '1' then return 0 end
   put(KEYS[1], 'tat', tat + interval)
   redis.call('PEXPIRE', KEYS[1], math.ceil(tat + interval - now) + 60000)
   return 0
@@ -234,9 +241,9 @@ class RedisAdmissionStore:
         return [f"{tagged}:slots", f"{tagged}:state", f"{tagged}:starts"]
 
     def take_slot(
-        self, scope: str, holder: str, limit: int, lease: float, max_wait: float
+        self, scope: str, holder: str, limit: int, lease: float, max_wait: float, peek: bool = False
     ) -> Verdict:
-        args = [holder, limit, _ms(lease), _ms(max_wait), _ms(DEFAULT_RUN_SECONDS)]
+        args = [holder, limit, _ms(lease), _ms(max_wait), _ms(DEFAULT_RUN_SECONDS), int(peek)]
         return _verdict(self._script("take_slot")(keys=self._keys(scope), args=args))
 
     def release_slot(self, scope: str, holder: str, duration: float | None) -> None:
@@ -267,8 +274,10 @@ class RedisAdmissionStore:
         members = self._client.zrangebyscore(self._keys(scope)[0], now_ms, "+inf")
         return sorted(member.decode() for member in members)
 
-    def take_token(self, scope: str, rate: RateLimit, max_wait: float) -> Verdict:
-        args = [_ms(rate.interval), rate.burst, _ms(max_wait)]
+    def take_token(
+        self, scope: str, rate: RateLimit, max_wait: float, peek: bool = False
+    ) -> Verdict:
+        args = [_ms(rate.interval), rate.burst, _ms(max_wait), int(peek)]
         return _verdict(self._script("take_token")(keys=[self._keys(scope)[1]], args=args))
 
 
@@ -377,11 +386,12 @@ class DatabaseAdmissionStore:
             self._loop.run(engine.dispose(), _CALL_TIMEOUT)
 
     def take_slot(
-        self, scope: str, holder: str, limit: int, lease: float, max_wait: float
+        self, scope: str, holder: str, limit: int, lease: float, max_wait: float, peek: bool = False
     ) -> Verdict:
         return self._run(  # type: ignore[no-any-return]
-            _take_slot, scope=scope, holder=holder, limit=limit, lease=lease, max_wait=max_wait
-        )
+            _take_slot,
+            scope=scope, holder=holder, limit=limit, lease=lease, max_wait=max_wait, peek=peek,
+        )  # fmt: skip
 
     def release_slot(self, scope: str, holder: str, duration: float | None) -> None:
         self._run(_release_slot, scope=scope, holder=holder, duration=duration)
@@ -398,8 +408,12 @@ class DatabaseAdmissionStore:
     def holders(self, scope: str) -> list[str]:
         return self._run(_holders, scope=scope)  # type: ignore[no-any-return]
 
-    def take_token(self, scope: str, rate: RateLimit, max_wait: float) -> Verdict:
-        return self._run(_take_token, scope=scope, rate=rate, max_wait=max_wait)  # type: ignore[no-any-return]
+    def take_token(
+        self, scope: str, rate: RateLimit, max_wait: float, peek: bool = False
+    ) -> Verdict:
+        return self._run(  # type: ignore[no-any-return]
+            _take_token, scope=scope, rate=rate, max_wait=max_wait, peek=peek
+        )
 
 
 async def _state(connection: AsyncConnection, scope: str) -> Any:
@@ -407,7 +421,13 @@ async def _state(connection: AsyncConnection, scope: str) -> Any:
 
 
 async def _take_slot(
-    connection: AsyncConnection, scope: str, holder: str, limit: int, lease: float, max_wait: float
+    connection: AsyncConnection,
+    scope: str,
+    holder: str,
+    limit: int,
+    lease: float,
+    max_wait: float,
+    peek: bool,
 ) -> Verdict:
     state = await _state(connection, scope)
     now = time.time()
@@ -416,6 +436,8 @@ async def _take_slot(
         await connection.execute(text(_COUNT_SLOTS), {"scope": scope, "holder": holder})
     ).one()
     if counts.mine or counts.held < limit:
+        if peek:
+            return ADMITTED
         values = {"scope": scope, "holder": holder, "now": now, "expires": now + lease}
         await connection.execute(text(_TAKE), values)
         return ADMITTED
@@ -465,13 +487,15 @@ async def _holders(connection: AsyncConnection, scope: str) -> list[str]:
 
 
 async def _take_token(
-    connection: AsyncConnection, scope: str, rate: RateLimit, max_wait: float
+    connection: AsyncConnection, scope: str, rate: RateLimit, max_wait: float, peek: bool
 ) -> Verdict:
     state = await _state(connection, scope)
     now = time.time()
     tolerance = (rate.burst - 1) * rate.interval
     tat = max(state.tat, now)
     if tat - now <= tolerance:
+        if peek:
+            return ADMITTED
         await connection.execute(text(_SET_TAT), {"scope": scope, "tat": tat + rate.interval})
         return ADMITTED
     at = max(tat - tolerance, state.line_end + rate.interval)
