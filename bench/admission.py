@@ -6,10 +6,11 @@
   the load, against the same no-op without one, same workers, rounds taking
   turns. Target: at least 0.9x;
 - fairness: 10,000 runs of one tenant queued, then 10 of another, each
-  tenant capped at 3 at once, 2 workers x 2 processes (``scripts/worker.sh``).
-  The small tenant's runs finish when the workers have reached them once
-  (each of the big tenant's runs is sent back to wait, a millisecond or two
-  of work, and queued again behind them), not after the big backlog.
+  tenant capped at 3 at once, on 2 workers x 2 processes (``scripts/worker.sh``)
+  and on 2 asyncio-pool workers x 50. The small tenant's runs finish when the
+  workers have reached them once (the consumer sends each of the big tenant's
+  runs that must wait back, a millisecond or so, no pool slot), not after the
+  big backlog.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import timeit
 import uuid
 from typing import Any
 
+from bench import async_mode
 from bench.drain import Topology, WorkerSet, fill, redis_backlog
 from bench.environment import BenchServices
 from bench.report import Report
@@ -29,7 +31,10 @@ FAIRNESS_BIG, FAIRNESS_SMALL, FAIRNESS_SECONDS = 10_000, 10, 0.05
 def admission(report: Report, services: BenchServices, rounds: int, count: int) -> None:
     check_cost(report, services, rounds)
     drain_cost(report, services, rounds, count)
-    fairness(report, services)
+    fairness(report, services, Topology("2 x prefork c=2 (scripts/worker.sh)", count=2))
+    fairness(
+        report, services, async_mode.topology(async_mode.DEFAULT_POOL, "2 x asyncio pool c=50", 50)
+    )
 
 
 def check_cost(report: Report, services: BenchServices, rounds: int, calls: int = 2000) -> None:
@@ -81,19 +86,17 @@ def drain_cost(report: Report, services: BenchServices, rounds: int, count: int)
     report.ratio(suite, "capped / plain", capped, plain, ">= 0.9")
 
 
-def fairness(report: Report, services: BenchServices) -> None:
+def fairness(report: Report, services: BenchServices, topology: Topology) -> None:
     suite = (
         f"fairness: {FAIRNESS_BIG:,} runs of tenant 'big' queued, then {FAIRNESS_SMALL} of "
         f"'small'; concurrency=3 per tenant, {FAIRNESS_SECONDS * 1000:.0f} ms each, "
-        "2 workers x prefork c=2"
+        f"{topology.label}"
     )
     small_done = report.figure(suite, "last 'small' run done, after the start", "s")
     big_done = report.figure(suite, "last 'big' run done, after the start", "s")
     floor = report.figure(suite, "the big backlog at 3 at once, at best", "s")
     broker = services.broker()
-    workers = WorkerSet(
-        Topology("2 x prefork c=2", count=2), services.broker_url, services.worker_env()
-    )
+    workers = WorkerSet(topology, services.broker_url, services.worker_env())
     workers.start()
     try:
         calls = [{"tenant": "big", "seconds": FAIRNESS_SECONDS}] * FAIRNESS_BIG
@@ -113,7 +116,8 @@ def fairness(report: Report, services: BenchServices) -> None:
         floor.values.append(FAIRNESS_BIG * FAIRNESS_SECONDS / 3)
         deferrals = sum(w.log().count("Task waiting for its limit") for w in workers.workers)
         report.notes.append(
-            f"fairness: {deferrals:,} deferrals for {FAIRNESS_BIG + FAIRNESS_SMALL:,} runs"
+            f"fairness, {topology.label}: {deferrals:,} deferrals for "
+            f"{FAIRNESS_BIG + FAIRNESS_SMALL:,} runs"
         )
     finally:
         workers.stop()

@@ -137,6 +137,11 @@ TARGETS = (
             "--deselect", f"{ADMISSION_TESTS}::{TWENTY_TENANTS}",
             "--deselect", f"{ADMISSION_TESTS}::test_a_rate_limit_holds_across_two_workers"),
            timeout=300),
+    Target("admission_consumer", f"{INTERNALS}/admission/consumer.py",
+           (f"{ADMISSION_TESTS}::test_the_consumer_sends_a_message_that_must_wait_back_before_the_pool",
+            f"{ADMISSION_TESTS}::test_a_waiting_task_shows_as_waiting_and_keeps_its_attempt",
+            f"{ADMISSION_TESTS}::test_a_deduplicated_task_keeps_its_lease_while_it_waits_and_runs_once"),
+           timeout=300),
     # The bound on runs lost with their process (runner.py), in seconds: the
     # decision alone. The Redis script that counts them is result_backend's.
     Target("lost_runs", f"{INTERNALS}/runner.py", ("tests/unit/test_run_decision.py",),

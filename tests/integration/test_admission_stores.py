@@ -15,15 +15,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from app.core.background.internals.admission.gate import Admission
 from app.core.background.internals.admission.limits import RateLimit, parse_rate
 from app.core.background.internals.admission.stores import (
+    STATE_TABLE,
     AdmissionStore,
     DatabaseAdmissionStore,
     RedisAdmissionStore,
+    store_from_settings,
 )
 from tests.support.services import Services
 
@@ -221,18 +225,66 @@ def test_idle_state_goes_away(
         assert all(0 < client.pttl(key) <= stores.IDLE_SECONDS * 1000 for key in keys)
         assert store.prune() == 0
         return
-    monkeypatch.setattr(stores, "IDLE_SECONDS", -1.0)  # everything counts as idle
-    assert store.prune() >= 1
-    # The scope with a running holder keeps its state and its slot.
+    assert isinstance(store, DatabaseAdmissionStore)
+    monkeypatch.setattr(stores, "IDLE_SECONDS", 1.0)
+    store.prune()  # whatever earlier tests left idle
+    assert {idle, busy} <= _state_scopes(store)  # used just now: not idle yet
+    time.sleep(1.2)
+    store.prune()
+    # The idle scope's state went; the one with a running holder kept its state and slot.
+    assert idle not in _state_scopes(store)
+    assert busy in _state_scopes(store)
     assert store.holders(busy) == ["running"]
     assert not store.take_slot(busy, "next", 1, LONG, MAX_WAIT).admitted
+
+
+def _state_scopes(store: DatabaseAdmissionStore) -> set[str]:
+    async def read(connection: Any) -> set[str]:
+        rows = await connection.execute(text(f"SELECT scope FROM {STATE_TABLE}"))
+        return {str(row.scope) for row in rows}
+
+    return store._run(read)  # type: ignore[no-any-return]
 
 
 def test_waits_are_capped_at_the_longest_wait(new_store: Callable[[], AdmissionStore]) -> None:
     store, s = new_store(), scope()
     assert store.take_slot(s, "holder", 1, LONG, 0.5).admitted
-    waits = [store.take_slot(s, f"w{i}", 1, LONG, 0.5).wait for i in range(20)]
-    assert max(waits) <= 0.5
+    verdicts = [store.take_slot(s, f"w{i}", 1, LONG, 0.5) for i in range(20)]
+    assert not any(v.admitted for v in verdicts)
+    assert max(v.wait for v in verdicts) <= 0.5
+
+
+def test_waiters_are_spaced_by_the_scopes_average_run_over_its_cap(
+    new_store: Callable[[], AdmissionStore],
+) -> None:
+    """Before any run: 100 ms; one run of 2 s moves the average a fifth of the way (0.48 s)."""
+    store, cap = new_store(), 2
+    fresh = scope()
+    for holder in ("a", "b"):
+        assert store.take_slot(fresh, holder, cap, LONG, MAX_WAIT).admitted
+    assert 0.04 <= store.take_slot(fresh, "w", cap, LONG, MAX_WAIT).wait <= 0.1  # 0.1 / 2
+
+    learned = scope()
+    assert store.take_slot(learned, "done", cap, LONG, MAX_WAIT).admitted
+    store.release_slot(learned, "done", 2.0)
+    # A run refused by its rate gave its slot back without running: not averaged.
+    assert store.take_slot(learned, "unrun", cap, LONG, MAX_WAIT).admitted
+    store.release_slot(learned, "unrun", None)
+    for holder in ("a", "b"):
+        assert store.take_slot(learned, holder, cap, LONG, MAX_WAIT).admitted
+    wait = store.take_slot(learned, "w", cap, LONG, MAX_WAIT).wait
+    assert 0.2 <= wait <= 0.25  # (0.1 + (2.0 - 0.1) x 0.2) / 2 = 0.24
+
+
+def test_the_first_waiter_of_a_rate_comes_back_when_a_token_is_due(
+    new_store: Callable[[], AdmissionStore],
+) -> None:
+    store, s = new_store(), f"rate:tests.admission:{uuid.uuid4().hex}"
+    rate = parse_rate("t", "10/s")  # burst 1, one every 100 ms
+    assert store.take_token(s, rate, MAX_WAIT).admitted
+    first = store.take_token(s, rate, MAX_WAIT)
+    assert not first.admitted
+    assert first.wait <= rate.interval + 0.002
 
 
 def test_the_keeper_renews_a_held_slot_until_it_is_dropped(stack: Services) -> None:
@@ -252,3 +304,31 @@ def test_the_keeper_renews_a_held_slot_until_it_is_dropped(stack: Services) -> N
             time.sleep(0.05)
     finally:
         stack.release_redis_db(db)
+
+
+def test_the_store_is_where_the_leases_are() -> None:
+    from app.core.config import Settings
+
+    redis_broker = "redis://broker:6379/0"
+    on_redis = store_from_settings(Settings(celery_broker_url=redis_broker))()
+    assert isinstance(on_redis, RedisAdmissionStore)
+    assert on_redis.url == redis_broker
+    own = store_from_settings(
+        Settings(celery_broker_url=redis_broker, background_dedup_redis_url="redis://limits:1/2")
+    )()
+    assert isinstance(own, RedisAdmissionStore)
+    assert own.url == "redis://limits:1/2"
+    on_database = store_from_settings(
+        Settings(celery_broker_url="amqp://guest@rabbit//", database_url="sqlite+aiosqlite:///x.db")
+    )()
+    assert isinstance(on_database, DatabaseAdmissionStore)
+    assert on_database.url == "sqlite+aiosqlite:///x.db"
+    chosen = store_from_settings(
+        Settings(
+            celery_broker_url="amqp://guest@rabbit//",
+            database_url="sqlite+aiosqlite:///x.db",
+            background_dedup_database_url="postgresql+asyncpg://db/limits",
+        )
+    )()
+    assert isinstance(chosen, DatabaseAdmissionStore)
+    assert chosen.url == "postgresql+asyncpg://db/limits"
