@@ -76,6 +76,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -263,6 +264,7 @@ class AsyncioPool(BasePool):
         worker_loop.adopt(self._loop_thread, _inline_runner)
         # Up to ``limit`` db tasks hold a connection at once (capped: see session.py).
         database.expect_concurrency(self.limit)
+        _freeze_startup_objects()
 
     def register_with_event_loop(self, loop: Any) -> None:
         """Celery's hub (main thread): outcomes are passed back to it through a pipe.
@@ -547,6 +549,32 @@ class _GreenletRun:
                 started = time.monotonic()
                 out = task_greenlet.switch(True, sent)
             pool.held_the_loop(job, started)
+
+
+# The process whose start-up objects were frozen (``_freeze_startup_objects``).
+_frozen_in: int | None = None
+
+
+def _freeze_startup_objects() -> None:
+    """Keep the objects of the worker's start-up out of every later garbage collection.
+
+    The app, its tasks and the libraries (some 130,000 objects that live as
+    long as the process) would otherwise be traversed by every full
+    collection. With many runs in flight nearly every object a run makes is
+    still alive when the young generations are collected, so it is promoted,
+    and full collections come often: measured with 100 runs of a ``@db_task``
+    (``SELECT pg_sleep``) in one process, one every ~4 s taking 80-120 ms of
+    CPU, 7-20 ms once the start-up objects are frozen (~90 µs less CPU per
+    task over a drain of 5,000). Garbage that exists now is collected first,
+    so none of it is kept for good. Once per process: a pool started again
+    (tests) finds its objects frozen already.
+    """
+    global _frozen_in
+    if _frozen_in == os.getpid():
+        return
+    _frozen_in = os.getpid()
+    gc.collect()
+    gc.freeze()
 
 
 def _cancel_and_wait(jobs: list[_Job], done: threading.Event) -> None:
