@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.asynchronous import Hub
 
 from app.core.background import celery_app
+from app.core.background.internals import asyncio_pool
 from app.core.background.internals.event_loop import CallBatcher, worker_loop
 from app.core.background.internals.session import database
 from app.core.background.pool import AsyncioPool
@@ -72,6 +76,8 @@ def pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[AsyncioPool]:
     monkeypatch.setattr(worker_loop, "_loop_thread", worker_loop._loop_thread)
     monkeypatch.setattr(worker_loop, "_find_inline", None)
     monkeypatch.setattr(database, "_concurrency", 1)
+    # The collector of this process (pytest's) stays as it is: see test_garbage_collector_*.
+    monkeypatch.setattr(asyncio_pool, "_tuned_in", os.getpid())
     pool = AsyncioPool(20, app=celery_app)
     pool.start()
     try:
@@ -320,3 +326,41 @@ def test_an_outcome_reaches_the_hub_as_a_poll_event_so_its_ack_runs_before_the_n
             break
     assert ticks_after_outcome[:1] == [True]
     hub.close()
+
+
+def _collector_after_start(threshold: tuple[int, ...] | None = None) -> list[int]:
+    """(young threshold, objects frozen) in a fresh process after a pool started there."""
+    code = (
+        "import gc, sys\n"
+        + (f"gc.set_threshold(*{threshold!r})\n" if threshold else "")
+        + "from app.core.background import celery_app\n"
+        "from app.core.background.pool import AsyncioPool\n"
+        "pool = AsyncioPool(2, app=celery_app)\n"
+        "pool.start()\n"
+        "print(gc.get_threshold()[0], gc.get_freeze_count())\n"
+        "pool.stop()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return [int(value) for value in done.stdout.split()]
+
+
+def test_garbage_collector_a_started_pool_freezes_start_up_objects_and_collects_less_often() -> (
+    None
+):
+    young, frozen = _collector_after_start()
+    assert young == asyncio_pool.YOUNG_GENERATION_THRESHOLD
+    # The app and its libraries: tens of thousands of objects.
+    assert frozen > 10_000
+
+
+@pytest.mark.parametrize("threshold", [(0,), (500, 10, 10), (50_000, 10, 10)])
+def test_garbage_collector_a_threshold_of_ones_own_is_kept_if_it_collects_less_often(
+    threshold: tuple[int, ...],
+) -> None:
+    young, _ = _collector_after_start(threshold)
+    expected = (
+        threshold[0] if threshold[0] in (0, 50_000) else asyncio_pool.YOUNG_GENERATION_THRESHOLD
+    )
+    assert young == expected
