@@ -113,6 +113,13 @@ class Settings(BaseSettings):
         )
 
     @property
+    def dedup_store_url(self) -> str:
+        """Where the leases (and the task limits, which share their store) live."""
+        if self.dedup_backend == "redis":
+            return self.background_dedup_redis_url or self.celery_broker_url
+        return self.background_dedup_database_url or self.database_url
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 

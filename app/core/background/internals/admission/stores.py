@@ -514,8 +514,7 @@ async def _take_token(
 
 def store_from_settings(settings: Any) -> Callable[[], AdmissionStore]:
     """The store the settings select: where the deduplication leases live (built on first use)."""
+    url = settings.dedup_store_url
     if settings.dedup_backend == "redis":
-        url = settings.background_dedup_redis_url or settings.celery_broker_url
         return lambda: RedisAdmissionStore(url)
-    url = settings.background_dedup_database_url or settings.database_url
     return lambda: DatabaseAdmissionStore(url)

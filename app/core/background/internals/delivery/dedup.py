@@ -367,8 +367,7 @@ def connect_worker_signals() -> None:
 
 def store_from_settings(settings: Any) -> Callable[[], LeaseStore]:
     """The lease store that the settings select (built on first use)."""
+    url = settings.dedup_store_url
     if settings.dedup_backend == "redis":
-        url = settings.background_dedup_redis_url or settings.celery_broker_url
         return lambda: RedisLeaseStore(url)
-    url = settings.background_dedup_database_url or settings.database_url
     return lambda: DatabaseLeaseStore(url)
