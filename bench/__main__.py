@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument(
         "--sides", default="",
         help="raw (topologies), io, io_db: only the sides whose label contains one of these"
-        " (comma-separated)",
+        " (comma-separated); admission: check, drain, fairness",
     )  # fmt: skip
     parser.add_argument(
         "--async-pool", default=async_mode.DEFAULT_POOL,
@@ -122,7 +122,8 @@ def run_suite(
     elif name == "admission":
         from bench.admission import admission
 
-        admission(report, services, args.rounds, args.tasks)
+        only = [part.strip() for part in args.sides.split(",") if part.strip()]
+        admission(report, services, args.rounds, args.tasks, only)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,25 @@ from bench.report import Report
 FAIRNESS_BIG, FAIRNESS_SMALL, FAIRNESS_SECONDS = 10_000, 10, 0.05
 
 
-def admission(report: Report, services: BenchServices, rounds: int, count: int) -> None:
-    check_cost(report, services, rounds)
-    drain_cost(report, services, rounds, count)
-    fairness(report, services, Topology("2 x prefork c=2 (scripts/worker.sh)", count=2))
-    fairness(
-        report, services, async_mode.topology(async_mode.DEFAULT_POOL, "2 x asyncio pool c=50", 50)
-    )
+def admission(
+    report: Report, services: BenchServices, rounds: int, count: int, only: list[str]
+) -> None:
+    """Every part, or those named in ``only`` (``check``, ``drain``, ``fairness``)."""
+
+    def wanted(part: str) -> bool:
+        return not only or part in only
+
+    if wanted("check"):
+        check_cost(report, services, rounds)
+    if wanted("drain"):
+        drain_cost(report, services, rounds, count)
+    if wanted("fairness"):
+        fairness(report, services, Topology("2 x prefork c=2 (scripts/worker.sh)", count=2))
+        fairness(
+            report,
+            services,
+            async_mode.topology(async_mode.DEFAULT_POOL, "2 x asyncio pool c=50", 50),
+        )
 
 
 def check_cost(report: Report, services: BenchServices, rounds: int, calls: int = 2000) -> None:

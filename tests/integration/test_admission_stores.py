@@ -115,6 +115,35 @@ def test_waiters_are_spread_over_time_not_sent_back_together(
     assert len(set(waits)) == 5
 
 
+def test_a_returning_waiter_refused_again_is_next_among_returners_not_behind_the_line(
+    new_store: Callable[[], AdmissionStore],
+) -> None:
+    """Ten newcomers queue up to a second ahead; a returner refused waits one spacing."""
+    store, s = new_store(), scope()
+    assert store.take_slot(s, "holder", 1, LONG, MAX_WAIT).admitted
+    line = [store.take_slot(s, f"new{i}", 1, LONG, MAX_WAIT).wait for i in range(10)]
+    assert line[-1] >= 0.9  # 10 x 0.1 s (the default run over a cap of 1)
+    returners = [
+        store.take_slot(s, f"back{i}", 1, LONG, MAX_WAIT, returning=True).wait for i in range(3)
+    ]
+    # Spaced among themselves as the line is, starting now, not after it.
+    assert returners == sorted(returners)
+    assert len(set(returners)) == 3
+    assert 0.05 <= returners[0] <= 0.1 < returners[-1] <= 0.3
+    # ... and the newcomers' line did not move for them.
+    after = store.take_slot(s, "new10", 1, LONG, MAX_WAIT).wait
+    assert line[-1] < after <= line[-1] + 0.1 + 0.05
+
+    rate, r = parse_rate("t", "10/s"), f"rate:tests.admission:{uuid.uuid4().hex}"
+    assert store.take_token(r, rate, MAX_WAIT).admitted
+    rate_line = [store.take_token(r, rate, MAX_WAIT).wait for _ in range(10)]
+    assert rate_line[-1] >= 0.9
+    back = store.take_token(r, rate, MAX_WAIT, returning=True)
+    assert not back.admitted
+    assert back.wait <= rate.interval + 0.002 + 0.05
+    assert store.take_token(r, rate, MAX_WAIT).wait >= rate_line[-1]
+
+
 def test_no_two_callers_take_the_last_slot(new_store: Callable[[], AdmissionStore]) -> None:
     s, cap = scope(), 3
     stores = [new_store() for _ in range(CALLERS)]

@@ -62,18 +62,20 @@ def _sent_back(task: BaseTask[Any, Any], message: Any) -> bool:
     headers = dict(message.headers or {})
     if not headers.get("id") or headers.get("eta"):
         return False  # protocol 1, or a countdown: the run decides
+    if admission.seems_clear(task):
+        return False  # no need to decode it
     try:
         args, kwargs, _embed = message.decode()
-        args, kwargs = tuple(args), dict(kwargs)
-        if task.argument_error(args, kwargs) is not None:
-            return False  # the run refuses it, as a failure
-        waiting = admission.screen(task, args, kwargs)
-    except Exception:  # noqa: BLE001 - undecidable here (a bad body, a key that fails, the store): the run decides
+        waiting = admission.screen(task, tuple(args), dict(kwargs))
+    # Undecidable here (a bad body, arguments the body cannot take, a key that
+    # fails, the store): the run decides.
+    except Exception:  # noqa: BLE001
         _log.debug("Could not screen a message by its task's limits", exc_info=True)
         return False
     if waiting is None:
         return False
     delivery = message.delivery_info or {}
+    args, kwargs = tuple(args), dict(kwargs)
     request = Context(
         headers,
         args=args,

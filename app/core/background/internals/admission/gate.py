@@ -176,17 +176,23 @@ class Admission:
         limits = task.limits
         if limits is None:
             return None
-        arguments = call_arguments(task.body_signature, args, kwargs)
+        arguments = call_arguments(task.body_signature, args, kwargs) if limits.keyed else {}
         slot = limits.concurrency_scope(arguments)
         rate = limits.rate_scope(arguments)
         ticket = Ticket(self, None, time.monotonic())
+        returning = deferrals_of(task.request) > 0
         if slot is not None:
             scope, key = slot
             cap = limits.concurrency
             assert cap is not None
             verdict = worker_loop.run_blocking(
                 lambda: self.store.take_slot(
-                    scope, ctx.task_id, cap, self.lease_seconds, MAX_WAIT_SECONDS
+                    scope,
+                    ctx.task_id,
+                    cap,
+                    self.lease_seconds,
+                    MAX_WAIT_SECONDS,
+                    returning=returning,
                 )
             )
             if not verdict.admitted:
@@ -198,7 +204,9 @@ class Admission:
             pace = limits.rate
             try:
                 verdict = worker_loop.run_blocking(
-                    lambda: self.store.take_token(scope, pace, MAX_WAIT_SECONDS)
+                    lambda: self.store.take_token(
+                        scope, pace, MAX_WAIT_SECONDS, returning=returning
+                    )
                 )
             except BaseException:
                 # The store failed, or a time limit struck: the slot goes back.
@@ -209,6 +217,21 @@ class Admission:
                 raise MustWait("rate_limit", key, verdict.wait)
         ticket.started = time.monotonic()
         return ticket
+
+    def seems_clear(self, task: BaseTask[Any, Any]) -> bool:
+        """Whether an unkeyed task's scopes were all found free within ``SCREEN_PAUSE``.
+
+        The consumer asks this before it decodes a message: an unkeyed limit's
+        scopes do not depend on the arguments, so a clear one costs no decoding.
+        """
+        limits = task.limits
+        if limits is None:
+            return True
+        if limits.keyed:
+            return False
+        now = time.monotonic()
+        scopes = (limits.concurrency_scope({}), limits.rate_scope({}))
+        return all(scope is None or self._clear_until.get(scope[0], 0.0) > now for scope in scopes)
 
     def screen(
         self, task: BaseTask[Any, Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
@@ -224,6 +247,7 @@ class Admission:
         limits = task.limits
         if limits is None:
             return None
+        # Raises TypeError for arguments the body cannot take: the run refuses them.
         arguments = call_arguments(task.body_signature, args, kwargs)
         now = time.monotonic()
         slot = limits.concurrency_scope(arguments)
@@ -286,7 +310,7 @@ def defer(
         for name, value in (getattr(request, "headers", None) or {}).items()
         if name != "x-death"
     }
-    deferrals = int(headers.get(DEFERRALS_HEADER) or getattr(request, DEFERRALS_HEADER, 0) or 0) + 1
+    deferrals = deferrals_of(request) + 1
     headers[DEFERRALS_HEADER] = deferrals
     if not task.ignore_result:
         until = datetime.now(UTC) + timedelta(seconds=wait)
@@ -315,6 +339,12 @@ def defer(
             task.backend.store_result(ctx.task_id, None, states.PENDING, request=request)
         return Reject(requeue=True)
     return TaskDeferred(str(waiting))
+
+
+def deferrals_of(request: Any) -> int:
+    """How often this delivery's message was sent back to wait (0: it is fresh)."""
+    headers = getattr(request, "headers", None) or {}
+    return int(headers.get(DEFERRALS_HEADER) or getattr(request, DEFERRALS_HEADER, 0) or 0)
 
 
 def _revoked(task: BaseTask[Any, Any], ctx: TaskContext) -> bool:

@@ -79,6 +79,11 @@ class Limits:
     concurrency: int | None = None
     concurrency_key: KeyFunction | None = None
 
+    @property
+    def keyed(self) -> bool:
+        """Whether a run's scopes depend on its arguments (a key function is declared)."""
+        return self.rate_key is not None or self.concurrency_key is not None
+
     def concurrency_scope(self, arguments: Mapping[str, Any]) -> tuple[str, str] | None:
         """(store scope, key) of the concurrency cap this run takes, or None."""
         if self.concurrency is None:

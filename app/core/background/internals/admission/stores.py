@@ -16,7 +16,11 @@ atomic step, so no two workers can both take the last slot or token:
 A refused start is told when to come back. The store keeps, per scope, the
 time the last waiter was told (``line_end``): each new waiter comes back one
 expected interval after it, so waiters return spread over time, about when
-capacity is expected, instead of all retrying at once. For a rate the
+capacity is expected, instead of all retrying at once. A waiter that comes
+back when told and is refused again (a run ended a little late) is not sent
+to the back of that line, which would make it wait the whole line again: it
+joins a second line of its own kind (``retry_end``), spaced the same way and
+starting now, so it is next among the returners. For a rate the
 interval is the rate's; for a cap, the expected run time over the cap: the
 average of the scope's past runs, or the age of its oldest running holder
 when that is longer (runs longer than the past ones, or a scope's first runs,
@@ -72,9 +76,17 @@ class AdmissionStore(Protocol):
     still queues the waiter); the worker's consumer screens messages with it."""
 
     def take_slot(
-        self, scope: str, holder: str, limit: int, lease: float, max_wait: float, peek: bool = False
+        self,
+        scope: str,
+        holder: str,
+        limit: int,
+        lease: float,
+        max_wait: float,
+        peek: bool = False,
+        returning: bool = False,
     ) -> Verdict:
-        """Hold one of ``limit`` slots of ``scope`` for ``lease`` seconds, if one is free."""
+        """Hold one of ``limit`` slots of ``scope`` for ``lease`` seconds, if one is free
+        (``returning``: the caller waited already, refused it joins the returners' line)."""
 
     def release_slot(self, scope: str, holder: str, duration: float | None) -> None:
         """Give the slot back; ``duration`` (the run's time, None: it did not run) feeds
@@ -87,9 +99,15 @@ class AdmissionStore(Protocol):
         """The holders of live slots of ``scope`` (for operators and tests)."""
 
     def take_token(
-        self, scope: str, rate: RateLimit, max_wait: float, peek: bool = False
+        self,
+        scope: str,
+        rate: RateLimit,
+        max_wait: float,
+        peek: bool = False,
+        returning: bool = False,
     ) -> Verdict:
-        """Take a start of ``scope``'s rate if its pace allows one now."""
+        """Take a start of ``scope``'s rate if its pace allows one now (``returning``: as
+        for a slot)."""
 
     def prune(self) -> int:
         """Delete the state of scopes idle for a day; how many scopes went."""
@@ -109,7 +127,8 @@ end
 # KEYS[1]: the slots (sorted set: holder -> lease end), KEYS[2]: the scope's
 # state (hash: line_end, average), KEYS[3]: the holders' starts (sorted set:
 # holder -> start). ARGV: holder, limit, lease ms, max wait ms, default run ms,
-# peek (1: take nothing). Returns 0 (admitted) or the wait in ms.
+# peek (1: take nothing), the line (line_end, or retry_end for a returning
+# waiter). Returns 0 (admitted) or the wait in ms.
 _TAKE_SLOT = (
     _NOW
     + """
@@ -130,12 +149,12 @@ end
 local run = tonumber(redis.call('HGET', KEYS[2], 'average') or ARGV[5])
 local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
 if oldest[2] then run = math.max(run, now - tonumber(oldest[2])) end
-local at = math.max(now, tonumber(redis.call('HGET', KEYS[2], 'line_end') or 0))
+local at = math.max(now, tonumber(redis.call('HGET', KEYS[2], ARGV[7]) or 0))
   + math.max(run / tonumber(ARGV[2]), 1)
 if at - now > tonumber(ARGV[4]) then
   return math.ceil(tonumber(ARGV[4]))
 end
-put(KEYS[2], 'line_end', at)
+put(KEYS[2], ARGV[7], at)
 redis.call('PEXPIRE', KEYS[2], IDLE_MS)
 return math.max(1, math.ceil(at - now))
 """
@@ -174,8 +193,9 @@ return 1
 """
 )
 
-# KEYS[1]: the scope's state (hash: tat, line_end). ARGV: interval ms, burst,
-# max wait ms, peek (1: take nothing). Returns 0 (admitted) or the wait in ms.
+# KEYS[1]: the scope's state (hash: tat, line_end, retry_end). ARGV: interval
+# ms, burst, max wait ms, peek (1: take nothing), the line (as for a slot).
+# Returns 0 (admitted) or the wait in ms.
 _TAKE_TOKEN = (
     _NOW
     + """
@@ -188,16 +208,21 @@ if tat - now <= tolerance then
   redis.call('PEXPIRE', KEYS[1], math.ceil(tat + interval - now) + 60000)
   return 0
 end
-local line_end = tonumber(redis.call('HGET', KEYS[1], 'line_end') or 0)
+local line_end = tonumber(redis.call('HGET', KEYS[1], ARGV[5]) or 0)
 local at = math.max(tat - tolerance, line_end + interval)
 if at - now > tonumber(ARGV[3]) then
   return math.ceil(tonumber(ARGV[3]))
 end
-put(KEYS[1], 'line_end', at)
+put(KEYS[1], ARGV[5], at)
 redis.call('PEXPIRE', KEYS[1], math.ceil(at - now) + 60000)
 return math.max(1, math.ceil(at - now))
 """
 )
+
+
+def _line(returning: bool) -> str:
+    """The line a refused waiter joins: the returners' own, or the newcomers'."""
+    return "retry_end" if returning else "line_end"
 
 
 def _ms(seconds: float) -> float:
@@ -243,9 +268,19 @@ class RedisAdmissionStore:
         return [f"{tagged}:slots", f"{tagged}:state", f"{tagged}:starts"]
 
     def take_slot(
-        self, scope: str, holder: str, limit: int, lease: float, max_wait: float, peek: bool = False
+        self,
+        scope: str,
+        holder: str,
+        limit: int,
+        lease: float,
+        max_wait: float,
+        peek: bool = False,
+        returning: bool = False,
     ) -> Verdict:
-        args = [holder, limit, _ms(lease), _ms(max_wait), _ms(DEFAULT_RUN_SECONDS), int(peek)]
+        args = [
+            holder, limit, _ms(lease), _ms(max_wait), _ms(DEFAULT_RUN_SECONDS), int(peek),
+            _line(returning),
+        ]  # fmt: skip
         return _verdict(self._script("take_slot")(keys=self._keys(scope), args=args))
 
     def release_slot(self, scope: str, holder: str, duration: float | None) -> None:
@@ -278,9 +313,14 @@ class RedisAdmissionStore:
         return sorted(member.decode() for member in members)
 
     def take_token(
-        self, scope: str, rate: RateLimit, max_wait: float, peek: bool = False
+        self,
+        scope: str,
+        rate: RateLimit,
+        max_wait: float,
+        peek: bool = False,
+        returning: bool = False,
     ) -> Verdict:
-        args = [_ms(rate.interval), rate.burst, _ms(max_wait), int(peek)]
+        args = [_ms(rate.interval), rate.burst, _ms(max_wait), int(peek), _line(returning)]
         # The scope's state key (a rate's scope has no other keys). pragma: no mutate
         state = self._keys(scope)[1]  # pragma: no mutate
         return _verdict(self._script("take_token")(keys=[state], args=args))
@@ -305,6 +345,7 @@ CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
     scope VARCHAR(512) PRIMARY KEY,
     tat DOUBLE PRECISION NOT NULL,
     line_end DOUBLE PRECISION NOT NULL,
+    retry_end DOUBLE PRECISION NOT NULL,
     average DOUBLE PRECISION,
     used_at DOUBLE PRECISION NOT NULL
 )
@@ -315,10 +356,10 @@ CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
 # which no single portable statement does; the lock makes the read and the
 # write one step, as the Lua script does on Redis.
 _LOCK_STATE = f"""
-INSERT INTO {STATE_TABLE} (scope, tat, line_end, average, used_at)
-VALUES (:scope, 0, 0, NULL, :now)
+INSERT INTO {STATE_TABLE} (scope, tat, line_end, retry_end, average, used_at)
+VALUES (:scope, 0, 0, 0, NULL, :now)
 ON CONFLICT (scope) DO UPDATE SET used_at = excluded.used_at
-RETURNING tat, line_end, average
+RETURNING tat, line_end, retry_end, average
 """
 _DROP_EXPIRED = f"DELETE FROM {SLOTS_TABLE} WHERE scope = :scope AND expires_at < :now"
 _COUNT_SLOTS = f"""
@@ -337,13 +378,16 @@ _RENEW_SQL = f"""
 UPDATE {SLOTS_TABLE} SET expires_at = :expires WHERE scope = :scope AND holder = :holder
 """
 _HOLDERS = f"SELECT holder FROM {SLOTS_TABLE} WHERE scope = :scope AND expires_at >= :now"
-_SET_LINE_END = f"UPDATE {STATE_TABLE} SET line_end = :line_end WHERE scope = :scope"
+_SET_LINE = {
+    line: f"UPDATE {STATE_TABLE} SET {line} = :at WHERE scope = :scope"
+    for line in ("line_end", "retry_end")
+}
 _SET_AVERAGE = f"UPDATE {STATE_TABLE} SET average = :average WHERE scope = :scope"
 _SET_TAT = f"UPDATE {STATE_TABLE} SET tat = :tat WHERE scope = :scope"
 _PRUNE_SLOTS = f"DELETE FROM {SLOTS_TABLE} WHERE expires_at < :now"
 _PRUNE_STATE = f"""
 DELETE FROM {STATE_TABLE}
-WHERE used_at < :idle AND tat < :idle AND line_end < :idle
+WHERE used_at < :idle AND tat < :idle AND line_end < :idle AND retry_end < :idle
 AND NOT EXISTS (SELECT 1 FROM {SLOTS_TABLE} WHERE {SLOTS_TABLE}.scope = {STATE_TABLE}.scope)
 """
 
@@ -394,11 +438,19 @@ class DatabaseAdmissionStore:
             self._loop.run(engine.dispose(), _CALL_TIMEOUT)
 
     def take_slot(
-        self, scope: str, holder: str, limit: int, lease: float, max_wait: float, peek: bool = False
+        self,
+        scope: str,
+        holder: str,
+        limit: int,
+        lease: float,
+        max_wait: float,
+        peek: bool = False,
+        returning: bool = False,
     ) -> Verdict:
         return self._run(  # type: ignore[no-any-return]
             _take_slot,
             scope=scope, holder=holder, limit=limit, lease=lease, max_wait=max_wait, peek=peek,
+            line=_line(returning),
         )  # fmt: skip
 
     def release_slot(self, scope: str, holder: str, duration: float | None) -> None:
@@ -417,10 +469,20 @@ class DatabaseAdmissionStore:
         return self._run(_holders, scope=scope)  # type: ignore[no-any-return]
 
     def take_token(
-        self, scope: str, rate: RateLimit, max_wait: float, peek: bool = False
+        self,
+        scope: str,
+        rate: RateLimit,
+        max_wait: float,
+        peek: bool = False,
+        returning: bool = False,
     ) -> Verdict:
         return self._run(  # type: ignore[no-any-return]
-            _take_token, scope=scope, rate=rate, max_wait=max_wait, peek=peek
+            _take_token,
+            scope=scope,
+            rate=rate,
+            max_wait=max_wait,
+            peek=peek,
+            line=_line(returning),
         )
 
 
@@ -437,6 +499,7 @@ async def _take_slot(
     lease: float,
     max_wait: float,
     peek: bool,
+    line: str,
 ) -> Verdict:
     state = await _state(connection, scope)
     now = time.time()
@@ -453,17 +516,17 @@ async def _take_slot(
     run = DEFAULT_RUN_SECONDS if state.average is None else state.average
     if counts.oldest is not None:
         run = max(run, now - counts.oldest)
-    at = max(now, state.line_end) + max(run / limit, 0.001)
-    return await _told_to_wait(connection, scope, now, at, max_wait)
+    at = max(now, getattr(state, line)) + max(run / limit, 0.001)
+    return await _told_to_wait(connection, scope, line, now, at, max_wait)
 
 
 async def _told_to_wait(
-    connection: AsyncConnection, scope: str, now: float, at: float, max_wait: float
+    connection: AsyncConnection, scope: str, line: str, now: float, at: float, max_wait: float
 ) -> Verdict:
     # A wait of exactly max_wait is the same either way. pragma: no mutate
     if at - now > max_wait:  # pragma: no mutate
         return Verdict(False, max_wait)
-    await connection.execute(text(_SET_LINE_END), {"scope": scope, "line_end": at})
+    await connection.execute(text(_SET_LINE[line]), {"scope": scope, "at": at})
     return Verdict(False, max(at - now, 0.001))
 
 
@@ -497,7 +560,12 @@ async def _holders(connection: AsyncConnection, scope: str) -> list[str]:
 
 
 async def _take_token(
-    connection: AsyncConnection, scope: str, rate: RateLimit, max_wait: float, peek: bool
+    connection: AsyncConnection,
+    scope: str,
+    rate: RateLimit,
+    max_wait: float,
+    peek: bool,
+    line: str,
 ) -> Verdict:
     state = await _state(connection, scope)
     now = time.time()
@@ -508,8 +576,8 @@ async def _take_token(
             return ADMITTED
         await connection.execute(text(_SET_TAT), {"scope": scope, "tat": tat + rate.interval})
         return ADMITTED
-    at = max(tat - tolerance, state.line_end + rate.interval)
-    return await _told_to_wait(connection, scope, now, at, max_wait)
+    at = max(tat - tolerance, getattr(state, line) + rate.interval)
+    return await _told_to_wait(connection, scope, line, now, at, max_wait)
 
 
 def store_from_settings(settings: Any) -> Callable[[], AdmissionStore]:
