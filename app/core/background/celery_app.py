@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -299,7 +300,9 @@ class WorkerSignals:
             settings.database_url, dedup_url, settings.background_dead_letters
         )
         try:
-            asyncio.run(asyncio.wait_for(check, _TABLE_CHECK_TIMEOUT))
+            # On a thread of its own: the main thread's event loop state stays as it was.
+            with ThreadPoolExecutor(1, thread_name_prefix="table-check") as thread:
+                thread.submit(asyncio.run, asyncio.wait_for(check, _TABLE_CHECK_TIMEOUT)).result()
         except MissingTablesError as exc:
             # Celery logs and swallows a receiver's Exception; SystemExit stops the worker.
             raise SystemExit(f"worker not started: {exc}") from exc
