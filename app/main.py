@@ -20,7 +20,7 @@ from app.core.background.observability import (
     render_metrics,
 )
 from app.core.config import Settings, get_settings
-from app.core.engine import create_tables, engine_from_settings
+from app.core.engine import check_migrated, create_tables, engine_from_settings
 from app.entities.api import router as entities_router
 from app.notifications.api import router as notifications_router
 
@@ -40,14 +40,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = engine_from_settings(settings)
-        if settings.should_create_tables:
-            await create_tables(engine)
-        app.state.engine = engine
-        app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
-        app.state.task_sessions = async_sessionmaker(
-            engine, class_=TaskSession, expire_on_commit=False
-        )
         try:
+            if settings.should_create_tables:
+                await create_tables(engine)
+            else:
+                # The tables come from the migrations: a missing one stops the start-up.
+                await check_migrated(engine)
+            app.state.engine = engine
+            app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
+            app.state.task_sessions = async_sessionmaker(
+                engine, class_=TaskSession, expire_on_commit=False
+            )
             yield
         finally:
             await engine.dispose()

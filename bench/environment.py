@@ -77,7 +77,9 @@ class BenchServices:
             "CELERY_BROKER_URL": broker_url or self.broker_url,
             "CELERY_RESULT_BACKEND": self.result_url,
             "DATABASE_URL": self.database_url,
-            "DATABASE_CREATE_TABLES": "false",
+            # The bench's fresh database has no migrations: the framework's tables
+            # are created at run time (as before migrations existed).
+            "DATABASE_CREATE_TABLES": "true",
             "LOG_FORMAT": "console",
         }
 

@@ -67,8 +67,16 @@ def redis_service(services: Services) -> Services:
 
 @pytest.fixture(scope="session")
 def postgres_service(services: Services) -> Services:
+    """The run's PostgreSQL database, migrated (``alembic upgrade head``) as in production.
+
+    ``DATABASE_CREATE_TABLES=false``: the worker and the API check its tables
+    at start instead of creating them.
+    """
     if services.postgres_db is None:
         unavailable(services.postgres_error or "PostgreSQL is not available")
+    from tests.support.migrations import upgrade
+
+    upgrade(services.postgres_url)
     return services
 
 

@@ -34,8 +34,11 @@ class Settings(BaseSettings):
     # Seconds a task waits for a free connection, then fails with a retriable error.
     database_pool_timeout: float = Field(default=30.0, gt=0)
     database_pool_pre_ping: bool = False
-    # Create tables at start-up. On by default for the embedded SQLite database;
-    # use migrations for a shared server.
+    # Create tables at run time: the API creates the tables of app/models.py at
+    # start, the framework its own on first use. Unset: on for SQLite (the
+    # embedded default), off elsewhere, where the tables come from the
+    # migrations (alembic upgrade head) and the worker and the API check at
+    # start that they exist (MissingTablesError).
     database_create_tables: bool | None = None
 
     celery_broker_url: str = "filesystem://"

@@ -158,8 +158,8 @@ def test_processes_creating_the_table_at_once_do_not_fail(postgres_service: Serv
             for _ in range(8)
         ]
         try:
-            ddl, lock = completions._CREATE, completions._CREATE_LOCK_ID
-            await asyncio.gather(*(create_table(engine, ddl, lock) for engine in engines))
+            table, lock = completions.completions_table, completions._CREATE_LOCK_ID
+            await asyncio.gather(*(create_table(engine, table, lock) for engine in engines))
         finally:
             for engine in engines:
                 await engine.dispose()

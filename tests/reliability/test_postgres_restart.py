@@ -19,6 +19,7 @@ from tests.reliability.support import (
     create_completions_table,
     reliability_worker,
 )
+from tests.support.migrations import upgrade
 from tests.support.services import unavailable
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
@@ -33,6 +34,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         unavailable(server.available)
     try:
         server.start()
+        upgrade(server.url)  # the worker checks the migrated tables at start
         create_completions_table(server.dsn)
         yield server
     finally:

@@ -21,6 +21,7 @@ from .internals.decorators import db_task, simple_task
 from .internals.delivery.dedup import TaskIdRevokedError
 from .internals.delivery.periodic import periodic
 from .internals.exceptions import (
+    MissingTablesError,
     NonRetriableTaskError,
     TaskArgumentError,
     TaskConfigurationError,
@@ -49,6 +50,7 @@ __all__ = (
     "TaskValidationError",
     "TaskNotFoundError",
     "TaskConfigurationError",
+    "MissingTablesError",
     "TaskArgumentError",
     "TaskDefinitionError",
     "TaskDiscoveryError",

@@ -6,7 +6,10 @@ as it is; every Celery option and command-line flag still applies.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,7 +27,8 @@ from .internals.delivery.dedup import connect_worker_signals as connect_dedup_si
 from .internals.delivery.dedup import deduplicator, store_from_settings
 from .internals.discovery import find_task_modules
 from .internals.event_loop import worker_loop
-from .internals.logging import configure_logging, worker_log_level
+from .internals.exceptions import MissingTablesError
+from .internals.logging import FRAMEWORK_LOGGER_NAME, configure_logging, worker_log_level
 from .internals.observability.hooks import hooks
 from .internals.observability.metrics_export import (
     enable_multiprocess,
@@ -40,7 +44,8 @@ from .internals.operations.running import WorkerHeartbeat
 from .internals.operations.status import on_before_publish
 from .internals.registry import current_app, use_app
 from .internals.retry import QUEUE_NAMES, RETRY_POLICIES
-from .internals.session import DatabaseConfig, database
+from .internals.schema import check_worker_tables
+from .internals.session import DatabaseConfig, database, table_creation
 from .internals.transport.deadline import stop_after_deadline
 from .internals.transport.file_broker import broker_folders
 
@@ -49,6 +54,11 @@ APP_PACKAGE_DIR = Path(__file__).resolve().parents[2]
 # Pools whose green threads would share one asyncio loop and one connection
 # pool across concurrently running tasks: db tasks are not safe there.
 UNSAFE_POOLS = ("gevent", "eventlet")
+
+
+# Seconds the worker's start-up check of its tables may take (a database that
+# does not answer is reported by the tasks instead).
+_TABLE_CHECK_TIMEOUT = 10.0
 
 
 def build_celery_config(settings: Settings) -> dict[str, Any]:
@@ -170,6 +180,9 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
             pool_pre_ping=settings.database_pool_pre_ping,
         )
     )
+    # Tables on a database server: created at run time, or made by the migrations
+    # and checked (DATABASE_CREATE_TABLES; a SQLite file always gets them).
+    table_creation.configure(settings.should_create_tables)
     deduplicator.configure(
         store_from_settings(settings), queue_margin=settings.background_dedup_queue_margin
     )
@@ -248,6 +261,7 @@ class WorkerSignals:
         signals.celeryd_init.connect(refuse_unsafe_pools, weak=False)
         signals.before_task_publish.connect(record_sent, weak=False)
         signals.setup_logging.connect(self.setup_logging, weak=False)
+        signals.worker_init.connect(self.check_tables, weak=False)
         signals.worker_init.connect(self.start_metrics_endpoint, weak=False)
         signals.worker_process_shutdown.connect(self.forget_child_gauges, weak=False)
         signals.worker_shutdown.connect(self.stop_metrics_endpoint, weak=False)
@@ -270,6 +284,33 @@ class WorkerSignals:
             worker_log_level(loglevel, self.loglevel_given, self.settings.log_level),
             log_task_arguments=self.settings.background_log_task_arguments,
         )
+
+    def check_tables(self, **_: Any) -> None:
+        """Stop a worker whose tables the migrations have not made, saying so.
+
+        Only when the tables are not created at run time (``DATABASE_CREATE_TABLES``).
+        A database that does not answer yet is not a reason to stop: tasks
+        report it, as they would later.
+        """
+        settings = self.settings
+        if settings.should_create_tables:
+            return
+        dedup_url = settings.dedup_store_url if settings.dedup_backend == "database" else None
+        check = check_worker_tables(
+            settings.database_url, dedup_url, settings.background_dead_letters
+        )
+        try:
+            # On a thread of its own: the main thread's event loop state stays as it was.
+            with ThreadPoolExecutor(1, thread_name_prefix="table-check") as thread:
+                thread.submit(asyncio.run, asyncio.wait_for(check, _TABLE_CHECK_TIMEOUT)).result()
+        except MissingTablesError as exc:
+            # Celery logs and swallows a receiver's Exception; SystemExit stops the worker.
+            raise SystemExit(f"worker not started: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the database may come up later
+            logging.getLogger(FRAMEWORK_LOGGER_NAME).warning(
+                "Could not check the tables at start",
+                extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}},
+            )
 
     def start_metrics_endpoint(self, **_: Any) -> None:
         """Serve the pool's summed metrics from the main process, before the pool forks."""

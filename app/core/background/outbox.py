@@ -2,7 +2,8 @@
 
 ``task.delay_via_outbox(session, ...)`` adds the row; ``python -m
 app.core.background relay`` (or ``run_relay``) sends pending rows. Put
-``outbox_table`` on your migrations' metadata.
+``outbox_table`` on your migrations' metadata, or every framework table at
+once with ``app.core.background.database.include_framework_tables``.
 """
 
 from .internals.delivery.outbox import (

@@ -49,6 +49,21 @@ class TaskConfigurationError(NonRetriableTaskError):
     """The task or its environment is misconfigured."""
 
 
+class MissingTablesError(TaskConfigurationError):
+    """Tables the framework needs are missing: run the migrations (``alembic upgrade head``)."""
+
+    def __init__(self, tables: list[str], database: str) -> None:
+        self.tables = tables
+        self.database = database
+        names = ", ".join(tables)
+        noun = "table" if len(tables) == 1 else "tables"
+        verb = "is" if len(tables) == 1 else "are"
+        super().__init__(
+            f"{noun} {names} {verb} missing from {database}: run `alembic upgrade head` "
+            "(or set DATABASE_CREATE_TABLES=true to create tables at start)"
+        )
+
+
 class TaskResultError(NonRetriableTaskError):
     """The task returned a value the result backend cannot store (not JSON)."""
 

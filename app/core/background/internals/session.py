@@ -16,11 +16,11 @@ seconds, then fails with SQLAlchemy's ``TimeoutError``, a retriable error.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Table, event, text
+from sqlalchemy import Table, event, inspect, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from .exceptions import TaskConfigurationError
+from .exceptions import MissingTablesError, TaskConfigurationError
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +103,50 @@ async def create_table(engine: AsyncEngine, ddl: str | Table, lock_id: int) -> N
                 await connection.execute(CreateIndex(index, if_not_exists=True))
         else:
             await connection.execute(text(ddl))
+
+
+class TableCreation:
+    """Whether the framework creates its tables on a database server at run time.
+
+    On (the default, for the test helpers and code that uses the stores
+    directly): each table is created on first use, as ``create_table`` does.
+    Off (the app factory sets it from ``DATABASE_CREATE_TABLES``; off on
+    PostgreSQL unless set): the tables come from the migrations, and a
+    missing one raises ``MissingTablesError``. A SQLite file always gets its
+    tables at run time: it is the embedded default, one command with no
+    migrations to run.
+    """
+
+    def __init__(self) -> None:
+        self.on_servers = True
+
+    def configure(self, on_servers: bool) -> None:
+        self.on_servers = on_servers
+
+
+table_creation = TableCreation()
+
+
+async def ensure_table(engine: AsyncEngine, table: Table, lock_id: int) -> None:
+    """Create ``table`` (``create_table``), or check that it exists when creation is off."""
+    if table_creation.on_servers or engine.dialect.name == "sqlite":
+        await create_table(engine, table, lock_id)
+    else:
+        await check_tables(engine, [table])
+
+
+async def missing_tables(engine: AsyncEngine, tables: Sequence[Table]) -> list[str]:
+    """The names of ``tables`` that do not exist in ``engine``'s database."""
+    async with engine.connect() as connection:
+        present = set(await connection.run_sync(lambda sync: inspect(sync).get_table_names()))
+    return [table.name for table in tables if table.name not in present]
+
+
+async def check_tables(engine: AsyncEngine, tables: Sequence[Table]) -> None:
+    """Raise ``MissingTablesError`` (naming them and the database) unless ``tables`` exist."""
+    missing = await missing_tables(engine, tables)
+    if missing:
+        raise MissingTablesError(missing, engine.url.render_as_string(hide_password=True))
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -41,11 +41,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
-from sqlalchemy import text
+from sqlalchemy import Column, Double, MetaData, String, Table, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..event_loop import LoopThread
-from ..session import DatabaseConfig, create_engine, create_table
+from ..session import DatabaseConfig, create_engine, ensure_table
 from .limits import RateLimit
 
 # Before the first run of a scope has ended, the run time its waiters are spread by.
@@ -331,25 +331,26 @@ class RedisAdmissionStore:
 SLOTS_TABLE = "background_admission_slots"
 STATE_TABLE = "background_admission_state"
 
-_CREATE_SLOTS = f"""
-CREATE TABLE IF NOT EXISTS {SLOTS_TABLE} (
-    scope VARCHAR(512) NOT NULL,
-    holder VARCHAR(255) NOT NULL,
-    started_at DOUBLE PRECISION NOT NULL,
-    expires_at DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (scope, holder)
+metadata = MetaData()
+slots_table = Table(
+    SLOTS_TABLE,
+    metadata,
+    Column("scope", String(512), primary_key=True),
+    Column("holder", String(255), primary_key=True),
+    Column("started_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
 )
-"""
-_CREATE_STATE = f"""
-CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
-    scope VARCHAR(512) PRIMARY KEY,
-    tat DOUBLE PRECISION NOT NULL,
-    line_end DOUBLE PRECISION NOT NULL,
-    retry_end DOUBLE PRECISION NOT NULL,
-    average DOUBLE PRECISION,
-    used_at DOUBLE PRECISION NOT NULL
+state_table = Table(
+    STATE_TABLE,
+    metadata,
+    Column("scope", String(512), primary_key=True),
+    Column("tat", Double, nullable=False),
+    Column("line_end", Double, nullable=False),
+    Column("retry_end", Double, nullable=False),
+    Column("average", Double),
+    Column("used_at", Double, nullable=False),
 )
-"""
+
 # The first statement of every decision: it writes the scope's row, so the
 # transaction holds that row's lock (PostgreSQL) or the database's write lock
 # (SQLite) until it commits. Deciding takes a read of the slots and a write,
@@ -421,8 +422,12 @@ class DatabaseAdmissionStore:
         async with self._ready:
             if self._engine is None:
                 engine = create_engine(DatabaseConfig(url=self.url, pool_size=_POOL_SIZE))
-                await create_table(engine, _CREATE_SLOTS, _CREATE_LOCK_ID)
-                await create_table(engine, _CREATE_STATE, _CREATE_LOCK_ID)
+                try:
+                    await ensure_table(engine, slots_table, _CREATE_LOCK_ID)
+                    await ensure_table(engine, state_table, _CREATE_LOCK_ID)
+                except BaseException:
+                    await engine.dispose()
+                    raise
                 self._engine = engine
         async with self._engine.begin() as connection:
             return await decide(connection, **params)

@@ -33,21 +33,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import Column, Double, MetaData, String, Table, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
-from ..session import create_table
+from ..session import ensure_table
 
 TABLE = "background_task_completions"
 
-_CREATE = f"""
-CREATE TABLE IF NOT EXISTS {TABLE} (
-    token VARCHAR(64) PRIMARY KEY,
-    task_id VARCHAR(255) NOT NULL,
-    expires_at DOUBLE PRECISION NOT NULL
+metadata = MetaData()
+completions_table = Table(
+    TABLE,
+    metadata,
+    Column("token", String(64), primary_key=True),
+    Column("task_id", String(255), nullable=False),
+    Column("expires_at", Double, nullable=False),
 )
-"""
 _SELECT = text(f"SELECT 1 FROM {TABLE} WHERE token = :token")
 # A delivery running at the same time as another one of the same message
 # (possible after a lost consumer) finds the row taken: it must not fail.
@@ -114,7 +115,7 @@ class CompletionLog:
         key = (os.getpid(), str(engine.url))
         if key not in self._ready:
             # Two runs of this process may both get here: creation is idempotent.
-            await create_table(engine, _CREATE, _CREATE_LOCK_ID)
+            await ensure_table(engine, completions_table, _CREATE_LOCK_ID)
             self._ready.add(key)
 
 

@@ -13,10 +13,10 @@ import time
 from typing import Any, Protocol
 
 import redis
-from sqlalchemy import text
+from sqlalchemy import Column, Double, MetaData, String, Table, text
 
 from ..event_loop import LoopThread
-from ..session import DatabaseConfig, create_engine, create_table
+from ..session import DatabaseConfig, create_engine, ensure_table
 
 # The value a revoked or expired task id is kept under: not a holder's token.
 REVOKED = "revoked"
@@ -118,13 +118,14 @@ class RedisLeaseStore:
 
 TABLE = "background_task_leases"
 
-_CREATE = f"""
-CREATE TABLE IF NOT EXISTS {TABLE} (
-    lease_key VARCHAR(255) PRIMARY KEY,
-    token VARCHAR(64) NOT NULL,
-    expires_at DOUBLE PRECISION NOT NULL
+metadata = MetaData()
+leases_table = Table(
+    TABLE,
+    metadata,
+    Column("lease_key", String(255), primary_key=True),
+    Column("token", String(64), nullable=False),
+    Column("expires_at", Double, nullable=False),
 )
-"""
 # One statement, atomic on SQLite and PostgreSQL: insert, or take over an
 # expired lease; a live lease makes the conflict clause do nothing.
 _SQL_ACQUIRE = f"""
@@ -178,7 +179,11 @@ class DatabaseLeaseStore:
         async with self._ready:
             if self._engine is None:
                 engine = create_engine(DatabaseConfig(url=self.url, pool_size=_POOL_SIZE))
-                await create_table(engine, _CREATE, _CREATE_LOCK_ID)
+                try:
+                    await ensure_table(engine, leases_table, _CREATE_LOCK_ID)
+                except BaseException:
+                    await engine.dispose()
+                    raise
                 self._engine = engine
         async with self._engine.begin() as connection:
             result = await connection.execute(text(sql), params)

@@ -45,7 +45,7 @@ logger = logging.getLogger("app.core.background.outbox")
 
 
 class OutboxBase(DeclarativeBase):
-    """The framework's own tables (copy them onto your metadata: see ``outbox_table``)."""
+    """The outbox's own base (``schema.include_framework_tables`` copies its table onto yours)."""
 
 
 class OutboxMessage(OutboxBase):

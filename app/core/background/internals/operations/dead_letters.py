@@ -15,8 +15,9 @@ application lets into the operations router. They are stored even when
 replay needs them.
 
 Writes are their own short transactions, never the failed task's (which has
-rolled back). The table is created on first use, like the framework's other
-tables (``session.create_table``: an advisory lock on PostgreSQL).
+rolled back). The table comes from the migrations, or is created on first use
+like the framework's other tables (``session.ensure_table``: an advisory lock
+on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..session import create_table
+from ..session import ensure_table
 
 TABLE = "background_dead_letters"
 
@@ -210,9 +211,13 @@ class DeadLetterStore:
         self._ready_pid: int | None = None
 
     async def ensure_table(self) -> None:
-        """Create the table and its indexes unless they exist (once per process)."""
+        """Create the table and its indexes unless they exist (once per process).
+
+        With run-time creation off (``session.table_creation``), check instead
+        that the migrations made it.
+        """
         if self._ready_pid != os.getpid():
-            await create_table(self.engine, dead_letters, _CREATE_LOCK_ID)
+            await ensure_table(self.engine, dead_letters, _CREATE_LOCK_ID)
             self._ready_pid = os.getpid()
 
     async def record(self, letter: DeadLetter) -> None:
