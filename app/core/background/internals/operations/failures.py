@@ -37,6 +37,7 @@ from ..exceptions import TaskArgumentsRefusedError, TaskProcessLostError, is_ret
 from ..logging import FRAMEWORK_LOGGER_NAME, mask_url_passwords
 from ..registry import FIRST_FAILURE_HEADER
 from ..session import database
+from ..trace_context import current as current_trace
 from .dead_letters import (
     DeadLetter,
     DeadLetterStore,
@@ -113,7 +114,8 @@ class DeadLetterRecorder:
             return
         request = _request_of(sender, task_id)
         now = time.time()
-        arguments, complete = encode_arguments(args, kwargs)
+        # Tracing on: the failed run's span is current here (a replay links to it).
+        arguments, complete = encode_arguments(args, kwargs, current_trace())
         first = _header(request, FIRST_FAILURE_HEADER)
         delivery = getattr(request, "delivery_info", None) or {}
         self._record(
