@@ -36,6 +36,7 @@ from .internals.observability.metrics_hook import MetricsHook
 from .internals.observability.tracing import (
     Tracing,
     TracingConfig,
+    follow_received_messages,
     messaging_system,
     start_tracing,
 )
@@ -309,6 +310,9 @@ class WorkerSignals:
         name = pool if isinstance(pool, str) else f"{getattr(pool, '__module__', '')}"
         if "prefork" not in name:
             self.start_tracing()
+        else:
+            # The pool processes trace the runs; this one receives the messages.
+            follow_received_messages()
 
     def stop_tracing(self, **_: Any) -> None:
         tracing, self.tracing = self.tracing, None

@@ -389,6 +389,11 @@ def start(config: TracingConfig) -> _Running:
     return _running
 
 
+def install_propagation() -> None:
+    """See ``tracing.follow_received_messages``."""
+    trace_context.install(_W3CPropagation())
+
+
 def instrument_fastapi(app: Any) -> None:
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 

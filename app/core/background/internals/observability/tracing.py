@@ -56,6 +56,17 @@ def start_tracing(config: TracingConfig) -> Tracing:
     return otel.start(config)
 
 
+def follow_received_messages() -> None:
+    """Only W3C propagation, no spans: a worker process whose pool processes run the tasks.
+
+    The lines it logs while it receives a message then carry the message's
+    trace id (``RecordingConsumer``); no span processor, no instrumentation.
+    """
+    from . import otel
+
+    otel.install_propagation()
+
+
 def instrument_fastapi(app: Any) -> None:
     """Trace ``app``'s requests (a server span per request), before it serves any."""
     from . import otel

@@ -37,7 +37,10 @@ from ..exceptions import TaskArgumentsRefusedError, TaskProcessLostError, is_ret
 from ..logging import FRAMEWORK_LOGGER_NAME, mask_url_passwords
 from ..registry import FIRST_FAILURE_HEADER
 from ..session import database
+from ..trace_context import active as tracing_active
 from ..trace_context import current as current_trace
+from ..trace_context import restored as restored_trace
+from ..trace_context import trace_headers
 from .dead_letters import (
     DeadLetter,
     DeadLetterStore,
@@ -209,6 +212,23 @@ class RecordingConsumer(Consumer):
     without any signal; this sends ``task_rejected`` for it as for the other
     messages it refuses, so that it becomes a dead letter too.
     """
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's handler of each message; tracing on, run in the message's trace context.
+
+        The lines logged while a message is received ("Task ... received", a
+        refused message) then carry its trace id, and the span id of the publish
+        that sent it: the run's span does not exist yet.
+        """
+        handler = super().create_task_handler(*args, **kwargs)
+        if not tracing_active():
+            return handler
+
+        def on_task_received(message: Any) -> Any:
+            with restored_trace(trace_headers(getattr(message, "headers", None))):
+                return handler(message)
+
+        return on_task_received
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         super().on_decode_error(message, exc)
