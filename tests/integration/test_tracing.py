@@ -100,9 +100,20 @@ def start_api(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, Path]:
     return process, url, log
 
 
-@pytest.fixture(scope="module")
+# The worker's pools: tracing starts in each prefork pool process (after the fork),
+# or in the worker's own process for the asyncio pool (runs in greenlets on one loop).
+POOLS = {
+    "prefork": {"pool": "prefork", "concurrency": 2},
+    "asyncio": {"pool": "custom", "concurrency": 8},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(POOLS))
 def traced(
-    stack: Services, module_broker: PrivateBroker, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    stack: Services,
+    module_broker: PrivateBroker,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     spans_file = tmp_path_factory.mktemp("tracing") / "spans.jsonl"
     with private_database(stack) as (database_url, _dsn):
@@ -116,7 +127,10 @@ def traced(
             "OTEL_BSP_SCHEDULE_DELAY": "50",
             "OPERATIONS_PASSWORD": OPERATOR_PASSWORD,
         }
-        with WorkerProcess(env, include=["tests.support.tasks_tracing"]) as worker:
+        worker_env = {**env, "CELERY_CUSTOM_WORKER_POOL": "app.core.background.pool:AsyncioPool"}
+        with WorkerProcess(
+            worker_env, include=["tests.support.tasks_tracing"], **POOLS[request.param]
+        ) as worker:
             api, url, _log = start_api(env)
             try:
                 yield Stack(env, spans_file, url, worker)
