@@ -342,19 +342,17 @@ class TracingHook(TaskHook):
 class _Running:
     """Tracing set up in this process (``tracing.Tracing``)."""
 
-    def __init__(self, provider: TracerProvider, hook: TracingHook) -> None:
+    def __init__(self, provider: TracerProvider) -> None:
         self.provider = provider
-        self.hook = hook
         self.pid = os.getpid()
 
     def shutdown(self) -> None:
-        global _running
-        if _running is self:
-            _running = None
-        with contextlib.suppress(ValueError):
-            hooks.unregister(self.hook)
-        trace_context.install(None)
-        self.provider.shutdown()
+        """Export what is buffered (the process is ending; a pool process may never exit
+        through ``atexit``). The provider and instrumentations stay: OpenTelemetry's
+        global provider is set once per process, so a second start (another lifespan
+        in the same process, a test's) uses them again. The SDK shuts it down at exit.
+        """
+        self.provider.force_flush()
 
 
 _running: _Running | None = None
@@ -383,9 +381,8 @@ def start(config: TracingConfig) -> _Running:
     SQLAlchemyInstrumentor().instrument(tracer_provider=provider, skip_dep_check=True)
     RedisInstrumentor().instrument(tracer_provider=provider)
     trace_context.install(_W3CPropagation())
-    hook = TracingHook()
-    hooks.register(hook)
-    _running = _Running(provider, hook)
+    hooks.register(TracingHook())
+    _running = _Running(provider)
     return _running
 
 

@@ -45,12 +45,16 @@ class Tracing(Protocol):
     """Tracing running in this process."""
 
     def shutdown(self) -> None:
-        """Export the spans still buffered and stop (the process is ending)."""
+        """Export the spans still buffered (the process is ending)."""
         ...
 
 
 def start_tracing(config: TracingConfig) -> Tracing:
-    """Set up the tracer provider, exporters and instrumentations in this process (once)."""
+    """Set up the tracer provider, exporters and instrumentations in this process.
+
+    Once per process: a second call returns the first set-up (OpenTelemetry's
+    global tracer provider cannot be replaced).
+    """
     from . import otel
 
     return otel.start(config)
