@@ -241,6 +241,19 @@ def test_one_trace_from_the_request_to_the_tasks_sql(traced: Stack, path: str) -
         assert run["attributes"]["background.policy"] == "no_retry"
         assert run["attributes"]["background.attempt"] == 0
         assert "INSERT INTO test_records" in statements(sql_children(traced, run))
+    if path == "on-commit":
+        # The endpoint's own statements are spans of the request's trace too.
+        assert "INSERT INTO test_records" in statements(api_sql(traced, trace_id))
+
+
+def api_sql(stack: Stack, trace_id: str) -> list[dict[str, Any]]:
+    return [
+        span
+        for span in stack.spans()
+        if span["trace_id"] == trace_id
+        and span["service"] == "app-api"
+        and span["kind"] == "CLIENT"
+    ]
 
 
 def test_outbox_rows_keep_the_trace_and_the_relay_restores_it(traced: Stack) -> None:
@@ -257,6 +270,7 @@ def test_outbox_rows_keep_the_trace_and_the_relay_restores_it(traced: Stack) -> 
     assert relay.returncode == 0, relay.stderr
     run = assert_one_trace(traced, task_id, trace_id, client_span, via="app-relay")
     assert "INSERT INTO test_records" in statements(sql_children(traced, run))
+    assert "INSERT INTO background_outbox" in statements(api_sql(traced, trace_id))
 
 
 def test_a_retry_is_in_the_trace_and_links_to_the_first_attempt(traced: Stack) -> None:
