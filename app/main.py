@@ -13,11 +13,15 @@ from app.api.health import router as health_router
 from app.api.operations import router as operations_router
 from app.api.task_status import router as task_status_router
 from app.core.background import celery_app
+from app.core.background.celery_app import tracing_config
 from app.core.background.fastapi import TaskSession
 from app.core.background.observability import (
+    Tracing,
     configure_logging,
     enable_multiprocess_metrics,
+    instrument_fastapi,
     render_metrics,
+    start_tracing,
 )
 from app.core.config import Settings, get_settings
 from app.core.engine import check_migrated, create_tables, engine_from_settings
@@ -32,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.log_format,
         settings.log_level,
         log_task_arguments=settings.background_log_task_arguments,
+        trace_ids=settings.tracing_enabled,
     )
     if settings.prometheus_multiproc_dir:
         # uvicorn --workers N: every worker writes there, each /metrics sums them.
@@ -39,6 +44,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Tracing (OTEL_TRACES_EXPORTER) starts here, in the process that serves,
+        # before the engine is made (its statements become spans).
+        tracing: Tracing | None = None
+        if settings.tracing_enabled:
+            tracing = start_tracing(tracing_config(settings, "api"))
         engine = engine_from_settings(settings)
         try:
             if settings.should_create_tables:
@@ -54,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await engine.dispose()
+            if tracing is not None:
+                tracing.shutdown()
 
     # /docs and /redoc load their JavaScript and CSS from this app
     # (/static-offline-docs, files of the fastapi-offline package), not from a
@@ -65,6 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     # Dead letters, replay, running and stuck tasks (HTTP Basic: OPERATIONS_PASSWORD).
     app.include_router(operations_router, prefix="/background")
+    if settings.tracing_enabled:
+        # A server span per request; the tracer provider comes with the lifespan.
+        instrument_fastapi(app)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:

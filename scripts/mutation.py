@@ -61,6 +61,8 @@ ON_COMMIT_FAILURES = tuple(
     )
 )
 DEDUP_TESTS = "tests/integration/test_dedup.py"
+# The trace kept by delay_on_commit and outbox rows (the lines that only run with tracing on).
+TRACING_TESTS = "tests/integration/test_tracing.py"
 ADMISSION_TESTS = "tests/integration/test_admission.py"
 TWENTY_TENANTS = "test_twenty_tenants_never_run_more_than_three_each_across_two_workers"
 
@@ -112,7 +114,7 @@ TARGETS = (
            ("tests/integration/test_completions.py",)),
     Target("after_commit", f"{INTERNALS}/delivery/after_commit.py",
            ("tests/unit/test_after_commit.py", "tests/integration/test_after_commit_worker.py",
-            *ON_COMMIT_FAILURES)),
+            *ON_COMMIT_FAILURES, TRACING_TESTS)),
     Target("publish", f"{INTERNALS}/delivery/publish.py",
            ("tests/unit/test_run_decision.py", "tests/unit/test_after_commit.py",
             "tests/integration/test_publish.py", "tests/integration/test_bulk_dispatch.py",
@@ -120,7 +122,7 @@ TARGETS = (
     Target("outbox", f"{INTERNALS}/delivery/outbox.py",
            ("tests/unit/test_outbox_rows.py", "tests/integration/test_outbox.py",
             f"{DISPATCH_FAILURES}::test_relay_once_fails_when_the_broker_does_not_take_a_row",
-            *ON_COMMIT_FAILURES)),
+            *ON_COMMIT_FAILURES, TRACING_TESTS)),
     Target("exceptions", f"{INTERNALS}/exceptions.py",
            ("tests/unit/test_error_classification.py",
             "tests/integration/test_postgres_errors.py")),

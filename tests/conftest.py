@@ -44,6 +44,9 @@ def _point_the_app_at_this_runs_services() -> None:
         DATABASE_URL=_services.postgres_url if _services.postgres_db else "sqlite+aiosqlite://",
         DATABASE_CREATE_TABLES="false",
     )
+    # Tracing off, whatever the shell says: tests/integration/test_tracing.py turns it
+    # on for the processes it starts.
+    os.environ.pop("OTEL_TRACES_EXPORTER", None)
 
 
 _point_the_app_at_this_runs_services()

@@ -102,6 +102,45 @@ class Settings(BaseSettings):
     # or a temporary folder when unset; the API uses it when set (uvicorn --workers).
     prometheus_multiproc_dir: str | None = None
 
+    # OpenTelemetry tracing (README: Tracing), by the standard variables. Off unless
+    # OTEL_TRACES_EXPORTER names an exporter: "otlp" (OTLP over HTTP), "console",
+    # "file" (the framework's JSON lines, to BACKGROUND_TRACE_FILE); comma-separated
+    # for several; "none" or unset: off, and nothing of OpenTelemetry is imported.
+    otel_sdk_disabled: bool = False
+    otel_traces_exporter: str | None = None
+    # Unset: "app-api", "app-worker", "app-relay" by process.
+    otel_service_name: str | None = None
+    # OTLP/HTTP: where spans go (the exporter's default, http://localhost:4318/v1/traces, when
+    # unset). OTEL_EXPORTER_OTLP_ENDPOINT is the base URL, "/v1/traces" is added to it.
+    otel_exporter_otlp_traces_endpoint: str | None = None
+    otel_exporter_otlp_endpoint: str | None = None
+    # The fraction of traces kept (1: all), decided where a trace starts; a span
+    # whose parent was kept is kept.
+    background_trace_ratio: float = Field(default=1.0, ge=0, le=1)
+    # The "file" exporter's file: one JSON object per span and line, appended to
+    # by every process (tests, local debugging).
+    background_trace_file: str | None = None
+
+    @property
+    def trace_exporters(self) -> tuple[str, ...]:
+        """The exporters OTEL_TRACES_EXPORTER names (empty: tracing is off)."""
+        if self.otel_sdk_disabled or not self.otel_traces_exporter:
+            return ()
+        names = (name.strip().lower() for name in self.otel_traces_exporter.split(","))
+        return tuple(name for name in names if name and name != "none")
+
+    @property
+    def tracing_enabled(self) -> bool:
+        return bool(self.trace_exporters)
+
+    @property
+    def otlp_traces_endpoint(self) -> str | None:
+        if self.otel_exporter_otlp_traces_endpoint:
+            return self.otel_exporter_otlp_traces_endpoint
+        if self.otel_exporter_otlp_endpoint:
+            return self.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
+        return None
+
     @property
     def is_embedded_broker(self) -> bool:
         return self.celery_broker_url.startswith("filesystem://")
@@ -131,6 +170,18 @@ class Settings(BaseSettings):
         if self.database_create_tables is not None:
             return self.database_create_tables
         return self.is_sqlite
+
+    @model_validator(mode="after")
+    def _check_trace_exporters(self) -> Settings:
+        unknown = set(self.trace_exporters) - {"otlp", "console", "file"}
+        if unknown:
+            raise ValueError(
+                f"OTEL_TRACES_EXPORTER: unknown exporter(s) {', '.join(sorted(unknown))}; "
+                "use otlp, console, file or none"
+            )
+        if "file" in self.trace_exporters and not self.background_trace_file:
+            raise ValueError("OTEL_TRACES_EXPORTER=file needs BACKGROUND_TRACE_FILE (a path)")
+        return self
 
     @model_validator(mode="after")
     def _refuse_embedded_in_production(self) -> Settings:

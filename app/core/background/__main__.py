@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -40,13 +41,12 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _relay(args: argparse.Namespace) -> int:
-    import asyncio
-
     from app.core.config import get_settings
 
-    from .celery_app import celery_app
+    from .celery_app import celery_app, tracing_config
     from .internals.delivery.outbox import serve_relay
     from .internals.logging import configure_logging
+    from .internals.observability.tracing import Tracing, start_tracing
 
     settings = get_settings()
     # The worker's log format and masking (URL passwords, row values) for the
@@ -55,7 +55,21 @@ def _relay(args: argparse.Namespace) -> int:
         settings.log_format,
         settings.log_level,
         log_task_arguments=settings.background_log_task_arguments,
+        trace_ids=settings.tracing_enabled,
     )
+    # Tracing on: each row is sent in the trace of the call that wrote it.
+    tracing: Tracing | None = None
+    if settings.tracing_enabled:
+        tracing = start_tracing(tracing_config(settings, "relay"))
+    try:
+        return _run_relay(args, settings, celery_app, serve_relay)
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
+
+
+def _run_relay(args: argparse.Namespace, settings: Any, celery_app: Any, serve_relay: Any) -> int:
+    import asyncio
 
     try:
         sent = asyncio.run(

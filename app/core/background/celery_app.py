@@ -37,6 +37,13 @@ from .internals.observability.metrics_export import (
     start_metrics_server,
 )
 from .internals.observability.metrics_hook import MetricsHook
+from .internals.observability.tracing import (
+    Tracing,
+    TracingConfig,
+    follow_received_messages,
+    messaging_system,
+    start_tracing,
+)
 from .internals.operations import running_book
 from .internals.operations.dead_letters import RETENTION_SETTING
 from .internals.operations.failures import DeadLetterRecorder
@@ -153,6 +160,18 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def tracing_config(settings: Settings, role: str) -> TracingConfig:
+    """What tracing needs in a process of ``role`` (api, worker, relay); on or not."""
+    return TracingConfig(
+        service_name=settings.otel_service_name or f"app-{role}",
+        exporters=settings.trace_exporters,
+        trace_file=settings.background_trace_file,
+        otlp_endpoint=settings.otlp_traces_endpoint,
+        ratio=settings.background_trace_ratio,
+        messaging_system=messaging_system(settings.celery_broker_url),
+    )
+
+
 def create_celery_app(settings: Settings | None = None) -> Celery:
     """The framework's Celery app, and everything this process needs to use it.
 
@@ -244,6 +263,8 @@ class WorkerSignals:
         self.metrics_server: Any = None
         self.metrics_dir: Path | None = None
         self.heartbeat: WorkerHeartbeat | None = None
+        # Tracing in this process (a prefork pool process, or a worker without one).
+        self.tracing: Tracing | None = None
 
     # Celery's signals and the hook registry belong to the process: connected once,
     # by the first app built, however many apps a process builds.
@@ -274,6 +295,12 @@ class WorkerSignals:
             signals.task_postrun.connect(running_book.on_task_postrun, weak=False)
         signals.worker_ready.connect(self.start_heartbeat, weak=False)
         signals.worker_shutdown.connect(self.stop_heartbeat, weak=False)
+        if self.settings.tracing_enabled:
+            # After the fork (a span processor's thread does not survive one).
+            signals.worker_init.connect(self.start_tracing_without_pool, weak=False)
+            signals.worker_process_init.connect(self.start_tracing, weak=False)
+            signals.worker_process_shutdown.connect(self.stop_tracing, weak=False)
+            signals.worker_shutdown.connect(self.stop_tracing, weak=False)
 
     def setup_logging(self, loglevel: Any = None, **_: Any) -> None:
         # Celery passes WARNING when -l is absent: LOG_LEVEL decides then (README: LOG_LEVEL).
@@ -283,6 +310,7 @@ class WorkerSignals:
             self.settings.log_format,
             worker_log_level(loglevel, self.loglevel_given, self.settings.log_level),
             log_task_arguments=self.settings.background_log_task_arguments,
+            trace_ids=self.settings.tracing_enabled,
         )
 
     def check_tables(self, **_: Any) -> None:
@@ -311,6 +339,26 @@ class WorkerSignals:
                 "Could not check the tables at start",
                 extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}},
             )
+
+    def start_tracing(self, **_: Any) -> None:
+        """Tracing in this process: a prefork pool process (``worker_process_init``)."""
+        if self.tracing is None:
+            self.tracing = start_tracing(tracing_config(self.settings, "worker"))
+
+    def start_tracing_without_pool(self, sender: Any = None, **_: Any) -> None:
+        """``worker_init``: tracing in the worker's process, unless prefork children run tasks."""
+        pool = getattr(sender, "pool_cls", None)
+        name = pool if isinstance(pool, str) else f"{getattr(pool, '__module__', '')}"
+        if "prefork" not in name:
+            self.start_tracing()
+        else:
+            # The pool processes trace the runs; this one receives the messages.
+            follow_received_messages()
+
+    def stop_tracing(self, **_: Any) -> None:
+        tracing, self.tracing = self.tracing, None
+        if tracing is not None:
+            tracing.shutdown()
 
     def start_metrics_endpoint(self, **_: Any) -> None:
         """Serve the pool's summed metrics from the main process, before the pool forks."""

@@ -7,6 +7,12 @@ from .internals.observability.metrics_export import (
     enable_multiprocess as enable_multiprocess_metrics,
 )
 from .internals.observability.metrics_export import render_metrics
+from .internals.observability.tracing import (
+    Tracing,
+    TracingConfig,
+    instrument_fastapi,
+    start_tracing,
+)
 
 __all__ = (
     # hooks
@@ -15,6 +21,11 @@ __all__ = (
     # logging
     "configure_logging",
     "mask_url_passwords",
+    # tracing (OpenTelemetry; imported only when started)
+    "Tracing",
+    "TracingConfig",
+    "start_tracing",
+    "instrument_fastapi",
     # metrics
     "TaskMetrics",
     "task_metrics",

@@ -196,10 +196,33 @@ class CeleryTaskRecordFilter(logging.Filter):
             record.args = (args[0], *([_HIDDEN] * (len(args) - 1)))
 
 
+def trace_ids_processor() -> Any:
+    """A processor adding ``trace_id`` and ``span_id`` of the current span (tracing on).
+
+    The span is the one current where the line is logged: a task's run, an
+    HTTP request, a SQL statement. Imported only when tracing is on.
+    """
+    from opentelemetry.trace import get_current_span
+
+    def add_trace_ids(
+        _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        context = get_current_span().get_span_context()
+        if context.is_valid:
+            event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
+            event_dict.setdefault("span_id", format(context.span_id, "016x"))
+        return event_dict
+
+    return add_trace_ids
+
+
 def build_formatter(
-    log_format: Literal["console", "json"], *, hide_values: bool = True
+    log_format: Literal["console", "json"], *, hide_values: bool = True, trace_ids: bool = False
 ) -> logging.Formatter:
-    """``hide_values``: mask database row values (False with BACKGROUND_LOG_TASK_ARGUMENTS)."""
+    """``hide_values``: mask database row values (False with BACKGROUND_LOG_TASK_ARGUMENTS).
+
+    ``trace_ids``: every line logged inside a span carries its ``trace_id`` and ``span_id``.
+    """
     renderer: Any
     if log_format == "json":
         renderer = structlog.processors.JSONRenderer()
@@ -219,6 +242,7 @@ def build_formatter(
             structlog.stdlib.add_logger_name,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _merge_record_fields,
+            *([trace_ids_processor()] if trace_ids else []),
         ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
@@ -282,14 +306,18 @@ def configure_logging(
     level: int | str = "INFO",
     *,
     log_task_arguments: bool = False,
+    trace_ids: bool = False,
 ) -> None:
     """Send every stdlib record (ours, Celery's, uvicorn's, the libraries') through one formatter.
 
     Called by the worker (Celery's ``setup_logging`` signal) and the API (``create_app``).
     Handlers others installed on the root logger (pytest's capture) are kept.
+    ``trace_ids`` (tracing on): lines carry the current span's trace and span ids.
     """
     handler = _FrameworkHandler()
-    handler.setFormatter(build_formatter(log_format, hide_values=not log_task_arguments))
+    handler.setFormatter(
+        build_formatter(log_format, hide_values=not log_task_arguments, trace_ids=trace_ids)
+    )
     handler.addFilter(CeleryTaskRecordFilter(log_task_arguments))
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if not isinstance(h, _FrameworkHandler)]

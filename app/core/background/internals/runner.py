@@ -55,6 +55,7 @@ from .operations.cancel import TaskCancelledError, cancel_when_revoked, revoked_
 from .registry import FIRST_FAILURE_HEADER
 from .retry import delay_scale
 from .session import database
+from .trace_context import FIRST_ATTEMPT_HEADER, current_traceparent
 from .transport.result_backend import lost_runs
 
 if TYPE_CHECKING:
@@ -287,11 +288,18 @@ def _after_failure(
 
 
 def _retry_headers(request: Any) -> dict[str, Any]:
-    """The message's headers, kept by the retry, with the time of the first failure added."""
+    """The message's headers, kept by the retry, with the time of the first failure added.
+
+    Tracing on: also the first attempt's span (its ``traceparent``), which every
+    later attempt's span links to.
+    """
     headers = dict(getattr(request, "headers", None) or {})
     # Celery gives custom headers as request attributes too: either holds it.
     first = headers.get(FIRST_FAILURE_HEADER) or getattr(request, FIRST_FAILURE_HEADER, None)
     headers[FIRST_FAILURE_HEADER] = first or time.time()
+    first_span = headers.get(FIRST_ATTEMPT_HEADER) or getattr(request, FIRST_ATTEMPT_HEADER, None)
+    if first_span := first_span or current_traceparent():
+        headers[FIRST_ATTEMPT_HEADER] = first_span
     return headers
 
 

@@ -20,13 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy.ext.asyncio
 from sqlalchemy import Table, event, inspect, text
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from .exceptions import MissingTablesError, TaskConfigurationError
@@ -78,7 +74,9 @@ def create_engine(config: DatabaseConfig, concurrency: int = 1) -> AsyncEngine:
         options["max_overflow"] = config.max_overflow
         options["pool_timeout"] = config.pool_timeout
     options.update(config.engine_options)
-    engine = create_async_engine(config.url, **options)
+    # Looked up on its module at each call: with tracing on, SQLAlchemy's instrumentation
+    # wraps it there (observability/otel.py), and the engine's statements become spans.
+    engine = sqlalchemy.ext.asyncio.create_async_engine(config.url, **options)
     if config.url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     return engine

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from celery import Celery, Task
@@ -28,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..delivery.dedup import deduplicator
 from ..logging import FRAMEWORK_LOGGER_NAME
 from ..operations.dead_letters import DeadLetterFilter, DeadLetterStore, dead_letters
+from ..trace_context import REPLAY_OF_HEADER, TRACEPARENT
 
 _log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
 
@@ -117,9 +119,13 @@ async def replay(store: DeadLetterStore, app: Celery, task_id: str) -> ReplayOut
             )
     except Exception as exc:  # noqa: BLE001 - the reason is the answer; the row is kept
         return ReplayOutcome(task_id, refused="send failed", reason=f"{type(exc).__name__}: {exc}")
+    # Tracing: the new run's span links to the run that failed (its traceparent, kept
+    # with the dead letter when tracing was on there).
+    failed_run = letter.trace().get(TRACEPARENT)
+    options = {"headers": {REPLAY_OF_HEADER: failed_run}} if failed_run else {}
     # Shielded: a client that goes away mid-request must not cut between the
     # send and the mark that records it.
-    return await asyncio.shield(_claim_send_and_mark(store, task, task_id, args, kwargs))
+    return await asyncio.shield(_claim_send_and_mark(store, task, task_id, args, kwargs, options))
 
 
 async def _claim_send_and_mark(
@@ -128,6 +134,7 @@ async def _claim_send_and_mark(
     task_id: str,
     args: list[Any],
     kwargs: dict[str, Any],
+    options: dict[str, Any],
 ) -> ReplayOutcome:
     """Claim the row, send, and write the new id, in one transaction held across the send."""
     claim = f"replaying:{uuid.uuid4()}"
@@ -139,7 +146,9 @@ async def _claim_send_and_mark(
                     task_id, refused="already replayed", reason="replayed meanwhile"
                 )
             # The send path is synchronous (Celery's publish): off this event loop.
-            result = await asyncio.to_thread(task.apply_async, tuple(args), kwargs)
+            result = await asyncio.to_thread(
+                partial(task.apply_async, tuple(args), kwargs, **options)
+            )
             sent = str(result.id)
             await _write_replayed_as(connection, task_id, sent)
     except Exception as exc:  # noqa: BLE001 - the reason is the answer; the row is kept

@@ -27,10 +27,11 @@ broker does not take after the commit goes to the outbox, or is reported lost
 
 from __future__ import annotations
 
+import contextvars
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.to_thread
 from sqlalchemy import Connection, event, insert
@@ -39,6 +40,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from ..exceptions import TaskDispatchError
 from ..monitoring import record_dispatch_failure
+from ..trace_context import active as tracing_active
 from .dedup import deduplicator
 from .outbox import outbox_row, outbox_table
 from .publish import Message, checked_message, publish
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
     from ..base import BaseTask
 
 logger = logging.getLogger("app.core.background.dispatch")
+
+T = TypeVar("T")
 
 _PENDING = "background_pending_dispatches"
 _DUE = "background_due_dispatches"
@@ -64,6 +68,15 @@ class Dispatch:
     transaction: SessionTransaction | None
     # True when the caller chose the id: then it is deduplicated like any custom id.
     deduplicated: bool
+    # Tracing on: the context of the call (its span), where the send runs after the
+    # commit, so that the task's trace continues the caller's (None: tracing off).
+    context: contextvars.Context | None = None
+
+    def within_call(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in the context of the call that registered this dispatch."""
+        if self.context is None:
+            return function(*args)
+        return self.context.run(function, *args)
 
     @property
     def task_id(self) -> str:
@@ -94,7 +107,8 @@ def enqueue_after_commit(
     message = checked_message(task, args, kwargs, options)
     sync_session = _listen(session)
     deduplicated = options.get("task_id") is not None
-    dispatch = Dispatch(message, _current_transaction(sync_session), deduplicated)
+    context = contextvars.copy_context() if tracing_active() else None
+    dispatch = Dispatch(message, _current_transaction(sync_session), deduplicated, context)
     sync_session.info.setdefault(_PENDING, []).append(dispatch)
     return message.task_id
 
@@ -133,7 +147,7 @@ def send_all(dispatches: list[Dispatch]) -> list[Unsent]:
     failed = []
     for dispatch in dispatches:
         try:
-            dispatch.send()
+            dispatch.within_call(dispatch.send)
         except Exception as exc:  # noqa: BLE001 - every one is kept or reported: keep_unsent
             failed.append(Unsent(dispatch, exc))
     return failed
@@ -186,7 +200,8 @@ def keep_unsent(session: Session, failed: list[Unsent]) -> None:
 
 
 def _write_to_outbox(session: Session, failed: list[Unsent]) -> None:
-    rows = [outbox_row(unsent.dispatch.message) for unsent in failed]
+    # Each row keeps the trace of the call that registered it, as the send would have.
+    rows = [unsent.dispatch.within_call(outbox_row, unsent.dispatch.message) for unsent in failed]
     bind = session.get_bind()
     if isinstance(bind, Connection):
         # A session bound to one connection (a test's outer transaction): stay in it.

@@ -35,6 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from .. import trace_context
 from ..session import DatabaseConfig, create_engine
 from .publish import Message, checked_message, publish
 
@@ -93,6 +94,10 @@ def outbox_row(message: Message) -> dict[str, str]:
     """The outbox columns of one message (arguments already checked)."""
     # The relay may not import the task's module: keep the queue it routes to.
     options = {**message.options, "queue": message.queue}
+    if trace := trace_context.current():
+        # Tracing on: the span that wrote the row, in the message headers it will
+        # have; the relay sends it inside that context (see ``_publish``).
+        options["headers"] = {**(options.get("headers") or {}), **trace}
     try:
         payload = dumps([list(message.args), dict(message.kwargs), options])
     except TypeError as exc:
@@ -164,7 +169,9 @@ def _publish(app: Celery, rows: Sequence[Any]) -> tuple[list[int], tuple[int, Ex
         # transaction decides whether the task exists at all.)
         message = Message(row.task_name, tuple(args), kwargs, row.task_id, options)
         try:
-            publish(app, message)
+            # The trace of the call that wrote the row goes on from there (tracing on).
+            with trace_context.restored(trace_context.trace_headers(options.get("headers"))):
+                publish(app, message)
         except Exception as exc:  # noqa: BLE001 - kept in the row and retried by the next pass
             logger.warning(
                 "Outbox send failed",

@@ -133,6 +133,15 @@ class DeadLetter:
         decoded = kombu_json.loads(self.arguments)
         return list(decoded.get("args") or []), dict(decoded.get("kwargs") or {})
 
+    def trace(self) -> dict[str, str]:
+        """The W3C headers of the run that failed (tracing on when it failed), else {}."""
+        try:
+            decoded = kombu_json.loads(self.arguments)
+        except ValueError:
+            return {}
+        trace = decoded.get("trace") if isinstance(decoded, dict) else None
+        return {str(k): str(v) for k, v in trace.items()} if isinstance(trace, dict) else {}
+
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
 
@@ -177,15 +186,24 @@ class DeadLetterFilter:
         return found
 
 
-def encode_arguments(args: Sequence[Any] | None, kwargs: dict[str, Any] | None) -> tuple[str, bool]:
+def encode_arguments(
+    args: Sequence[Any] | None,
+    kwargs: dict[str, Any] | None,
+    trace: dict[str, str] | None = None,
+) -> tuple[str, bool]:
     """The arguments as stored: JSON (ASCII, so any text is safe), cut when huge.
+
+    ``trace``: the W3C headers of the failed run (tracing on), kept beside the
+    arguments (``"trace"``) so that a replay's span can link to it.
 
     kombu's JSON, as on the wire: a datetime, Decimal or UUID the task was
     sent with is stored with its type and comes back as one in a replay. A
     value no JSON can hold is stored as its ``repr`` and the row marked
     incomplete (not replayable as is).
     """
-    call = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
+    call: dict[str, Any] = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
+    if trace:
+        call["trace"] = trace
     complete = True
     try:
         encoded = kombu_json.dumps(call, ensure_ascii=True)

@@ -37,6 +37,10 @@ from ..exceptions import TaskArgumentsRefusedError, TaskProcessLostError, is_ret
 from ..logging import FRAMEWORK_LOGGER_NAME, mask_url_passwords
 from ..registry import FIRST_FAILURE_HEADER
 from ..session import database
+from ..trace_context import active as tracing_active
+from ..trace_context import current as current_trace
+from ..trace_context import restored as restored_trace
+from ..trace_context import trace_headers
 from .dead_letters import (
     DeadLetter,
     DeadLetterStore,
@@ -113,7 +117,8 @@ class DeadLetterRecorder:
             return
         request = _request_of(sender, task_id)
         now = time.time()
-        arguments, complete = encode_arguments(args, kwargs)
+        # Tracing on: the failed run's span is current here (a replay links to it).
+        arguments, complete = encode_arguments(args, kwargs, current_trace())
         first = _header(request, FIRST_FAILURE_HEADER)
         delivery = getattr(request, "delivery_info", None) or {}
         self._record(
@@ -207,6 +212,23 @@ class RecordingConsumer(Consumer):
     without any signal; this sends ``task_rejected`` for it as for the other
     messages it refuses, so that it becomes a dead letter too.
     """
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's handler of each message; tracing on, run in the message's trace context.
+
+        The lines logged while a message is received ("Task ... received", a
+        refused message) then carry its trace id, and the span id of the publish
+        that sent it: the run's span does not exist yet.
+        """
+        handler = super().create_task_handler(*args, **kwargs)
+        if not tracing_active():
+            return handler
+
+        def on_task_received(message: Any) -> Any:
+            with restored_trace(trace_headers(getattr(message, "headers", None))):
+                return handler(message)
+
+        return on_task_received
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         super().on_decode_error(message, exc)
