@@ -45,7 +45,7 @@ RESULT_BACKEND_TABLES = frozenset(
 
 
 def include_framework_tables(metadata: MetaData) -> MetaData:
-    """Copy every framework table onto ``metadata`` (a table already there is kept), and return it."""
+    """Copy every framework table onto ``metadata`` (one already there is kept); return it."""
     for table in FRAMEWORK_TABLES:
         if table.key not in metadata.tables:
             table.to_metadata(metadata)
