@@ -315,6 +315,14 @@ def test_the_first_waiter_of_a_rate_comes_back_when_a_token_is_due(
     assert not first.admitted
     assert first.wait <= rate.interval + 0.002
 
+    burst, b = parse_rate("t", "20/s"), f"rate:tests.admission:{uuid.uuid4().hex}"
+    assert burst.burst == 2  # two at once, then one every 50 ms
+    assert store.take_token(b, burst, MAX_WAIT).admitted
+    assert store.take_token(b, burst, MAX_WAIT).admitted
+    after_burst = store.take_token(b, burst, MAX_WAIT)
+    assert not after_burst.admitted
+    assert after_burst.wait <= burst.interval + 0.002
+
 
 def test_the_keeper_renews_a_held_slot_until_it_is_dropped(stack: Services) -> None:
     """A run keeps its slot past its lease while it runs; unrenewed, it lapses within one."""
