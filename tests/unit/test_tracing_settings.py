@@ -104,7 +104,7 @@ def test_tracing_off_installs_nothing(tmp_path: Path) -> None:
         DATABASE_URL="sqlite+aiosqlite://",
         CELERY_BROKER_URL="memory://",
         CELERY_RESULT_BACKEND="cache+memory://",
-        DATABASE_CREATE_TABLES="false",
+        DATABASE_CREATE_TABLES="true",  # the app creates its tables: no migrations to run
     )
     out = subprocess.run(
         [sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True, text=True
