@@ -133,7 +133,8 @@ TARGETS = (
     Target("admission_limits", f"{INTERNALS}/admission/limits.py",
            ("tests/unit/test_task_limits.py", "tests/unit/test_declaration.py")),
     Target("admission_stores", f"{INTERNALS}/admission/stores.py",
-           ("tests/integration/test_admission_stores.py",)),
+           # The tables' columns: the migrations test compares them with the schema.
+           ("tests/integration/test_admission_stores.py", "tests/integration/test_migrations.py")),
     Target("admission_gate", f"{INTERNALS}/admission/gate.py",
            ("tests/integration/test_admission_stores.py", "tests/integration/test_admission.py",
             "--deselect", f"{ADMISSION_TESTS}::{TWENTY_TENANTS}",

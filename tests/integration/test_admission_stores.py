@@ -267,6 +267,25 @@ def test_idle_state_goes_away(
     assert not store.take_slot(busy, "next", 1, LONG, MAX_WAIT).admitted
 
 
+def test_prune_counts_the_scopes_it_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.core.background.internals.admission import stores
+
+    store = DatabaseAdmissionStore(f"sqlite+aiosqlite:///{tmp_path}/limits.db")
+    try:
+        monkeypatch.setattr(stores, "IDLE_SECONDS", 0.5)
+        assert store.prune() == 0  # nothing yet
+        for s in (scope(), scope()):
+            assert store.take_slot(s, "done", 1, LONG, MAX_WAIT).admitted
+            store.release_slot(s, "done", 0.01)
+        time.sleep(0.7)
+        assert store.prune() == 2
+        assert store.prune() == 0
+    finally:
+        store.close()
+
+
 def _state_scopes(store: DatabaseAdmissionStore) -> set[str]:
     async def read(connection: Any) -> set[str]:
         rows = await connection.execute(text(f"SELECT scope FROM {STATE_TABLE}"))

