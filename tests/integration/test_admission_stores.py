@@ -362,6 +362,79 @@ def test_the_keeper_renews_a_held_slot_until_it_is_dropped(stack: Services) -> N
         stack.release_redis_db(db)
 
 
+def test_slots_given_back_are_sent_by_the_keeper_and_flush_sends_the_rest(
+    stack: Services,
+) -> None:
+    """A run does not wait for its slot's return: the keeper's thread sends it, and
+    what it has not sent when the process ends goes with ``flush``."""
+    db = stack.claim_redis_db()
+    try:
+        gate, s = Admission(), scope()
+        gate.configure(lambda: RedisAdmissionStore(stack.redis_url_for(db)), LONG)
+        assert gate.store.take_slot(s, "first", 2, LONG, MAX_WAIT).admitted
+        gate.keeper.hold((s, "first"))
+        gate.keeper.give_back((s, "first"), 0.01)
+        deadline = time.monotonic() + 5
+        while gate.store.holders(s):
+            assert time.monotonic() < deadline, "the keeper did not give the slot back"
+            time.sleep(0.01)
+
+        holders = [f"run{i}" for i in range(20)]
+        for holder in holders:
+            assert gate.store.take_slot(s, holder, 100, LONG, MAX_WAIT).admitted
+            gate.keeper.hold((s, holder))
+        for holder in holders:
+            gate.keeper.give_back((s, holder), 0.01)
+        gate.keeper.flush()  # returns once every slot given back is in the store
+        assert gate.store.holders(s) == []
+    finally:
+        stack.release_redis_db(db)
+
+
+def test_the_consumer_looks_at_a_keyed_task_now_and_then_until_a_look_is_refused(
+    stack: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.core.background import TaskContext, celery_app, simple_task
+    from app.core.background.internals.admission import gate as gate_module
+    from app.core.background.internals.registry import registry
+
+    pause = 0.3
+    monkeypatch.setattr(gate_module, "SCREEN_PAUSE", pause)
+    name = f"tests.screen.{uuid.uuid4().hex[:8]}"
+
+    @simple_task(name=name, concurrency=1, concurrency_key=lambda tenant, **_: tenant)
+    def per_tenant(ctx: TaskContext, tenant: str) -> None:
+        """One run per tenant at once."""
+
+    task: Any = celery_app.tasks[name]
+    db = stack.claim_redis_db()
+    try:
+        gate = Admission()
+        gate.configure(lambda: RedisAdmissionStore(stack.redis_url_for(db)), LONG)
+        assert not gate.seems_clear(task)  # never looked at: decode and look
+        assert gate.screen(task, (), {"tenant": "a"}) is None
+        assert gate.seems_clear(task)  # found free: the next messages pass unlooked
+        time.sleep(pause + 0.05)
+        assert not gate.seems_clear(task)  # the pause is over: look again
+
+        full = f"concurrency:{name}:b"
+        assert gate.store.take_slot(full, "running", 1, LONG, MAX_WAIT).admitted
+        waiting = gate.screen(task, (), {"tenant": "b"})
+        assert waiting is not None
+        assert waiting.key == "b"
+        assert not gate.seems_clear(task)
+        # A free tenant does not end the looking while a refusal is recent.
+        assert gate.screen(task, (), {"tenant": "c"}) is None
+        assert not gate.seems_clear(task)
+        time.sleep(pause + 0.05)
+        assert gate.screen(task, (), {"tenant": "c"}) is None
+        assert gate.seems_clear(task)
+    finally:
+        stack.release_redis_db(db)
+        registry.release(name)
+        celery_app.tasks.pop(name, None)
+
+
 def test_the_store_is_where_the_leases_are() -> None:
     from app.core.config import Settings
 

@@ -396,7 +396,9 @@ class WorkerSignals:
             heartbeat.stop()
 
     def close_process_resources(self, **_: Any) -> None:
-        """Dispose the engine and stop the loop of this process (prefork child or solo worker)."""
+        """Give back the slots of ended runs, dispose the engine and stop the loop of this
+        process (prefork child or solo worker)."""
+        admission.keeper.flush()
         worker_loop.stop(database.dispose())
 
 

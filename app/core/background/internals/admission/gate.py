@@ -47,7 +47,7 @@ from ..logging import FRAMEWORK_LOGGER_NAME
 from ..operations.cancel import revoked_in_backend
 from ..operations.status import WAITING
 from ..registry import DEFERRALS_HEADER
-from .limits import call_arguments
+from .limits import Limits, call_arguments
 from .stores import AdmissionStore
 
 if TYPE_CHECKING:
@@ -80,60 +80,108 @@ class Ticket:
     started: float
 
     def release(self, ran: bool = True) -> None:
-        """Give the slot back (``ran``: the run's time counts in the waiters' spacing)."""
+        """Give the slot back (``ran``: the run's time counts in the waiters' spacing).
+
+        The keeper's thread sends it, off the run's path: the process goes on
+        to its next message meanwhile (the slot is then free a moment after
+        the run ends, never before).
+        """
         if self.slot is None:
             return
         slot, self.slot = self.slot, None
-        self.gate.keeper.drop(slot)
         duration = time.monotonic() - self.started if ran else None
-        try:
-            worker_loop.run_blocking(lambda: self.gate.store.release_slot(*slot, duration))
-        except Exception:  # noqa: BLE001 - the lease then expires by itself
-            _log.exception(
-                "Could not give back a concurrency slot; it is free again when its lease ends",
-                extra={"fields": {"scope": slot[0]}},
-            )
+        self.gate.keeper.give_back(slot, duration)
 
 
 class SlotKeeper:
-    """Renews the leases of the slots this process's runs hold, from a thread of its own.
+    """The slots of this process's runs, kept in the store from a thread of its own.
 
-    A slot is renewed from the moment its run takes it until the run gives it
-    back (``Ticket.release``, in the runner's ``finally``). There is no other
-    cut-off: a body that runs past its time limit (threads and solo do not
-    enforce one) still holds its slot, so the cap is never exceeded.
+    It renews the lease of every slot held, every third of a lease, from the
+    moment its run takes it until the run gives it back (``Ticket.release``,
+    in the runner's ``finally``). There is no other cut-off: a body that runs
+    past its time limit (threads and solo do not enforce one) still holds its
+    slot, so the cap is never exceeded. It also sends the slots given back,
+    as soon as it is woken: a round trip to the store per run that the run
+    does not wait for. What is left to send when the process ends goes with
+    ``flush`` (the worker's shutdown signals); a process killed before that
+    leaves its slots to their leases, like a run killed mid-way.
     """
 
     def __init__(self, gate: Admission) -> None:
         self._gate = gate
         self._held: dict[tuple[str, str], None] = {}
+        self._given_back: list[tuple[tuple[str, str], float | None]] = []
         self._lock = threading.Lock()
+        # Held while slots go back to the store: ``flush`` waits for the thread's sends.
+        self._sending = threading.Lock()
         self._wake = threading.Event()
         self._pid: int | None = None
 
     def hold(self, slot: tuple[str, str]) -> None:
         with self._lock:
             self._held[slot] = None
-            if self._pid != os.getpid():
-                # First slot of this process (a prefork child starts with none).
-                self._pid = os.getpid()
-                threading.Thread(target=self._renew, name="admission-leases", daemon=True).start()
+            self._start()
 
     def drop(self, slot: tuple[str, str]) -> None:
+        """Stop renewing ``slot`` without giving it back (its lease ends it)."""
         with self._lock:
             self._held.pop(slot, None)
 
-    def _renew(self) -> None:
+    def give_back(self, slot: tuple[str, str], duration: float | None) -> None:
+        """Stop renewing ``slot`` and have the thread give it back (``duration``: as for
+        ``AdmissionStore.release_slot``)."""
+        with self._lock:
+            self._held.pop(slot, None)
+            self._given_back.append((slot, duration))
+            self._start()
+        self._wake.set()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Give back, from the calling thread, every slot not sent yet (the process ends)."""
+        if not self._sending.acquire(timeout=timeout):
+            return  # the thread is stuck on the store: the leases end those slots
+        try:
+            self._send_given_back()
+        finally:
+            self._sending.release()
+
+    def _start(self) -> None:
+        # Under ``_lock``. A prefork child starts with no thread (threads do not
+        # survive a fork): the first slot of each process starts its own.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            threading.Thread(target=self._keep, name="admission-slots", daemon=True).start()
+
+    def _keep(self) -> None:
         pid = os.getpid()
+        renew_at = time.monotonic() + self._gate.lease_seconds / 3
         while self._pid == pid:
-            lease = self._gate.lease_seconds
-            self._wake.wait(lease / 3)
-            with self._lock:
-                held = list(self._held)
+            self._wake.wait(max(renew_at - time.monotonic(), 0.0))
+            # Cleared before the list is read: a slot given back meanwhile wakes it again.
+            self._wake.clear()
+            with self._sending:
+                self._send_given_back()
+            if time.monotonic() >= renew_at:
+                lease = self._gate.lease_seconds
+                renew_at = time.monotonic() + lease / 3
+                with self._lock:
+                    held = list(self._held)
+                try:
+                    self._gate.store.renew_slots(held, lease)
+                except Exception:  # noqa: BLE001 - tried again next time; the leases may lapse
+                    _log.exception("Could not renew the leases of concurrency slots")
+
+    def _send_given_back(self) -> None:
+        with self._lock:
+            given_back, self._given_back = self._given_back, []
+        for (scope, holder), duration in given_back:
             try:
-                self._gate.store.renew_slots(held, lease)
-            except Exception:  # noqa: BLE001 - tried again next time; the leases may lapse
-                _log.exception("Could not renew the leases of concurrency slots")
+                self._gate.store.release_slot(scope, holder, duration)
+            except Exception:  # noqa: BLE001 - the lease then expires by itself
+                _log.exception(
+                    "Could not give back a concurrency slot; it is free again when its lease ends",
+                    extra={"fields": {"scope": scope}},
+                )
 
 
 class Admission:
@@ -144,8 +192,12 @@ class Admission:
         self._store: AdmissionStore | None = None
         self.lease_seconds = DEFAULT_LEASE_SECONDS
         self.keeper = SlotKeeper(self)
-        # Consumer screening: scope -> until when it is taken as free (``screen``).
+        # Consumer screening (``screen``): scope -> until when it is taken as free;
+        # keyed task -> until when its messages pass without a look, and until when
+        # they may not (a look found one of its scopes full).
         self._clear_until: dict[str, float] = {}
+        self._task_clear_until: dict[str, float] = {}
+        self._task_refused_until: dict[str, float] = {}
 
     def configure(self, store_factory: Callable[[], AdmissionStore], lease_seconds: float) -> None:
         """Say where the limits live (built on first use) and how long a slot's lease is."""
@@ -219,17 +271,25 @@ class Admission:
         return ticket
 
     def seems_clear(self, task: BaseTask[Any, Any]) -> bool:
-        """Whether an unkeyed task's scopes were all found free within ``SCREEN_PAUSE``.
+        """Whether ``task``'s next message can pass the consumer without a look.
 
-        The consumer asks this before it decodes a message: an unkeyed limit's
-        scopes do not depend on the arguments, so a clear one costs no decoding.
+        Asked before the message is decoded. An unkeyed limit's scopes do not
+        depend on the arguments: clear when each was found free within
+        ``SCREEN_PAUSE``. A keyed task's scope is known only from a decoded
+        message, whose key function runs in the consumer (the worker's busiest
+        process): its messages pass unlooked for ``SCREEN_PAUSE`` after a look
+        found free room, unless a look found a scope full within that time.
+        So under a limit far above the load the consumer decodes a message of
+        the task now and then, not each one; a message that must wait and
+        passes unlooked costs its run a moment of a pool slot (the run defers
+        itself); and once a key floods, every message is looked at again.
         """
         limits = task.limits
         if limits is None:
             return True
-        if limits.keyed:
-            return False
         now = time.monotonic()
+        if limits.keyed:
+            return self._task_clear_until.get(task.name, 0.0) > now
         scopes = (limits.concurrency_scope({}), limits.rate_scope({}))
         return all(scope is None or self._clear_until.get(scope[0], 0.0) > now for scope in scopes)
 
@@ -242,14 +302,23 @@ class Admission:
         asked again for ``SCREEN_PAUSE``: its messages go straight to the pool,
         whose run takes for real (and defers itself if it must). So a limit far
         above the load costs the consumer one look per scope now and then, and
-        a limit that refuses costs it one look per message.
+        a limit that refuses costs it one look per message. Raises
+        ``TypeError`` for arguments the body cannot take (the run refuses them).
         """
         limits = task.limits
         if limits is None:
             return None
-        # Raises TypeError for arguments the body cannot take: the run refuses them.
-        arguments = call_arguments(task.body_signature, args, kwargs)
         now = time.monotonic()
+        waiting = self._look(limits, call_arguments(task.body_signature, args, kwargs), now)
+        if waiting is not None:
+            self._task_clear_until.pop(task.name, None)
+            self._task_refused_until[task.name] = now + SCREEN_PAUSE
+        elif limits.keyed and self._task_refused_until.get(task.name, 0.0) <= now:
+            self._task_clear_until[task.name] = now + SCREEN_PAUSE
+        return waiting
+
+    def _look(self, limits: Limits, arguments: Mapping[str, Any], now: float) -> MustWait | None:
+        """``screen``'s look at the store, for the scopes not found free within the pause."""
         slot = limits.concurrency_scope(arguments)
         if slot is not None and self._clear_until.get(slot[0], 0.0) <= now:
             scope, key = slot
