@@ -435,6 +435,59 @@ def test_the_consumer_looks_at_a_keyed_task_now_and_then_until_a_look_is_refused
         celery_app.tasks.pop(name, None)
 
 
+def test_a_missing_table_on_postgresql_is_an_error_that_leaves_no_connection_open(
+    stack: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the migrations in charge, a store on a database without its tables says so,
+    keeps no connection of the failed check, and works once the tables are there."""
+    import asyncio
+
+    import asyncpg
+
+    from app.core.background.internals.exceptions import MissingTablesError
+    from app.core.background.internals.session import create_table, table_creation
+
+    monkeypatch.setattr(table_creation, "on_servers", False)
+    with stack.private_database() as url:
+        name = url.rsplit("/", 1)[1]
+
+        async def connections() -> int:
+            admin = await asyncpg.connect(stack.postgres_dsn)
+            try:
+                count = await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", name
+                )
+            finally:
+                await admin.close()
+            return int(count)
+
+        store = DatabaseAdmissionStore(url)
+        try:
+            with pytest.raises(MissingTablesError, match="background_admission"):
+                store.take_slot(scope(), "run", 1, LONG, MAX_WAIT)
+            assert asyncio.run(connections()) == 0  # the check's engine is disposed
+
+            async def migrate() -> None:
+                from sqlalchemy.ext.asyncio import create_async_engine
+
+                from app.core.background.internals.admission.stores import (
+                    slots_table,
+                    state_table,
+                )
+
+                engine = create_async_engine(url)
+                try:
+                    for table in (slots_table, state_table):
+                        await create_table(engine, table, 0)
+                finally:
+                    await engine.dispose()
+
+            asyncio.run(migrate())
+            assert store.take_slot(scope(), "run", 1, LONG, MAX_WAIT).admitted
+        finally:
+            store.close()
+
+
 def test_the_store_is_where_the_leases_are() -> None:
     from app.core.config import Settings
 
