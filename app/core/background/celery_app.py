@@ -122,6 +122,12 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         # Dead letters older than this are deleted by background.prune_dead_letters (daily).
         RETENTION_SETTING: settings.background_dead_letter_retention_days * 86400,
         "background_after_commit_fallback": settings.background_after_commit_fallback,
+        # celery beat: Celery's persistent scheduler, touching a heartbeat file in this
+        # folder at every tick (``health beat``; internals/operations/beat_heartbeat.py).
+        "beat_scheduler": (
+            "app.core.background.internals.operations.beat_heartbeat:HeartbeatScheduler"
+        ),
+        "background_heartbeat_dir": str(settings.heartbeat_dir),
         "task_publish_retry_policy": {
             "max_retries": None,
             "interval_start": 0,
