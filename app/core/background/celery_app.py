@@ -299,6 +299,7 @@ class WorkerSignals:
             # its state script); connected only then, off every other task start.
             signals.task_prerun.connect(running_book.on_task_prerun, weak=False)
             signals.task_postrun.connect(running_book.on_task_postrun, weak=False)
+        signals.worker_init.connect(self.clear_stale_heartbeat, weak=False)
         signals.worker_ready.connect(self.start_heartbeat, weak=False)
         signals.worker_shutdown.connect(self.stop_heartbeat, weak=False)
         if self.settings.tracing_enabled:
@@ -388,6 +389,12 @@ class WorkerSignals:
         folder, self.metrics_dir = self.metrics_dir, None
         if folder is not None:
             remove_multiprocess_dir(folder)
+
+    def clear_stale_heartbeat(self, sender: Any = None, **_: Any) -> None:
+        """A worker restarted after a crash: its predecessor's beat is not its own (``health``)."""
+        hostname = getattr(sender, "hostname", None)
+        if hostname:
+            WorkerHeartbeat(current_app(), hostname).clear()
 
     def start_heartbeat(self, sender: Any = None, **_: Any) -> None:
         """The worker's main process says it is alive (operations: stuck tasks)."""
