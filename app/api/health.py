@@ -1,4 +1,11 @@
-"""``GET /health``: database, broker and worker, each with its own timeout.
+"""``GET /health``: database, broker and worker; ``GET /ready``: database and broker.
+
+``/ready`` is the API's readiness, for a load balancer or a Kubernetes
+readiness probe: can this process serve a request that writes a row and sends
+a task? It leaves the worker out: no worker up does not make the API unable to
+accept work (tasks wait in the broker), and an API taken out of rotation for it
+would turn a worker outage into an API outage. ``/health`` keeps the worker
+round trip, for a person or a monitor asking "does the whole system work?".
 
 Every check runs concurrently and off the event loop (the broker and the
 worker round trip use blocking clients, run in threads), so a dead service
@@ -54,31 +61,62 @@ def _worker_answers() -> None:
     ping.apply_async().get(timeout=WORKER_TIMEOUT)
 
 
-@router.get("/health")
-async def health(request: Request, response: Response) -> dict[str, Any]:
+def _database_check(request: Request) -> Callable[[], Awaitable[None]]:
     engine: AsyncEngine = request.app.state.engine
 
     async def database() -> None:
         async with engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
-    async def broker() -> None:
-        await anyio.to_thread.run_sync(_broker_connects, abandon_on_cancel=True)
+    return database
 
-    async def worker() -> None:
-        await anyio.to_thread.run_sync(_worker_answers, abandon_on_cancel=True)
 
-    checks: dict[str, Any] = {}
+async def _broker() -> None:
+    await anyio.to_thread.run_sync(_broker_connects, abandon_on_cancel=True)
+
+
+async def _worker() -> None:
+    await anyio.to_thread.run_sync(_worker_answers, abandon_on_cancel=True)
+
+
+async def _run_checks(
+    response: Response, checks: dict[str, tuple[Callable[[], Awaitable[None]], float]]
+) -> dict[str, Any]:
+    results: dict[str, str] = {}
 
     async def run(name: str, check: Callable[[], Awaitable[None]], seconds: float) -> None:
-        checks[name] = await _check(name, check, seconds)
+        results[name] = await _check(name, check, seconds)
 
     async with anyio.create_task_group() as group:
-        group.start_soon(run, "database", database, DATABASE_TIMEOUT)
-        group.start_soon(run, "broker", broker, BROKER_TIMEOUT)
-        group.start_soon(run, "worker", worker, WORKER_TIMEOUT + 1)
-    status = "ok" if all(v == "ok" for v in checks.values()) else "degraded"
+        for name, (check, seconds) in checks.items():
+            group.start_soon(run, name, check, seconds)
+    status = "ok" if all(v == "ok" for v in results.values()) else "degraded"
     if status != "ok":
         # Load balancers and probes read the code, not the body.
         response.status_code = 503
-    return {"status": status, **{k: checks[k] for k in ("database", "broker", "worker")}}
+    return {"status": status, **{name: results[name] for name in checks}}
+
+
+@router.get("/health")
+async def health(request: Request, response: Response) -> dict[str, Any]:
+    """Database, broker and a worker round trip (503 if any fails)."""
+    return await _run_checks(
+        response,
+        {
+            "database": (_database_check(request), DATABASE_TIMEOUT),
+            "broker": (_broker, BROKER_TIMEOUT),
+            "worker": (_worker, WORKER_TIMEOUT + 1),
+        },
+    )
+
+
+@router.get("/ready")
+async def ready(request: Request, response: Response) -> dict[str, Any]:
+    """Readiness: the database and the broker answer (503 if not); no worker needed."""
+    return await _run_checks(
+        response,
+        {
+            "database": (_database_check(request), DATABASE_TIMEOUT),
+            "broker": (_broker, BROKER_TIMEOUT),
+        },
+    )

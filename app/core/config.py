@@ -7,6 +7,7 @@ runs with no server; production refuses that set-up.
 
 from __future__ import annotations
 
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -102,6 +103,11 @@ class Settings(BaseSettings):
     # or a temporary folder when unset; the API uses it when set (uvicorn --workers).
     prometheus_multiproc_dir: str | None = None
 
+    # Folder of the relay's and beat's heartbeat files (relay.heartbeat, beat.heartbeat),
+    # which `python -m app.core.background health relay|beat` reads. Unset: a folder
+    # in the system's temporary directory. One relay and one beat per folder.
+    background_heartbeat_dir: str | None = None
+
     # OpenTelemetry tracing (README: Tracing), by the standard variables. Off unless
     # OTEL_TRACES_EXPORTER names an exporter: "otlp" (OTLP over HTTP), "console",
     # "file" (the framework's JSON lines, to BACKGROUND_TRACE_FILE); comma-separated
@@ -140,6 +146,13 @@ class Settings(BaseSettings):
         if self.otel_exporter_otlp_endpoint:
             return self.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
         return None
+
+    @property
+    def heartbeat_dir(self) -> Path:
+        """Where the relay and beat write their heartbeat files (``BACKGROUND_HEARTBEAT_DIR``)."""
+        if self.background_heartbeat_dir:
+            return Path(self.background_heartbeat_dir)
+        return Path(tempfile.gettempdir()) / "app-background"
 
     @property
     def is_embedded_broker(self) -> bool:

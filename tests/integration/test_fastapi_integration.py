@@ -229,6 +229,28 @@ def test_health_reports_database_broker_and_worker(client: TestClient) -> None:
     }
 
 
+def test_ready_reports_database_and_broker_without_asking_a_worker(client: TestClient) -> None:
+    """A load balancer's check: no worker in it, so no worker up cannot take the API out."""
+    response = client.get("/ready")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "database": "ok", "broker": "ok"}
+
+
+def test_ready_fails_with_the_database(stack: Services) -> None:
+    from app.core.config import Settings
+
+    host = stack.postgres_url.split("@", 1)[1]
+    settings = Settings(database_url=f"postgresql+asyncpg://nosuchrole:db-secret-pw@{host}")
+    with TestClient(create_app(settings)) as bad_client:
+        response = bad_client.get("/ready")
+    assert response.status_code == 503
+    assert response.json() == {
+        "status": "degraded",
+        "database": "error: DBAPIError",
+        "broker": "ok",
+    }
+
+
 def test_health_logs_why_the_database_check_failed(
     stack: Services, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -308,11 +309,46 @@ def test_relay_once_drains_every_batch_and_counts_what_it_sent(
     assert not fetchval(stack, PENDING)
 
 
+def test_stop_ends_the_relay_between_passes_and_every_pass_is_a_turn(stack: Services) -> None:
+    """``stop`` (the CLI's SIGTERM) cuts the pause short; ``on_turn`` runs once per pass."""
+    import anyio
+
+    keys = [uuid.uuid4().hex for _ in range(3)]
+    turns: list[float] = []
+
+    async def work(sessions: Any) -> tuple[int, float]:
+        async with sessions() as session:
+            for k in keys:
+                tasks_fastapi.note_row.delay_via_outbox(session, key=k)
+            await session.commit()
+        stop = anyio.Event()
+
+        def turn() -> None:
+            turns.append(time.monotonic())
+            if len(turns) == 2:  # the first pass sent the rows; stop during the second pause
+                asyncio.get_running_loop().call_later(0.2, stop.set)
+
+        began = time.monotonic()
+        sent = await asyncio.wait_for(
+            run_relay(sessions, celery_app, interval=1.0, stop=stop, on_turn=turn), 30
+        )
+        return sent, time.monotonic() - began
+
+    sent, took = run_in_session(work)
+    assert sent == 3
+    assert len(turns) == 2
+    # Two passes, one full pause (1 s) and the cut one (0.2 s), not a second full pause.
+    assert took < 1.9
+    assert not fetchval(stack, PENDING)
+
+
 def test_the_relay_loop_rides_out_database_errors(
     refused_database: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Without ``once`` (run_relay's default) a failed pass is logged and tried again."""
     from sqlalchemy.ext.asyncio import create_async_engine
+
+    turns: list[int] = []
 
     def failed_passes() -> int:
         return sum(r.getMessage() == "Outbox relay pass failed" for r in caplog.records)
@@ -320,7 +356,9 @@ def test_the_relay_loop_rides_out_database_errors(
     async def main() -> bool:
         engine = create_async_engine(refused_database)
         sessions = async_sessionmaker(engine, expire_on_commit=False)
-        relay = asyncio.ensure_future(run_relay(sessions, celery_app, interval=0.05))
+        relay = asyncio.ensure_future(
+            run_relay(sessions, celery_app, interval=0.05, on_turn=lambda: turns.append(1))
+        )
         try:
             for _ in range(600):  # at most 30 s
                 if failed_passes() >= 3 or relay.done():
@@ -336,3 +374,5 @@ def test_the_relay_loop_rides_out_database_errors(
         still_running = asyncio.run(main())
     assert still_running
     assert failed_passes() >= 3
+    # Its loop still turns (the relay's heartbeat, health relay): liveness holds, readiness not.
+    assert len(turns) >= failed_passes()

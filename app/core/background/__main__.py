@@ -4,6 +4,7 @@ Commands:
   watch TASK_ID   live progress of a task until it ends, then its result or error
   relay           send the transactional outbox's pending tasks (--once: drain and exit)
   dead-letters    tasks that failed for good: list, show, replay, purge
+  health TYPE     liveness (or --ready: readiness) of an api, worker, relay or beat: exit 0/1
 """
 
 from __future__ import annotations
@@ -71,23 +72,63 @@ def _relay(args: argparse.Namespace) -> int:
 def _run_relay(args: argparse.Namespace, settings: Any, celery_app: Any, serve_relay: Any) -> int:
     import asyncio
 
-    try:
-        sent = asyncio.run(
-            serve_relay(
+    from .internals.operations.heartbeat_file import RELAY_FILE, FileHeartbeat
+
+    # Touched before every pass (its liveness: ``health relay``), removed at the end.
+    heartbeat = FileHeartbeat(settings.heartbeat_dir / RELAY_FILE)
+
+    async def serve() -> int:
+        import signal
+
+        import anyio
+
+        # SIGTERM (systemd, docker stop, Kubernetes) and Ctrl-C: finish the pass in
+        # progress, so that no row is sent and left unmarked (sent again), then exit 0.
+        stop = anyio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        return int(
+            await serve_relay(
                 settings.database_url,
                 celery_app,
                 interval=args.interval,
                 batch_size=args.batch_size,
                 once=args.once,
+                stop=stop,
+                on_turn=heartbeat.beat,
             )
         )
+
+    try:
+        sent = asyncio.run(serve())
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - the CLI's answer: the reason, and a failing status
         print(f"relay: not every pending task was sent: {exc}", file=sys.stderr)
         return 1
+    finally:
+        heartbeat.remove()
     print(f"relayed {sent} task(s)")
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from app.core.config import get_settings
+
+    from .internals.console.health_cli import HealthContext, run
+
+    settings = get_settings()
+
+    def celery_app() -> Any:
+        # Imported when a check needs it: building the app reads the settings, and
+        # ``health api`` or a heartbeat file needs none of it.
+        from .celery_app import celery_app
+
+        return celery_app
+
+    context = HealthContext(settings.database_url, settings.heartbeat_dir, celery_app)
+    return run(args, context, sys.stdout)
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
@@ -152,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .internals.console.dead_letter_cli import add_commands
 
     add_commands(commands, handler=_dead_letters)
+    from .internals.console.health_cli import add_commands as add_health_command
+
+    add_health_command(commands, handler=_health)
     return parser
 
 

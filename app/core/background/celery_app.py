@@ -122,6 +122,12 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         # Dead letters older than this are deleted by background.prune_dead_letters (daily).
         RETENTION_SETTING: settings.background_dead_letter_retention_days * 86400,
         "background_after_commit_fallback": settings.background_after_commit_fallback,
+        # celery beat: Celery's persistent scheduler, touching a heartbeat file in this
+        # folder at every tick (``health beat``; internals/operations/beat_heartbeat.py).
+        "beat_scheduler": (
+            "app.core.background.internals.operations.beat_heartbeat:HeartbeatScheduler"
+        ),
+        "background_heartbeat_dir": str(settings.heartbeat_dir),
         "task_publish_retry_policy": {
             "max_retries": None,
             "interval_start": 0,
@@ -293,6 +299,7 @@ class WorkerSignals:
             # its state script); connected only then, off every other task start.
             signals.task_prerun.connect(running_book.on_task_prerun, weak=False)
             signals.task_postrun.connect(running_book.on_task_postrun, weak=False)
+        signals.worker_init.connect(self.clear_stale_heartbeat, weak=False)
         signals.worker_ready.connect(self.start_heartbeat, weak=False)
         signals.worker_shutdown.connect(self.stop_heartbeat, weak=False)
         if self.settings.tracing_enabled:
@@ -382,6 +389,12 @@ class WorkerSignals:
         folder, self.metrics_dir = self.metrics_dir, None
         if folder is not None:
             remove_multiprocess_dir(folder)
+
+    def clear_stale_heartbeat(self, sender: Any = None, **_: Any) -> None:
+        """A worker restarted after a crash: its predecessor's beat is not its own (``health``)."""
+        hostname = getattr(sender, "hostname", None)
+        if hostname:
+            WorkerHeartbeat(current_app(), hostname).clear()
 
     def start_heartbeat(self, sender: Any = None, **_: Any) -> None:
         """The worker's main process says it is alive (operations: stuck tasks)."""

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
+import anyio
 import anyio.to_thread
 from celery import Celery
 from kombu.utils.json import dumps, loads
@@ -191,22 +192,29 @@ async def run_relay(
     interval: float = 1.0,  # pragma: no mutate
     batch_size: int = 100,  # pragma: no mutate
     once: bool = False,
+    stop: anyio.Event | None = None,
+    on_turn: Callable[[], object] | None = None,
 ) -> int:
-    """Relay until cancelled (or one drain with ``once``); the number of rows sent.
+    """Relay until cancelled or ``stop`` is set (or one drain with ``once``); rows sent.
 
     With ``once``, a row the broker did not take raises its error after the
     rows before it are marked sent (``relay --once`` exits non-zero); without,
-    the row is tried again on the next pass.
+    the row is tried again on the next pass. ``stop`` ends the loop between
+    passes (a pass in progress finishes: its sent rows are marked sent, none
+    is sent twice). ``on_turn`` is called before every pass (a heartbeat:
+    the loop turns).
     """
     total = 0
-    while True:
+    while stop is None or not stop.is_set():
+        if on_turn is not None:
+            on_turn()
         try:
             sent, failure = await _relay_pass(sessions, app, batch_size)
         except Exception as exc:  # a database blip must not stop the relay
             if once:
                 raise
             logger.warning("Outbox relay pass failed", extra={"fields": {"error": repr(exc)}})
-            await anyio.sleep(interval)
+            await _pause(interval, stop)
             continue
         total += sent
         if sent:
@@ -217,7 +225,17 @@ async def run_relay(
             continue
         if once:
             return total
-        await anyio.sleep(interval)
+        await _pause(interval, stop)
+    return total
+
+
+async def _pause(seconds: float, stop: anyio.Event | None) -> None:
+    """Sleep ``seconds``, or less if ``stop`` is set meanwhile."""
+    if stop is None:
+        await anyio.sleep(seconds)
+        return
+    with anyio.move_on_after(seconds):
+        await stop.wait()
 
 
 async def serve_relay(
@@ -228,6 +246,8 @@ async def serve_relay(
     interval: float,
     batch_size: int,
     once: bool,
+    stop: anyio.Event | None = None,
+    on_turn: Callable[[], object] | None = None,
 ) -> int:
     """``run_relay`` on an engine of its own, disposed at the end (the CLI's entry point)."""
     # One relay pass holds one connection; a second covers a pass started while
@@ -235,6 +255,14 @@ async def serve_relay(
     engine = create_engine(DatabaseConfig(url=database_url, pool_size=2))  # pragma: no mutate
     try:
         sessions = async_sessionmaker(engine, expire_on_commit=False)  # pragma: no mutate
-        return await run_relay(sessions, app, interval=interval, batch_size=batch_size, once=once)
+        return await run_relay(
+            sessions,
+            app,
+            interval=interval,
+            batch_size=batch_size,
+            once=once,
+            stop=stop,
+            on_turn=on_turn,
+        )
     finally:
         await engine.dispose()

@@ -156,7 +156,8 @@ class WorkerHeartbeat:
         self._beat: Callable[[float], None] | None = None
         self._forget: Callable[[], None] | None = None
 
-    def start(self) -> None:
+    def _connect(self) -> bool:
+        """Pick the store (Redis hash or database table); False when the backend keeps none."""
         backend = self._app.backend
         book = book_of(self._app)
         if isinstance(backend, AtomicRedisBackend):
@@ -167,9 +168,26 @@ class WorkerHeartbeat:
             self._beat = partial(book.beat, self._hostname)
             self._forget = partial(book.forget_worker, self._hostname)
         else:
+            return False
+        return True
+
+    def start(self) -> None:
+        if not self._connect():
             return
         self._thread = threading.Thread(target=self._run, name="background-heartbeat", daemon=True)
         self._thread.start()
+
+    def clear(self) -> None:
+        """Remove a heartbeat left under this name by a worker that was killed.
+
+        Called as the worker starts: until its own first beat (once it
+        consumes), the name has none, so a health check cannot take the dead
+        predecessor's recent beat for this worker's.
+        """
+        if self._connect() and self._forget is not None:
+            # The store not answering yet: the check sees the old beat age instead.
+            with contextlib.suppress(Exception):
+                self._forget()
 
     def stop(self) -> None:
         self._stopped.set()
