@@ -64,6 +64,7 @@ DEDUP_TESTS = "tests/integration/test_dedup.py"
 # The trace kept by delay_on_commit and outbox rows (the lines that only run with tracing on).
 TRACING_TESTS = "tests/integration/test_tracing.py"
 ADMISSION_TESTS = "tests/integration/test_admission.py"
+STORE_TESTS = "tests/integration/test_admission_stores.py"
 TWENTY_TENANTS = "test_twenty_tenants_never_run_more_than_three_each_across_two_workers"
 
 TARGETS = (
@@ -140,6 +141,15 @@ TARGETS = (
             "--deselect", f"{ADMISSION_TESTS}::{TWENTY_TENANTS}",
             "--deselect", f"{ADMISSION_TESTS}::test_a_rate_limit_holds_across_two_workers"),
            timeout=300),
+    # The slots given back by the keeper's thread, and the consumer's looks: the
+    # store tests that drive them directly, and the cap on real workers in every mode.
+    Target("admission_keeper_and_screen", f"{INTERNALS}/admission/gate.py",
+           (f"{STORE_TESTS}::test_the_keeper_renews_a_held_slot_until_it_is_dropped",
+            f"{STORE_TESTS}::test_slots_given_back_are_sent_by_the_keeper_and_flush_sends_the_rest",
+            f"{STORE_TESTS}::test_the_consumer_looks_at_a_keyed_task_now_and_then_until_a_look_is_refused",
+            f"{ADMISSION_TESTS}::test_a_cap_holds_in_every_execution_mode",
+            f"{ADMISSION_TESTS}::test_the_consumer_sends_a_message_that_must_wait_back_before_the_pool"),
+           definitions=("Ticket", "SlotKeeper", "seems_clear", "screen", "_look"), timeout=300),
     Target("admission_consumer", f"{INTERNALS}/admission/consumer.py",
            (f"{ADMISSION_TESTS}::test_the_consumer_sends_a_message_that_must_wait_back_before_the_pool",
             f"{ADMISSION_TESTS}::test_a_waiting_task_shows_as_waiting_and_keeps_its_attempt",
