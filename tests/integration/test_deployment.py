@@ -170,6 +170,9 @@ class Load:
     created: int = 0
     retried: int = 0
     failures: list[str] = field(default_factory=list)
+    # name -> (delivery, task id, seconds into the load it was answered): to explain a loss.
+    answers: dict[str, tuple[str, str, float]] = field(default_factory=dict)
+    _began: float = field(default_factory=time.monotonic)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -207,6 +210,8 @@ class Load:
                 with urllib.request.urlopen(request, timeout=10) as response:
                     if response.status == 201:
                         self.created += 1
+                        task_id = json.loads(response.read())["task_id"]
+                        self.answers[name] = (delivery, task_id, time.monotonic() - self._began)
                         return
             except (OSError, urllib.error.HTTPError):
                 pass
@@ -242,6 +247,58 @@ async def tally(dsn: str) -> Tally:
     assert row is not None
     assert outbox is not None
     return Tally(row["entities"], row["lost"], row["twice"], outbox["unsent"], outbox["rows"])
+
+
+async def explain_lost(dsn: str, load: Load, logs: list[tuple[str, str]], broker_url: str) -> str:
+    """What became of each entity never processed: its request, outbox row, dead letter,
+    result, where its message is in Redis, and every log line naming its task."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        lost = await connection.fetch(
+            "SELECT id, name, created_at FROM entities WHERE processed_count = 0"
+        )
+        lines: list[str] = []
+        broker = redis.Redis.from_url(broker_url)
+        for entity in lost[:5]:
+            delivery, task_id, answered = load.answers.get(entity["name"], ("?", "?", -1.0))
+            outbox = await connection.fetch(
+                "SELECT id, sent_at, attempts, last_error FROM background_outbox"
+                " WHERE payload LIKE $1",
+                f"%{entity['id']}%",
+            )
+            dead = await connection.fetch(
+                "SELECT reason, error_type, error_message, attempts FROM background_dead_letters"
+                " WHERE task_id = $1",
+                task_id,
+            )
+            meta = broker.get(f"celery-task-meta-{task_id}")
+            queued = [
+                queue
+                for queue in ("default", "high_priority", "low_priority")
+                for message in broker.lrange(queue, 0, -1)
+                if task_id.encode() in message
+            ]
+            unacked = [
+                tag for tag, body in broker.hgetall("unacked").items() if task_id.encode() in body
+            ]
+            mentions = [
+                f"  {name}: {line.strip()[:400]}"
+                for name, text in logs
+                for line in text.splitlines()
+                if task_id in line or str(entity["id"]) in line
+            ]
+            lines += [
+                f"entity {entity['id']} {entity['name']} created {entity['created_at']}:"
+                f" {delivery} task {task_id}, answered at {answered:.1f}s of the load",
+                f"  outbox: {[dict(row) for row in outbox]}",
+                f"  dead letter: {[dict(row) for row in dead]}",
+                f"  result: {meta!r}; queued in {queued}; unacked: {len(unacked)}",
+                *mentions[:20],
+            ]
+        broker.close()
+        return "\n".join(lines)
+    finally:
+        await connection.close()
 
 
 def wait_until_done(dsn: str, timeout: float) -> Tally:
@@ -415,7 +472,10 @@ def test_deploy_files_run_every_process_type_and_lose_no_task_across_restarts(
     assert not load.failures, f"requests never answered: {load.failures[:5]}"
     assert load.created >= MIN_REQUESTS
     assert result.entities >= load.created
-    assert result.lost == 0, f"{result.lost} of {result.entities} tasks never ran"
+    if result.lost:
+        logs = [(path.name, path.read_text(errors="replace")) for path in api.logs.glob("*.log")]
+        why = asyncio.run(explain_lost(dsn, load, logs, deployment_broker_url(default)))
+        raise AssertionError(f"{result.lost} of {result.entities} tasks never ran:\n{why}")
     assert result.unsent_outbox == 0
     # Half the requests went through the outbox (some after_commit ones too, if the
     # broker refused them): the relay sent them, across its own restart.

@@ -170,7 +170,7 @@ def test_a_fetch_whose_reply_was_lost_is_put_back(server: RedisServer) -> None:
         fetch_id, marker = uuid.uuid4().hex, redis_broker._fetch_marker(channel)
         server.client().eval(
             redis_broker._FETCH, 4, "unacked", "unacked_index", marker, "q-lost-reply",
-            "1.0", fetch_id, 60_000, 3,
+            "1.0", fetch_id, 60_000, 3, 1,
         )  # fmt: skip
         client = server.client()
         assert client.llen("q-lost-reply") == 1
@@ -249,3 +249,123 @@ def test_redis_brokers_use_the_framework_transport() -> None:
     assert redis["broker_transport"].endswith("redis_broker:Transport")
     amqp = build_celery_config(Settings(celery_broker_url="amqp://guest@127.0.0.1//"))
     assert "broker_transport" not in amqp
+
+
+# -- waiting for messages: wake lists, never a BRPOP on the queue itself ---------------
+
+
+def _drain_until(connection: Connection, received: list[Any], count: int, timeout: float) -> float:
+    """Drain events until ``count`` messages came; the seconds it took."""
+    began = time.monotonic()
+    while len(received) < count and time.monotonic() - began < timeout:
+        with contextlib.suppress(socket.timeout):
+            connection.drain_events(timeout=0.2)
+    return time.monotonic() - began
+
+
+def wait_for_no_blocked_client(server: RedisServer, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while any("b" in c["flags"] for c in server.client().client_list()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_waiting_consumer_is_woken_by_a_token_and_takes_the_message_atomically(
+    server: RedisServer,
+) -> None:
+    client = server.client()
+    wake = redis_broker._wake_key("q-wake")
+    with Connection(server.url(), transport=FRAMEWORK) as consumer_side:
+        queue = Queue("q-wake")
+        received: list[Any] = []
+        keep = [lambda _body, message: received.append(message)]
+        with consumer_side.Consumer(queue, callbacks=keep):
+            _drain_until(consumer_side, received, 1, 0.5)  # nothing queued: it waits
+            # It waits on the wake list, not on the queue (whose BRPOP would take the message).
+            waiting = [c for c in client.client_list() if "b" in c["flags"]]
+            assert len(waiting) == 1
+            with Connection(server.url(), transport=FRAMEWORK) as publisher:
+                publisher.Producer().publish({"n": 1}, routing_key="q-wake", declare=[queue])
+            # Redis answered the wait (the consumer has not read the answer yet) with the
+            # token: the message is still queued, so a consumer dying now loses nothing.
+            assert wait_for_no_blocked_client(server)
+            assert client.llen("q-wake") == 1
+            assert client.llen(wake) == 0
+            took = _drain_until(consumer_side, received, 1, 5)
+            assert [m.payload["n"] for m in received] == [1]
+            # Woken, not timed out (a wait ends after a second without a token).
+            assert took < 0.5, took
+            # Taken by the fetch: recorded as unacknowledged; the token is gone with it.
+            assert client.hlen("unacked") == 1
+            assert client.llen(wake) == 0
+            received[0].ack()
+
+
+def test_a_message_published_without_a_token_is_taken_when_the_wait_times_out(
+    server: RedisServer,
+) -> None:
+    """A foreign client (kombu's own transport) pushes no token: a second, not lost."""
+    with Connection(server.url(), transport=FRAMEWORK) as consumer_side:
+        queue = Queue("q-foreign")
+        received: list[Any] = []
+        keep = [lambda _body, message: received.append(message)]
+        with consumer_side.Consumer(queue, callbacks=keep):
+            _drain_until(consumer_side, received, 1, 0.5)
+            with Connection(server.url(), transport=KOMBU) as publisher:
+                publisher.Producer().publish({"n": 2}, routing_key="q-foreign", declare=[queue])
+            took = _drain_until(consumer_side, received, 1, 5)
+            assert [m.payload["n"] for m in received] == [2]
+            assert took < 2.5, took  # brpop_timeout (1 s) and a fetch
+            received[0].ack()
+
+
+def test_tokens_of_messages_taken_without_a_wait_are_deleted_with_the_last_one(
+    server: RedisServer,
+) -> None:
+    """Messages published while no one waits leave tokens; the fetch that empties the
+    queue deletes them, so that no worker is woken later to find nothing."""
+    client = server.client()
+    wake = redis_broker._wake_key("q-tokens")
+    queue = Queue("q-tokens")
+    with Connection(server.url(), transport=FRAMEWORK) as publisher:
+        producer = publisher.Producer()
+        for n in range(5):
+            producer.publish({"n": n}, routing_key="q-tokens", declare=[queue])
+    assert client.llen(wake) == 5
+    with Connection(server.url(), transport=FRAMEWORK) as consumer_side:
+        received: list[Any] = []
+        keep = [lambda _body, message: received.append(message)]
+        with consumer_side.Consumer(queue, callbacks=keep) as consumer:
+            consumer.qos(prefetch_count=3)
+            _drain_until(consumer_side, received, 3, 5)
+            assert client.llen(wake) == 5  # two messages still queued: their tokens stay
+            for message in received:
+                message.ack()
+            _drain_until(consumer_side, received, 5, 5)
+            assert [m.payload["n"] for m in received] == list(range(5))
+            assert client.llen(wake) == 0
+            for message in received[3:]:
+                message.ack()
+
+
+def test_a_message_put_back_on_its_queue_wakes_a_waiting_consumer(server: RedisServer) -> None:
+    client = server.client()
+    wake = redis_broker._wake_key("q-requeue")
+    queue = Queue("q-requeue")
+    with Connection(server.url(), transport=FRAMEWORK) as publisher:
+        publisher.Producer().publish({"n": 3}, routing_key="q-requeue", declare=[queue])
+    with Connection(server.url(), transport=FRAMEWORK) as consumer_side:
+        received: list[Any] = []
+        keep = [lambda _body, message: received.append(message)]
+        with consumer_side.Consumer(queue, callbacks=keep):
+            _drain_until(consumer_side, received, 1, 5)
+            assert client.llen(wake) == 0
+            received[0].reject(requeue=True)
+            assert client.llen("q-requeue") == 1
+            assert client.llen(wake) == 1  # the requeue's token, after the message
+            took = _drain_until(consumer_side, received, 2, 5)
+            assert [m.payload["n"] for m in received] == [3, 3]
+            assert took < 0.5, took
+            received[1].ack()

@@ -194,14 +194,20 @@ class TaskRun:
                 self.commit_first.add(key)
         return files
 
-    def send(self, keys: Sequence[str] | None = None, *, ignore_result: bool = True) -> None:
+    def send(
+        self,
+        keys: Sequence[str] | None = None,
+        *,
+        ignore_result: bool = True,
+        transport: str | None = None,
+    ) -> None:
         """Send the tasks of ``keys`` (default: all of this run's)."""
         from tests.support.tasks_reliability import complete
 
         calls = (self._call(key) for key in (self.keys if keys is None else keys))
         send(
             self.broker_url, complete, calls,
-            with_task_ids=self.with_task_ids, ignore_result=ignore_result,
+            with_task_ids=self.with_task_ids, ignore_result=ignore_result, transport=transport,
         )  # fmt: skip
 
     def _call(self, key: str) -> dict[str, Any]:
@@ -234,14 +240,17 @@ def send(
     *,
     with_task_ids: bool = False,
     ignore_result: bool = True,
+    transport: str | None = None,
 ) -> int:
     """Publish one message per kwargs to ``broker_url`` through one connection.
 
     ``with_task_ids``: each with ``task_id=complete-{key}`` (a dedup lease in
-    this run's Redis, and the worker's run-once check).
+    this run's Redis, and the worker's run-once check). ``transport``: a kombu
+    transport class path (default: kombu's own for the URL, as a foreign
+    client would publish).
     """
     sent = 0
-    with Connection(broker_url) as connection:
+    with Connection(broker_url, transport=transport) as connection:
         producer = connection.Producer()
         for kwargs in kwargs_list:
             task_id = f"complete-{kwargs['key']}" if with_task_ids else None

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ from tests.reliability.support import (
 from tests.support.services import Services
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+
+FRAMEWORK_TRANSPORT = "app.core.background.internals.transport.redis_broker:Transport"
 
 TASKS = 1000
 HOLD = 0.005  # seconds of "work" per task, so that a kill lands mid-task
@@ -97,6 +101,43 @@ def test_whole_worker_killed_and_restarted(
     assert in_flight, "the worker held no message when it was killed"
     assert tally.lost == 0
     assert tally.completed == TASKS
+
+
+def _blocked_clients(server: PrivateRedis) -> int:
+    """Connections waiting in a blocking command (a worker's BRPOP)."""
+    return sum("b" in client.get("flags", "") for client in server.client().client_list())
+
+
+# Its own waits: start 60 + 15 + 15 + start 60 + wait_all 60 + stops 30 = 240 s.
+@pytest.mark.timeout(300)
+def test_worker_killed_before_it_reads_the_answer_to_its_wait(
+    completions_db: Services, private_redis: PrivateRedis
+) -> None:
+    """An idle worker waits on Redis; a task is published, Redis answers the wait,
+    and the worker dies before reading the answer. kombu waits with BRPOP on the
+    queue itself, which takes the message off it as Redis answers: the message
+    is then nowhere (not queued, not recorded as unacknowledged) and the task
+    is lost. Frozen (SIGSTOP) the worker reads nothing; it is SIGKILLed once
+    Redis has answered, and a new worker must still run the task."""
+    run = TaskRun("redis: worker killed before reading its wait's answer",
+                  private_redis.url(), completions_db.postgres_dsn, 1, 0.0)  # fmt: skip
+    first = reliability_worker(
+        private_redis.url(), completions_db.postgres_url, short_visibility=True
+    )
+    with first:
+        assert wait_until(lambda: _blocked_clients(private_redis) == 1, 15), "it never waited"
+        os.kill(first.pid, signal.SIGSTOP)
+        run.send(transport=FRAMEWORK_TRANSPORT)  # as the application publishes
+        assert wait_until(lambda: _blocked_clients(private_redis) == 0, 15), "never answered"
+        first.kill()
+    with reliability_worker(
+        private_redis.url(), completions_db.postgres_url, short_visibility=True
+    ) as second:
+        assert run.wait_all(60), second.log()[-3000:]
+    tally = run.tally()
+    print(tally.line())
+    assert tally.lost == 0
+    assert tally.completed == 1
 
 
 # Its own waits: start 60 + 60 + restart 32 + wait_all 120 + stop 30 = 302 s.

@@ -14,16 +14,25 @@ then ``connection.close()``):
    Here a channel whose connection is gone raises ``ConnectionError``, and
    ``close()`` finishes even when the pending reply cannot be read.
 2. **A message is lost.** kombu takes a message with ``BRPOP`` (the server
-   removes it from its list) and only then records it as unacknowledged, in a
-   second round trip. A server that stops between the two has removed the
-   message and never sent it: gone for good (measured: about 1 restart in 40
-   under a busy queue lost one message). Here, while messages are queued, a
-   Lua script takes the message *and* records it in one atomic step, and
-   remembers which fetch did it; if its reply is lost, the worker puts that
-   message back when it reconnects. Only when the queues are empty does the
-   worker wait with ``BRPOP``; a message that reaches a waiting ``BRPOP`` was
-   published in the same instant, so a server that stops then loses the
-   publisher's reply too, and the publisher sees its send fail instead.
+   removes it from its list as it answers) and only then records it as
+   unacknowledged, in a second round trip. A server that stops between the
+   two, or a worker killed before it has read the answer (a crash, an OOM
+   kill, a host going down while a message arrives), leaves the message
+   nowhere: gone for good (measured: about 1 broker restart in 40 under a
+   busy queue lost one message; a worker SIGKILLed while its answer waits
+   unread loses it every time, tests/reliability/test_redis_faults.py).
+   Here a message is only ever taken by a Lua script that takes it *and*
+   records it in one atomic step, and remembers which fetch did it; if its
+   reply is lost, the worker puts that message back when it reconnects. A
+   worker with nothing to take waits with ``BRPOP`` on a *wake list* per
+   queue instead of the queue itself: each publish (and each restore) adds a
+   token to it after the message, a token wakes one waiting worker, which
+   then fetches. A token lost with a worker costs nothing but a wait (another
+   worker's ``BRPOP`` times out within ``brpop_timeout``, a second, and
+   fetches); so does a message a foreign client (kombu's own transport)
+   published without one. The fetch that empties the queues deletes their
+   tokens, so a worker that took messages without being woken is not woken
+   for them later.
 3. **Work waits an hour.** On close kombu puts the channel's unacknowledged
    messages back in their queues, and an ``ack`` removes a message from the
    ``unacked`` hash; with the server down both fail, so the messages stay in
@@ -60,7 +69,7 @@ from typing import Any
 from kombu.transport import redis as _kombu_redis
 from kombu.transport import virtual as _kombu_virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
@@ -75,12 +84,18 @@ _log = logging.getLogger("app.core.background.broker")
 _MAX_KEPT = 10_000
 # The most messages one fetch takes (bounds the script's time on the server).
 _MAX_FETCH = 100
+# Tokens a queue's wake list keeps when no worker waits (one per message beyond
+# that would only wake workers to find nothing; the fetch that empties the queue
+# deletes them anyway).
+_MAX_WAKE_TOKENS = 1000
 
-# Take up to ARGV[4] messages, from the first non-empty list on (KEYS[4..], in
-# BRPOP's order), and record each as unacknowledged, as kombu's QoS.append
-# would, in the same atomic step. KEYS[1] the unacked hash, KEYS[2] its index,
-# KEYS[3] this consumer's fetch marker; ARGV[1] now, ARGV[2] the fetch id,
-# ARGV[3] the marker's lifetime in ms. Returns a flat list of
+# Take up to ARGV[4] messages, from the first non-empty list on (KEYS[4] to
+# KEYS[3 + ARGV[5]], in BRPOP's order), and record each as unacknowledged, as
+# kombu's QoS.append would, in the same atomic step. KEYS[1] the unacked hash,
+# KEYS[2] its index, KEYS[3] this consumer's fetch marker, the KEYS after the
+# lists: the queues' wake lists, deleted when the fetch leaves every list empty
+# (their tokens were for messages taken now). ARGV[1] now, ARGV[2] the fetch
+# id, ARGV[3] the marker's lifetime in ms. Returns a flat list of
 # {list, payload, 1 if recorded} triples, or nil. A message without a
 # delivery tag (not kombu's) is not recorded and ends the batch. The payload
 # is stored as it came (not re-encoded), so kombu reads back exactly what was
@@ -88,7 +103,8 @@ _MAX_FETCH = 100
 _FETCH = """
 local taken, tags = {}, {}
 local limit = tonumber(ARGV[4])
-for i = 4, #KEYS do
+local last_list = 3 + tonumber(ARGV[5])
+for i = 4, last_list do
   while #taken < 3 * limit do
     local payload = redis.call('RPOP', KEYS[i])
     if not payload then break end
@@ -112,6 +128,13 @@ for i = 4, #KEYS do
   end
   if #taken >= 3 * limit then break end
 end
+local emptied = true
+for i = 4, last_list do
+  if redis.call('LLEN', KEYS[i]) > 0 then emptied = false; break end
+end
+if emptied then
+  for i = last_list + 1, #KEYS do redis.call('DEL', KEYS[i]) end
+end
 if #tags > 0 then
   redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. table.concat(tags, ' '), 'PX', ARGV[3])
 end
@@ -119,6 +142,15 @@ if #taken == 0 then return false end
 return taken
 """
 _FETCH_SHA = hashlib.sha1(_FETCH.encode()).hexdigest()
+
+# A publish: the message (KEYS[1], a queue's list), then a token on the queue's
+# wake list (KEYS[2]), kept to ARGV[2] tokens.
+_PUBLISH = """
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LPUSH', KEYS[2], 1)
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+return 1
+"""
 
 # Tags the fetch script recorded as unacknowledged: QoS.append skips its own write.
 _recorded_by_fetch: set[str] = set()
@@ -373,6 +405,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         super().__init__(*args, **kwargs)  # connects (PING)
         # The id of the fetch in flight (None: a BRPOP, or nothing, is in flight).
         self._fetching: str | None = None
+        # A BRPOP on the wake lists is in flight (its answer is a token, not a message).
+        self._waiting = False
+        self._publish_script: Any = None
         self._fetch_loaded = True  # the script is in the server's cache (else EVAL)
         # kombu prefixes a fixed set of commands' keys; not our script's.
         self._atomic_fetch = not self.global_keyprefix
@@ -427,7 +462,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     # -- consuming --------------------------------------------------------
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        """Take a queued message atomically; with none queued, wait with BRPOP."""
+        """Take queued messages atomically (with none queued, ``_wait`` follows)."""
         if not self._atomic_fetch:
             super()._brpop_start(timeout)
             return
@@ -435,6 +470,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if not queues:
             return
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        wake_keys = [_wake_key(queue) for queue in queues]
         self._fetching = uuid.uuid4().hex
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
@@ -442,9 +478,27 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         ttl_ms = int(float(self.visibility_timeout) * 1000)
         command, script = ("EVALSHA", _FETCH_SHA) if self._fetch_loaded else ("EVAL", _FETCH)
         self.client.connection.send_command(
-            command, script, 3 + len(keys), self.unacked_key, self.unacked_index_key, marker,
-            *keys, repr(time.time()), self._fetching, ttl_ms, self._fetch_size(),
+            command, script, 3 + len(keys) + len(wake_keys), self.unacked_key,
+            self.unacked_index_key, marker, *keys, *wake_keys,
+            repr(time.time()), self._fetching, ttl_ms, self._fetch_size(), len(keys),
         )  # fmt: skip
+
+    def _wait(self) -> None:
+        """Nothing queued: wait for a token on the queues' wake lists (never for a message).
+
+        A ``BRPOP`` on the queues themselves would take the next message off
+        its queue as the server answers, with nothing recording it until this
+        process has read the answer: lost if it dies first.
+        """
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        self._waiting = True
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        self.client.connection.send_command(
+            "BRPOP", *(_wake_key(queue) for queue in queues), self.brpop_timeout or 0
+        )
 
     def _fetch_size(self) -> int:
         """As many messages as the prefetch allows now (kombu fetches one per round trip).
@@ -456,6 +510,12 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         return min(max(self.qos.can_consume_max_estimate() or 1, 1), _MAX_FETCH)
 
     def _brpop_read(self, **options: Any) -> bool:
+        if self._waiting:
+            self._read_wake(**options)
+            # Woken by a publish, or the wait timed out (a message published
+            # without a token is taken then): fetch.
+            self._brpop_start()
+            raise kombu_redis.Empty()
         fetch_id, self._fetching = self._fetching, None
         if fetch_id is None:
             return bool(super()._brpop_read(**options))
@@ -476,8 +536,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._in_poll = None
         self._fetch_loaded = True
         if not reply:
-            # Nothing queued: wait for the next message with kombu's BRPOP.
-            super()._brpop_start()
+            self._wait()
             raise kombu_redis.Empty()
         taken = [reply[i : i + 3] for i in range(0, len(reply), 3)]
         self._queue_cycle.rotate(bytes_to_str(taken[-1][0]).rsplit(self.sep, 1)[0])
@@ -493,10 +552,62 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 raise
         return True
 
+    def _read_wake(self, **options: Any) -> None:
+        """Read the answer of the wait on the wake lists (a token, or none: timed out)."""
+        self._waiting = False
+        connection = self.client.connection
+        try:
+            self.client.parse_response(connection, "BRPOP", **options)
+        except self.connection_errors:
+            connection.disconnect()
+            raise
+        finally:
+            self._in_poll = None
+
     def _put_back(self, taken: list[Any]) -> None:
         for _dest, payload, recorded in taken:
             if int(recorded):
                 self.qos.restore_by_tag(loads(bytes_to_str(payload))["properties"]["delivery_tag"])
+
+    # -- publishing: a wake token after each message ----------------------------
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        """kombu's publish (one LPUSH), then a token on the queue's wake list."""
+        if not self._atomic_fetch:
+            super()._put(queue, message, **kwargs)
+            return
+        batch = kwargs.get("_publish_batch")
+        if batch is not None:
+            super()._put(queue, message, **kwargs)
+            batch.add("lpush", _wake_key(queue), 1)
+            batch.add("ltrim", _wake_key(queue), 0, _MAX_WAKE_TOKENS - 1)
+            return
+        if not (self._expires and queue in self._expires):
+            # The common case in one script: as cheap as kombu's single LPUSH.
+            key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+            with self.conn_or_acquire() as client:
+                script = self._publish_script
+                if script is None or script.registered_client is not client:
+                    script = self._publish_script = client.register_script(_PUBLISH)
+                script(keys=[key, _wake_key(queue)], args=[dumps(message), _MAX_WAKE_TOKENS])
+            return
+        # kombu's own commands (with the queue's expiry) in a pipeline, then the token.
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            super()._put(queue, message, _publish_batch=_PipelineBatch(pipe))
+            pipe.lpush(_wake_key(queue), 1)
+            pipe.ltrim(_wake_key(queue), 0, _MAX_WAKE_TOKENS - 1)
+            pipe.execute()
+
+    def _do_restore_message(
+        self, payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool = False
+    ) -> None:
+        """A message back on its queues (a restore, a requeue): a token for each, after it."""
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        if self._atomic_fetch:
+            for queue in self._lookup(exchange, routing_key):
+                pipe.lpush(_wake_key(queue), 1)
+                pipe.ltrim(_wake_key(queue), 0, _MAX_WAKE_TOKENS - 1)
 
     # -- surviving a lost connection -----------------------------------------
 
@@ -506,7 +617,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             self._qos.flush_acks()
         if self._in_poll:
             try:
-                self._brpop_read()
+                if self._waiting:
+                    self._read_wake()  # a token: no fetch now, the channel closes
+                else:
+                    self._brpop_read()
             except (kombu_redis.Empty, *self.connection_errors):
                 pass  # the reply is lost with the connection (a lost fetch is kept)
         super().close()
@@ -515,6 +629,21 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if self.connection is None or self.connection.client is None:
             raise RedisConnectionError("this broker channel's connection is closed")
         return super()._connparams(asynchronous=asynchronous)
+
+
+class _PipelineBatch:
+    """kombu's ``_put`` writes its commands into a publish batch: this one is a pipeline."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+
+    def add(self, name: str, *args: Any) -> None:
+        getattr(self._pipe, name)(*args)
+
+
+def _wake_key(queue: str) -> str:
+    """The list whose tokens say that ``queue`` has a message (``Channel._wait``)."""
+    return f"_background.wake.{queue}"
 
 
 def _fetch_marker(channel: Channel) -> str:
