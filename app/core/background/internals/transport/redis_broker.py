@@ -471,6 +471,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             return
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         wake_keys = [_wake_key(queue) for queue in queues]
+        # A wait abandoned with its connection (kombu's BRPOP health check) is over:
+        # the answer read next is this fetch's, not a token.
+        self._waiting = False
         self._fetching = uuid.uuid4().hex
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
