@@ -253,12 +253,12 @@ async def explain_lost(dsn: str, load: Load, logs: list[tuple[str, str]], broker
     """What became of each entity never processed: its request, outbox row, dead letter,
     result, where its message is in Redis, and every log line naming its task."""
     connection = await asyncpg.connect(dsn)
+    broker = redis.Redis.from_url(broker_url)
     try:
         lost = await connection.fetch(
             "SELECT id, name, created_at FROM entities WHERE processed_count = 0"
         )
         lines: list[str] = []
-        broker = redis.Redis.from_url(broker_url)
         for entity in lost[:5]:
             delivery, task_id, answered = load.answers.get(entity["name"], ("?", "?", -1.0))
             outbox = await connection.fetch(
@@ -295,9 +295,9 @@ async def explain_lost(dsn: str, load: Load, logs: list[tuple[str, str]], broker
                 f"  result: {meta!r}; queued in {queued}; unacked: {len(unacked)}",
                 *mentions[:20],
             ]
-        broker.close()
         return "\n".join(lines)
     finally:
+        broker.close()
         await connection.close()
 
 

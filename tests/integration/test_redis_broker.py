@@ -22,6 +22,7 @@ from kombu.transport import redis as kombu_redis
 from app.core.background.celery_app import build_celery_config
 from app.core.background.internals.transport import redis_broker
 from app.core.config import Settings
+from tests.reliability.support import wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.services import unavailable
 
@@ -263,15 +264,6 @@ def _drain_until(connection: Connection, received: list[Any], count: int, timeou
     return time.monotonic() - began
 
 
-def wait_for_no_blocked_client(server: RedisServer, timeout: float = 5) -> bool:
-    deadline = time.monotonic() + timeout
-    while any("b" in c["flags"] for c in server.client().client_list()):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_a_waiting_consumer_is_woken_by_a_token_and_takes_the_message_atomically(
     server: RedisServer,
 ) -> None:
@@ -284,13 +276,12 @@ def test_a_waiting_consumer_is_woken_by_a_token_and_takes_the_message_atomically
         with consumer_side.Consumer(queue, callbacks=keep):
             _drain_until(consumer_side, received, 1, 0.5)  # nothing queued: it waits
             # It waits on the wake list, not on the queue (whose BRPOP would take the message).
-            waiting = [c for c in client.client_list() if "b" in c["flags"]]
-            assert len(waiting) == 1
+            assert server.blocked_clients() == 1
             with Connection(server.url(), transport=FRAMEWORK) as publisher:
                 publisher.Producer().publish({"n": 1}, routing_key="q-wake", declare=[queue])
             # Redis answered the wait (the consumer has not read the answer yet) with the
             # token: the message is still queued, so a consumer dying now loses nothing.
-            assert wait_for_no_blocked_client(server)
+            assert wait_until(lambda: server.blocked_clients() == 0, 5)
             assert client.llen("q-wake") == 1
             assert client.llen(wake) == 0
             took = _drain_until(consumer_side, received, 1, 5)
@@ -369,3 +360,23 @@ def test_a_message_put_back_on_its_queue_wakes_a_waiting_consumer(server: RedisS
             assert [m.payload["n"] for m in received] == [3, 3]
             assert took < 0.5, took
             received[1].ack()
+
+
+def test_batched_publishes_and_expiring_queues_leave_a_token_after_each_message(
+    server: RedisServer,
+) -> None:
+    """``delay_many`` publishes through kombu's publish batch; a queue with an expiry
+    publishes with a pipeline of kombu's: both wake a waiting worker as one publish does."""
+    client = server.client()
+    batched, expiring = Queue("q-batched"), Queue("q-expiring", expires=60)
+    with Connection(server.url(), transport=FRAMEWORK) as publisher:
+        producer = publisher.Producer()
+        with producer.batch(max_size=100):
+            for n in range(3):
+                producer.publish({"n": n}, routing_key="q-batched", declare=[batched])
+        producer.publish({"n": 0}, routing_key="q-expiring", declare=[expiring])
+    assert client.llen("q-batched") == 3
+    assert client.llen(redis_broker._wake_key("q-batched")) == 3
+    assert client.llen("q-expiring") == 1
+    assert client.pttl("q-expiring") > 0  # kombu's expiry kept
+    assert client.llen(redis_broker._wake_key("q-expiring")) == 1

@@ -199,7 +199,7 @@ class TaskRun:
         keys: Sequence[str] | None = None,
         *,
         ignore_result: bool = True,
-        transport: str | None = None,
+        transport: type | None = None,
     ) -> None:
         """Send the tasks of ``keys`` (default: all of this run's)."""
         from tests.support.tasks_reliability import complete
@@ -240,13 +240,13 @@ def send(
     *,
     with_task_ids: bool = False,
     ignore_result: bool = True,
-    transport: str | None = None,
+    transport: type | None = None,
 ) -> int:
     """Publish one message per kwargs to ``broker_url`` through one connection.
 
     ``with_task_ids``: each with ``task_id=complete-{key}`` (a dedup lease in
     this run's Redis, and the worker's run-once check). ``transport``: a kombu
-    transport class path (default: kombu's own for the URL, as a foreign
+    transport class (default: kombu's own for the URL, as a foreign
     client would publish).
     """
     sent = 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from app.core.background.internals.transport import redis_broker
 from tests.reliability.short_visibility import VISIBILITY_TIMEOUT
 from tests.reliability.support import (
     PrivateRedis,
@@ -28,8 +29,6 @@ from tests.reliability.support import (
 from tests.support.services import Services
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
-
-FRAMEWORK_TRANSPORT = "app.core.background.internals.transport.redis_broker:Transport"
 
 TASKS = 1000
 HOLD = 0.005  # seconds of "work" per task, so that a kill lands mid-task
@@ -103,11 +102,6 @@ def test_whole_worker_killed_and_restarted(
     assert tally.completed == TASKS
 
 
-def _blocked_clients(server: PrivateRedis) -> int:
-    """Connections waiting in a blocking command (a worker's BRPOP)."""
-    return sum("b" in client.get("flags", "") for client in server.client().client_list())
-
-
 # Its own waits: start 60 + 15 + 15 + start 60 + wait_all 60 + stops 30 = 240 s.
 @pytest.mark.timeout(300)
 def test_worker_killed_before_it_reads_the_answer_to_its_wait(
@@ -125,10 +119,10 @@ def test_worker_killed_before_it_reads_the_answer_to_its_wait(
         private_redis.url(), completions_db.postgres_url, short_visibility=True
     )
     with first:
-        assert wait_until(lambda: _blocked_clients(private_redis) == 1, 15), "it never waited"
+        assert wait_until(lambda: private_redis.blocked_clients() == 1, 15), "it never waited"
         os.kill(first.pid, signal.SIGSTOP)
-        run.send(transport=FRAMEWORK_TRANSPORT)  # as the application publishes
-        assert wait_until(lambda: _blocked_clients(private_redis) == 0, 15), "never answered"
+        run.send(transport=redis_broker.Transport)  # as the application publishes
+        assert wait_until(lambda: private_redis.blocked_clients() == 0, 15), "never answered"
         first.kill()
     with reliability_worker(
         private_redis.url(), completions_db.postgres_url, short_visibility=True

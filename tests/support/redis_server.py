@@ -57,6 +57,10 @@ class RedisServer:
             host="127.0.0.1", port=self.port, db=db, password=self.password, **options
         )  # type: ignore[arg-type]
 
+    def blocked_clients(self) -> int:
+        """Connections waiting in a blocking command (a worker's BRPOP)."""
+        return sum("b" in client.get("flags", "") for client in self.client().client_list())
+
     # -- lifecycle --------------------------------------------------------
 
     def start(self) -> RedisServer:

@@ -580,13 +580,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             super()._put(queue, message, **kwargs)
             return
         batch = kwargs.get("_publish_batch")
-        if batch is not None:
-            super()._put(queue, message, **kwargs)
-            batch.add("lpush", _wake_key(queue), 1)
-            batch.add("ltrim", _wake_key(queue), 0, _MAX_WAKE_TOKENS - 1)
-            return
-        if not (self._expires and queue in self._expires):
-            # The common case in one script: as cheap as kombu's single LPUSH.
+        if batch is None and not (self._expires and queue in self._expires):
+            # The common case in one script, one round trip as kombu's single LPUSH.
             key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
             with self.conn_or_acquire() as client:
                 script = self._publish_script
@@ -594,13 +589,14 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                     script = self._publish_script = client.register_script(_PUBLISH)
                 script(keys=[key, _wake_key(queue)], args=[dumps(message), _MAX_WAKE_TOKENS])
             return
-        # kombu's own commands (with the queue's expiry) in a pipeline, then the token.
+        # kombu's own commands (a publish batch's, or a queue's expiry), then the token.
+        super()._put(queue, message, **kwargs)
+        if batch is not None:
+            for name, *args in _token_commands(queue):
+                batch.add(name, *args)
+            return
         with self.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-            super()._put(queue, message, _publish_batch=_PipelineBatch(pipe))
-            pipe.lpush(_wake_key(queue), 1)
-            pipe.ltrim(_wake_key(queue), 0, _MAX_WAKE_TOKENS - 1)
-            pipe.execute()
+            _push_token(client.pipeline(transaction=False), queue).execute()
 
     def _do_restore_message(
         self, payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool = False
@@ -609,8 +605,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
         if self._atomic_fetch:
             for queue in self._lookup(exchange, routing_key):
-                pipe.lpush(_wake_key(queue), 1)
-                pipe.ltrim(_wake_key(queue), 0, _MAX_WAKE_TOKENS - 1)
+                _push_token(pipe, queue)
 
     # -- surviving a lost connection -----------------------------------------
 
@@ -634,19 +629,22 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         return super()._connparams(asynchronous=asynchronous)
 
 
-class _PipelineBatch:
-    """kombu's ``_put`` writes its commands into a publish batch: this one is a pipeline."""
-
-    def __init__(self, pipe: Any) -> None:
-        self._pipe = pipe
-
-    def add(self, name: str, *args: Any) -> None:
-        getattr(self._pipe, name)(*args)
-
-
 def _wake_key(queue: str) -> str:
     """The list whose tokens say that ``queue`` has a message (``Channel._wait``)."""
     return f"_background.wake.{queue}"
+
+
+def _token_commands(queue: str) -> list[tuple[Any, ...]]:
+    """A token on ``queue``'s wake list, the list kept to ``_MAX_WAKE_TOKENS``."""
+    wake = _wake_key(queue)
+    return [("lpush", wake, 1), ("ltrim", wake, 0, _MAX_WAKE_TOKENS - 1)]
+
+
+def _push_token(commands: Any, queue: str) -> Any:
+    """``_token_commands`` on a client or pipeline (returned, to execute a pipeline)."""
+    for name, *args in _token_commands(queue):
+        getattr(commands, name)(*args)
+    return commands
 
 
 def _fetch_marker(channel: Channel) -> str:
