@@ -8,25 +8,30 @@ not all at once.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
-from app.core.background.internals.admission.gate import Admission
+from app.core.background.internals.admission.gate import Admission, MustWait
 from app.core.background.internals.admission.limits import RateLimit, parse_rate
 from app.core.background.internals.admission.stores import (
     STATE_TABLE,
     AdmissionStore,
     DatabaseAdmissionStore,
+    GivenBack,
     RedisAdmissionStore,
+    Verdict,
     store_from_settings,
 )
 from tests.support.services import Services
@@ -343,6 +348,115 @@ def test_the_first_waiter_of_a_rate_comes_back_when_a_token_is_due(
     assert after_burst.wait <= burst.interval + 0.002
 
 
+def test_a_take_that_gives_back_a_slot_of_its_scope_frees_it_before_it_counts(
+    new_store: Callable[[], AdmissionStore],
+) -> None:
+    """At the cap, a run's take that returns the previous run's slot is admitted (the
+    return comes first); the cap still holds for everyone else."""
+    store, s = new_store(), scope()
+    assert store.take_slot(s, "first", 1, LONG, MAX_WAIT).admitted
+    carried = GivenBack(s, "first", 0.01)
+    assert store.take_slot(s, "second", 1, LONG, MAX_WAIT, release=carried).admitted
+    assert store.holders(s) == ["second"]
+    assert not store.take_slot(s, "other", 1, LONG, MAX_WAIT).admitted
+    assert store.holders(s) == ["second"]
+
+
+def test_a_take_refused_still_gives_back_the_slot_it_carries(
+    new_store: Callable[[], AdmissionStore],
+) -> None:
+    """The return does not depend on the take's verdict, of its scope or another."""
+    store, full, done = new_store(), scope(), scope()
+    assert store.take_slot(full, "running", 1, LONG, MAX_WAIT).admitted
+    assert store.take_slot(done, "finished", 1, LONG, MAX_WAIT).admitted
+    finished = GivenBack(done, "finished", 0.01)
+    refused = store.take_slot(full, "next", 1, LONG, MAX_WAIT, release=finished)
+    assert not refused.admitted
+    assert refused.wait > 0
+    assert store.holders(done) == []
+    assert store.holders(full) == ["running"]
+    # Of its own scope: a return of a slot already gone frees nothing, but its run's
+    # time counts, before the refused take is told its wait: (0.1 - 0.09 x 0.2) moved
+    # by (2.0 - 0.082) x 0.2 is 0.466, over a cap of 1.
+    assert store.take_slot(done, "a", 1, LONG, MAX_WAIT).admitted
+    gone = GivenBack(done, "finished", 2.0)
+    told = store.take_slot(done, "b", 1, LONG, MAX_WAIT, release=gone)
+    assert not told.admitted
+    assert 0.42 <= told.wait <= 0.47
+    assert store.holders(done) == ["a"]
+
+
+@pytest.mark.parametrize("where", ["same scope", "another scope"])
+def test_a_slot_returned_with_a_take_feeds_the_spacing_as_a_release_does(
+    new_store: Callable[[], AdmissionStore], where: str
+) -> None:
+    """As ``test_waiters_are_spaced_by_the_scopes_average_run_over_its_cap``, every
+    return carried by a take: a run of 2 s moves the average, an unrun one does not."""
+    store, cap, learned = new_store(), 2, scope()
+    carrier = learned if where == "same scope" else scope()
+
+    def take_returning(holder: str, duration: float | None) -> None:
+        assert store.take_slot(
+            carrier, f"carrier-{holder}", 100, LONG, MAX_WAIT,
+            release=GivenBack(learned, holder, duration),
+        ).admitted  # fmt: skip
+        store.release_slot(carrier, f"carrier-{holder}", None)  # unrun: no average moves
+
+    assert store.take_slot(learned, "done", cap, LONG, MAX_WAIT).admitted
+    take_returning("done", 2.0)
+    assert store.take_slot(learned, "unrun", cap, LONG, MAX_WAIT).admitted
+    take_returning("unrun", None)
+    for holder in ("a", "b"):
+        assert store.take_slot(learned, holder, cap, LONG, MAX_WAIT).admitted
+    wait = store.take_slot(learned, "w", cap, LONG, MAX_WAIT).wait
+    assert 0.2 <= wait <= 0.25  # (0.1 + (2.0 - 0.1) x 0.2) / 2 = 0.24
+
+
+def test_a_slot_passed_on_with_a_take_is_never_caught_by_another_caller(
+    new_store: Callable[[], AdmissionStore],
+) -> None:
+    """A scope at its cap whose holders pass their slots on (return and take in one
+    step) while newcomers keep asking: every pass is admitted, no newcomer ever is."""
+    s, cap, passes = scope(), 3, 15
+    stores = [new_store() for _ in range(2 * cap)]
+    for index in range(cap):
+        assert stores[0].take_slot(s, f"h{index}-0", cap, LONG, MAX_WAIT).admitted
+    start, done = threading.Barrier(len(stores)), threading.Event()
+    refused_passes: list[str] = []
+    caught: list[str] = []
+
+    def pass_on(index: int) -> None:
+        store = stores[index]
+        start.wait()
+        for n in range(1, passes + 1):
+            previous = GivenBack(s, f"h{index}-{n - 1}", 0.001)
+            verdict = store.take_slot(s, f"h{index}-{n}", cap, LONG, MAX_WAIT, release=previous)
+            if not verdict.admitted:
+                refused_passes.append(f"h{index}-{n}")
+
+    def ask(index: int) -> None:
+        store = stores[index]
+        start.wait()
+        n = 0
+        while not done.is_set():
+            n += 1
+            if store.take_slot(s, f"new{index}-{n}", cap, LONG, 0.01).admitted:
+                caught.append(f"new{index}-{n}")
+
+    passers = [threading.Thread(target=pass_on, args=(i,)) for i in range(cap)]
+    askers = [threading.Thread(target=ask, args=(i,)) for i in range(cap, 2 * cap)]
+    for thread in [*passers, *askers]:
+        thread.start()
+    for thread in passers:
+        thread.join()
+    done.set()
+    for thread in askers:
+        thread.join()
+    assert caught == []
+    assert refused_passes == []
+    assert stores[0].holders(s) == sorted(f"h{i}-{passes}" for i in range(cap))
+
+
 def test_the_keeper_renews_a_held_slot_until_it_is_dropped(stack: Services) -> None:
     """A run keeps its slot past its lease while it runs; unrenewed, it lapses within one."""
     db = stack.claim_redis_db()
@@ -389,6 +503,193 @@ def test_slots_given_back_are_sent_by_the_keeper_and_flush_sends_the_rest(
         assert gate.store.holders(s) == []
     finally:
         stack.release_redis_db(db)
+
+
+class RecordingStore(RedisAdmissionStore):
+    """A Redis store that notes how each slot went back: with a take, or alone
+    (``fail_carrying``: a take that carries a return fails, as on a lost connection)."""
+
+    def __init__(self, url: str, fail_carrying: bool = False) -> None:
+        super().__init__(url)
+        self.returned: list[tuple[str, str]] = []
+        self.fail_carrying = fail_carrying
+
+    def take_slot(
+        self,
+        scope: str,
+        holder: str,
+        limit: int,
+        lease: float,
+        max_wait: float,
+        peek: bool = False,
+        returning: bool = False,
+        release: GivenBack | None = None,
+    ) -> Verdict:
+        if release is not None:
+            if self.fail_carrying:
+                raise ConnectionError("the store went away")
+            self.returned.append(("with a take", release.holder))
+        return super().take_slot(
+            scope, holder, limit, lease, max_wait, peek, returning, release=release
+        )
+
+    def release_slot(self, scope: str, holder: str, duration: float | None) -> None:
+        self.returned.append(("alone", holder))
+        super().release_slot(scope, holder, duration)
+
+
+@contextlib.contextmanager
+def keeper_gate(
+    stack: Services, monkeypatch: pytest.MonkeyPatch, linger: float, fail_carrying: bool = False
+) -> Iterator[tuple[Admission, RecordingStore, Callable[[int], Any]]]:
+    """A gate on a Redis database of its own, slots lingering ``linger`` s, and a maker
+    of capped tasks (each with a scope of its own) whose runs a test enters by hand."""
+    from app.core.background import TaskContext, celery_app, simple_task
+    from app.core.background.internals.admission import gate as gate_module
+    from app.core.background.internals.registry import registry
+
+    monkeypatch.setattr(gate_module, "GIVE_BACK_LINGER", linger)
+    db = stack.claim_redis_db()
+    names: list[str] = []
+
+    def capped_task(cap: int) -> Any:
+        name = f"tests.keeper.{uuid.uuid4().hex[:8]}"
+
+        @simple_task(name=name, concurrency=cap)
+        def capped(ctx: TaskContext) -> None:
+            """A capped no-op."""
+
+        names.append(name)
+        return celery_app.tasks[name]
+
+    store = RecordingStore(stack.redis_url_for(db), fail_carrying)
+    gate = Admission()
+    gate.configure(lambda: store, LONG)
+    try:
+        yield gate, store, capped_task
+    finally:
+        gate.keeper.flush()
+        stack.release_redis_db(db)
+        for name in names:
+            registry.release(name)
+            celery_app.tasks.pop(name, None)
+
+
+def run_of(task_id: str) -> Any:
+    """What ``Admission.enter`` reads of a run's context: its id."""
+    return SimpleNamespace(task_id=task_id)
+
+
+def test_a_slot_given_back_goes_with_the_next_take_and_the_keeper_does_not_send_it_again(
+    stack: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    linger = 0.5
+    with keeper_gate(stack, monkeypatch, linger) as (gate, store, capped_task):
+        task = capped_task(1)
+        scope_of_task = f"concurrency:{task.name}:"
+        first = gate.enter(task, run_of("first"), (), {})
+        assert first is not None
+        first.release()
+        # At a cap of 1: admitted because the return went first, in the same call.
+        second = gate.enter(task, run_of("second"), (), {})
+        assert second is not None
+        assert store.returned == [("with a take", "first")]
+        assert store.holders(scope_of_task) == ["second"]
+        time.sleep(linger + 0.3)  # the keeper has looked since, and found nothing to send
+        gate.keeper.flush()
+        assert store.returned == [("with a take", "first")]
+        second.release()
+        gate.keeper.flush()
+        assert store.returned == [("with a take", "first"), ("alone", "second")]
+        assert store.holders(scope_of_task) == []
+
+
+def test_a_slot_nobody_claims_is_sent_alone_once_its_linger_is_over(
+    stack: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held no longer than the linger past its run: whether the keeper's thread was
+    looking (slots given back lately) or asleep until its next renewal."""
+    linger = 0.5
+    with keeper_gate(stack, monkeypatch, linger) as (gate, store, capped_task):
+        task = capped_task(1)
+        scope_of_task = f"concurrency:{task.name}:"
+        for run in ("first", "later"):
+            ticket = gate.enter(task, run_of(run), (), {})
+            assert ticket is not None
+            time.sleep(3 * linger)  # the thread has nothing to look for: asleep
+            given_back = time.monotonic()
+            ticket.release()
+            while store.holders(scope_of_task):
+                assert time.monotonic() - given_back < linger + 1.0, "not sent after the linger"
+                time.sleep(0.01)
+            assert time.monotonic() - given_back >= linger - 0.05  # it waited for a claim
+        assert store.returned == [("alone", "first"), ("alone", "later")]
+
+
+def test_a_slot_claimed_by_a_take_that_fails_goes_back_all_the_same(
+    stack: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with keeper_gate(stack, monkeypatch, 0.05, fail_carrying=True) as (gate, store, capped_task):
+        task = capped_task(5)
+        scope_of_task = f"concurrency:{task.name}:"
+        first = gate.enter(task, run_of("first"), (), {})
+        assert first is not None
+        first.release()
+        with pytest.raises(ConnectionError):
+            gate.enter(task, run_of("second"), (), {})
+        deadline = time.monotonic() + 5
+        while store.holders(scope_of_task):
+            assert time.monotonic() < deadline, "the claimed slot was never given back"
+            time.sleep(0.01)
+        assert store.returned == [("alone", "first")]
+
+
+def test_a_take_refused_still_returns_the_slot_it_claimed(
+    stack: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Redis a take carries a return of any scope: refused, it returned it all the same."""
+    with keeper_gate(stack, monkeypatch, 0.5) as (gate, store, capped_task):
+        done, full = capped_task(1), capped_task(1)
+        assert store.take_slot(f"concurrency:{full.name}:", "elsewhere", 1, LONG, MAX_WAIT).admitted
+        ticket = gate.enter(done, run_of("first"), (), {})
+        assert ticket is not None
+        ticket.release()
+        with pytest.raises(MustWait):
+            gate.enter(full, run_of("second"), (), {})
+        assert store.returned == [("with a take", "first")]
+        assert store.holders(f"concurrency:{done.name}:") == []
+        gate.keeper.flush()
+        assert store.returned == [("with a take", "first")]
+
+
+def test_runs_in_many_threads_return_each_slot_once(
+    stack: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The threads and asyncio pools enter at once: each slot given back is claimed by
+    one take, or sent alone by the keeper, exactly once."""
+    threads, runs = 8, 30
+    with keeper_gate(stack, monkeypatch, 0.01) as (gate, store, capped_task):
+        tasks = [capped_task(1000), capped_task(1000)]
+        start = threading.Barrier(threads)
+
+        def run(index: int) -> None:
+            start.wait()
+            for n in range(runs):
+                ticket = gate.enter(tasks[n % 2], run_of(f"t{index}-{n}"), (), {})
+                assert ticket is not None
+                ticket.release()
+
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        gate.keeper.flush()
+        counts = Counter(holder for _, holder in store.returned)
+        assert counts == Counter(f"t{i}-{n}" for i in range(threads) for n in range(runs))
+        assert any(how == "with a take" for how, _ in store.returned)
+        for task in tasks:
+            assert store.holders(f"concurrency:{task.name}:") == []
 
 
 def test_the_consumer_looks_at_a_keyed_task_now_and_then_until_a_look_is_refused(

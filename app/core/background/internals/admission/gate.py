@@ -21,6 +21,12 @@ renews its lease every third of it; a process that dies stops renewing and
 its slots are free again within one lease (``BACKGROUND_ADMISSION_LEASE_SECONDS``).
 A delivery of the same task again (its process died before acknowledging)
 takes its own slot back at once.
+
+A slot given back waits in the keeper for up to ``GIVE_BACK_LINGER``: the
+process's next capped run takes it with its own take (one call to the store
+for both, ``AdmissionStore.take_slot(release=...)``), else the keeper's
+thread sends it alone. So a process that runs capped tasks one after another
+makes one round trip per run, and nobody wakes a thread per run.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from ..operations.cancel import revoked_in_backend
 from ..operations.status import WAITING
 from ..registry import DEFERRALS_HEADER
 from .limits import Limits, call_arguments
-from .stores import AdmissionStore
+from .stores import AdmissionStore, GivenBack
 
 if TYPE_CHECKING:
     from ..base import BaseTask
@@ -59,6 +65,15 @@ _log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
 # visibility timeout (a countdown message is held unacknowledged meanwhile).
 MAX_WAIT_SECONDS = 300.0
 DEFAULT_LEASE_SECONDS = 30.0
+# How long a slot given back waits for the process's next capped run to carry its
+# return (one round trip for the return and the next take, instead of one each)
+# before the keeper's thread sends it alone. Longer than the gap between two runs
+# of a busy process (a message from the pool's queue: well under a millisecond to
+# a few), so nearly every return of a busy process is carried; short against any
+# run worth capping and any lease, so the slot's late return costs its waiters
+# nothing they would notice. It is also how often the keeper's thread looks while
+# slots are given back: it is not woken per run.
+GIVE_BACK_LINGER = 0.01
 # How long the consumer takes a scope it found free as free (``Admission.screen``).
 SCREEN_PAUSE = 0.1
 
@@ -82,9 +97,10 @@ class Ticket:
     def release(self, ran: bool = True) -> None:
         """Give the slot back (``ran``: the run's time counts in the waiters' spacing).
 
-        The keeper's thread sends it, off the run's path: the process goes on
-        to its next message meanwhile (the slot is then free a moment after
-        the run ends, never before).
+        The process's next capped run carries its return, or the keeper's
+        thread sends it, off the run's path: the process goes on to its next
+        message meanwhile (the slot is then free a moment after the run ends,
+        never before, and at most about ``GIVE_BACK_LINGER`` after).
         """
         if self.slot is None:
             return
@@ -100,21 +116,32 @@ class SlotKeeper:
     moment its run takes it until the run gives it back (``Ticket.release``,
     in the runner's ``finally``). There is no other cut-off: a body that runs
     past its time limit (threads and solo do not enforce one) still holds its
-    slot, so the cap is never exceeded. It also sends the slots given back,
-    as soon as it is woken: a round trip to the store per run that the run
-    does not wait for. What is left to send when the process ends goes with
-    ``flush`` (the worker's shutdown signals); a process killed before that
-    leaves its slots to their leases, like a run killed mid-way.
+    slot, so the cap is never exceeded.
+
+    A slot given back waits here for ``GIVE_BACK_LINGER``: the process's next
+    capped run claims it (``claim``) and its take gives it back in the same
+    call to the store. One that nobody claimed in that time goes alone from
+    the thread, which looks every ``GIVE_BACK_LINGER`` while slots are given
+    back and sleeps until the next renewal once they are not (the first slot
+    given back after that wakes it): so a slot is held at most about
+    ``GIVE_BACK_LINGER`` past its run's end. What is left when the process
+    ends goes with ``flush`` (the worker's shutdown signals); a process killed
+    before that leaves its slots to their leases, like a run killed mid-way.
     """
 
     def __init__(self, gate: Admission) -> None:
         self._gate = gate
         self._held: dict[tuple[str, str], None] = {}
-        self._given_back: list[tuple[tuple[str, str], float | None]] = []
+        # Slots given back and not sent yet, with when the thread sends them (in that order).
+        self._given_back: list[tuple[GivenBack, float]] = []
         self._lock = threading.Lock()
         # Held while slots go back to the store: ``flush`` waits for the thread's sends.
         self._sending = threading.Lock()
         self._wake = threading.Event()
+        # Under ``_lock``: whether a slot was given back since the thread last looked,
+        # and whether it sleeps until its next renewal (a slot given back wakes it).
+        self._busy = False
+        self._asleep = False
         self._pid: int | None = None
 
     def hold(self, slot: tuple[str, str]) -> None:
@@ -128,20 +155,43 @@ class SlotKeeper:
             self._held.pop(slot, None)
 
     def give_back(self, slot: tuple[str, str], duration: float | None) -> None:
-        """Stop renewing ``slot`` and have the thread give it back (``duration``: as for
-        ``AdmissionStore.release_slot``)."""
+        """Stop renewing ``slot``; a take claims its return, or the thread sends it within
+        ``GIVE_BACK_LINGER`` (``duration``: as for ``AdmissionStore.release_slot``)."""
+        scope, holder = slot
         with self._lock:
             self._held.pop(slot, None)
-            self._given_back.append((slot, duration))
+            self._given_back.append(
+                (GivenBack(scope, holder, duration), time.monotonic() + GIVE_BACK_LINGER)
+            )
+            self._busy = True
             self._start()
-        self._wake.set()
+            asleep, self._asleep = self._asleep, False
+        if asleep:
+            self._wake.set()
+
+    def claim(self, scope: str, any_scope: bool) -> GivenBack | None:
+        """A slot given back and not sent yet, for a take to return: of ``scope`` if
+        there is one, else (``any_scope``) the one given back first. Claimed, the
+        keeper no longer sends it: the caller must (or ``reclaim`` it)."""
+        with self._lock:
+            given_back = self._given_back
+            for index, (slot, _) in enumerate(given_back):
+                if slot.scope == scope:
+                    return given_back.pop(index)[0]
+            if any_scope and given_back:
+                return given_back.pop(0)[0]
+        return None
+
+    def reclaim(self, slot: GivenBack) -> None:
+        """Send ``slot`` after all: the take that claimed it failed, maybe before sending it."""
+        self.give_back((slot.scope, slot.holder), slot.duration)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Give back, from the calling thread, every slot not sent yet (the process ends)."""
         if not self._sending.acquire(timeout=timeout):
             return  # the thread is stuck on the store: the leases end those slots
         try:
-            self._send_given_back()
+            self._send_given_back(None)
         finally:
             self._sending.release()
 
@@ -156,11 +206,11 @@ class SlotKeeper:
         pid = os.getpid()
         renew_at = time.monotonic() + self._gate.lease_seconds / 3
         while self._pid == pid:
-            self._wake.wait(max(renew_at - time.monotonic(), 0.0))
-            # Cleared before the list is read: a slot given back meanwhile wakes it again.
+            self._wake.wait(max(self._next_look(renew_at) - time.monotonic(), 0.0))
+            # Cleared before the list is read: a slot given back meanwhile is seen.
             self._wake.clear()
             with self._sending:
-                self._send_given_back()
+                self._send_given_back(time.monotonic())
             if time.monotonic() >= renew_at:
                 lease = self._gate.lease_seconds
                 renew_at = time.monotonic() + lease / 3
@@ -171,16 +221,33 @@ class SlotKeeper:
                 except Exception:  # noqa: BLE001 - tried again next time; the leases may lapse
                     _log.exception("Could not renew the leases of concurrency slots")
 
-    def _send_given_back(self) -> None:
+    def _next_look(self, renew_at: float) -> float:
+        """When the thread looks again: when the first slot waiting is due, a linger on
+        while slots are given back, else at the renewal (asleep: a slot given back wakes it)."""
         with self._lock:
-            given_back, self._given_back = self._given_back, []
-        for (scope, holder), duration in given_back:
+            if self._given_back:
+                at = min(due for _, due in self._given_back)
+            elif self._busy:
+                at = time.monotonic() + GIVE_BACK_LINGER
+            else:
+                at, self._asleep = renew_at, True
+            self._busy = False
+        return min(at, renew_at)
+
+    def _send_given_back(self, now: float | None) -> None:
+        """Send the slots due by ``now`` (None: all of them)."""
+        with self._lock:
+            due = [slot for slot, at in self._given_back if now is None or at <= now]
+            self._given_back = [
+                (slot, at) for slot, at in self._given_back if now is not None and at > now
+            ]
+        for slot in due:
             try:
-                self._gate.store.release_slot(scope, holder, duration)
+                self._gate.store.release_slot(slot.scope, slot.holder, slot.duration)
             except Exception:  # noqa: BLE001 - the lease then expires by itself
                 _log.exception(
                     "Could not give back a concurrency slot; it is free again when its lease ends",
-                    extra={"fields": {"scope": scope}},
+                    extra={"fields": {"scope": slot.scope}},
                 )
 
 
@@ -237,16 +304,28 @@ class Admission:
             scope, key = slot
             cap = limits.concurrency
             assert cap is not None
-            verdict = worker_loop.run_blocking(
-                lambda: self.store.take_slot(
-                    scope,
-                    ctx.task_id,
-                    cap,
-                    self.lease_seconds,
-                    MAX_WAIT_SECONDS,
-                    returning=returning,
+            store = self.store
+            # A slot this process gave back a moment ago goes back with this take.
+            given_back = self.keeper.claim(scope, store.combines_any_scope)
+            try:
+                verdict = worker_loop.run_blocking(
+                    lambda: store.take_slot(
+                        scope,
+                        ctx.task_id,
+                        cap,
+                        self.lease_seconds,
+                        MAX_WAIT_SECONDS,
+                        returning=returning,
+                        release=given_back,
+                    )
                 )
-            )
+            except BaseException:
+                # The store failed, or a time limit struck, maybe before the return was
+                # sent: the keeper sends it (twice at worst: the second deletes nothing,
+                # its run's time counts twice in the average).
+                if given_back is not None:
+                    self.keeper.reclaim(given_back)
+                raise
             if not verdict.admitted:
                 raise MustWait("concurrency", key, verdict.wait)
             ticket.slot = (scope, ctx.task_id)

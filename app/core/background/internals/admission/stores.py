@@ -27,6 +27,13 @@ when that is longer (runs longer than the past ones, or a scope's first runs,
 do not make waiters come back every 100 ms). No wait is longer than
 ``max_wait`` (a waiter beyond it simply asks again then).
 
+A take can carry the return of a slot the same process gave back a moment
+before (``GivenBack``, ``take_slot(..., release=...)``): a process that runs
+one capped run after another then makes one call per run instead of two. The
+slot goes back first, whatever the take's verdict, so the count the take
+sees is right and a refused take still gives the old slot back; the same
+scope's return and take are one atomic step.
+
 Idle state goes away: Redis keys expire (a day after their last use), and
 ``prune`` deletes idle rows of the SQL store (``background.prune_limits``).
 """
@@ -34,6 +41,7 @@ Idle state goes away: Redis keys expire (a day after their last use), and
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -45,8 +53,11 @@ from sqlalchemy import Column, Double, MetaData, String, Table, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..event_loop import LoopThread
+from ..logging import FRAMEWORK_LOGGER_NAME
 from ..session import DatabaseConfig, create_engine, ensure_table
 from .limits import RateLimit
+
+_log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
 
 # Before the first run of a scope has ended, the run time its waiters are spread by.
 DEFAULT_RUN_SECONDS = 0.1
@@ -71,9 +82,27 @@ class Verdict:
 ADMITTED = Verdict(True)
 
 
+# Frozen or not, slotted or not: the same behaviour. pragma: no mutate
+@dataclass(frozen=True, slots=True)  # pragma: no mutate
+class GivenBack:
+    """A slot a run gave back, not yet returned to the store (``release_slot``'s arguments)."""
+
+    scope: str
+    holder: str
+    duration: float | None
+
+
 class AdmissionStore(Protocol):
     """``peek``: decide as for a take, but take nothing when admitted (a refusal
-    still queues the waiter); the worker's consumer screens messages with it."""
+    still queues the waiter); the worker's consumer screens messages with it.
+
+    ``combines_any_scope``: whether a take carries the return of another scope's
+    slot at no extra cost (Redis: in the same round trip). False: only the same
+    scope's is worth carrying (SQL: another scope's return is a transaction of
+    its own, which would then be on the run's path).
+    """
+
+    combines_any_scope: bool
 
     def take_slot(
         self,
@@ -84,9 +113,15 @@ class AdmissionStore(Protocol):
         max_wait: float,
         peek: bool = False,  # pragma: no mutate (a protocol's defaults never run)
         returning: bool = False,  # pragma: no mutate (a protocol's defaults never run)
+        release: GivenBack | None = None,  # pragma: no mutate (a protocol's defaults never run)
     ) -> Verdict:
         """Hold one of ``limit`` slots of ``scope`` for ``lease`` seconds, if one is free
-        (``returning``: the caller waited already, refused it joins the returners' line)."""
+        (``returning``: the caller waited already, refused it joins the returners' line).
+
+        ``release``: first give that slot back, as ``release_slot`` does, whatever
+        the verdict; of the same scope, in the same atomic step as the take. A
+        return of another scope that fails is logged and left to its lease (as
+        the keeper's own returns); the take's verdict or error is the answer."""
 
     def release_slot(self, scope: str, holder: str, duration: float | None) -> None:
         """Give the slot back; ``duration`` (the run's time, None: it did not run) feeds
@@ -124,14 +159,35 @@ local function put(key, field, value)
 end
 """
 
+# A slot's return, for both scripts below (their KEYS): the holder out of the
+# slots and the starts; a run's time (ms, negative: it did not run) moves the
+# scope's average run time (``default_run`` ms before the first).
+_RELEASE_FUNCTION = (
+    """
+local function release(holder, duration, default_run)
+  redis.call('ZREM', KEYS[1], holder)
+  redis.call('ZREM', KEYS[3], holder)
+  if duration < 0 then return end
+  local average = tonumber(redis.call('HGET', KEYS[2], 'average') or default_run)
+  put(KEYS[2], 'average', average + (duration - average) * """
+    + str(_AVERAGE_WEIGHT)
+    + """)
+  redis.call('PEXPIRE', KEYS[2], IDLE_MS)
+end
+"""
+)
+
 # KEYS[1]: the slots (sorted set: holder -> lease end), KEYS[2]: the scope's
 # state (hash: line_end, average), KEYS[3]: the holders' starts (sorted set:
 # holder -> start). ARGV: holder, limit, lease ms, max wait ms, default run ms,
 # peek (1: take nothing), the line (line_end, or retry_end for a returning
-# waiter). Returns 0 (admitted) or the wait in ms.
+# waiter); optionally a slot of this scope to give back first: its holder and
+# its run's time in ms (as for a release). Returns 0 (admitted) or the wait in ms.
 _TAKE_SLOT = (
     _NOW
+    + _RELEASE_FUNCTION
     + """
+if ARGV[8] then release(ARGV[8], tonumber(ARGV[9]), ARGV[5]) end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -164,15 +220,9 @@ return math.max(1, math.ceil(at - now))
 # default run ms.
 _RELEASE_SLOT = (
     _NOW
+    + _RELEASE_FUNCTION
     + """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if tonumber(ARGV[2]) < 0 then return 1 end
-local average = tonumber(redis.call('HGET', KEYS[2], 'average') or ARGV[3])
-put(KEYS[2], 'average', average + (tonumber(ARGV[2]) - average) * """
-    + str(_AVERAGE_WEIGHT)
-    + """)
-redis.call('PEXPIRE', KEYS[2], IDLE_MS)
+release(ARGV[1], tonumber(ARGV[2]), ARGV[3])
 return 1
 """
 ).replace("IDLE_MS", str(IDLE_SECONDS * 1000))  # pragma: no mutate (a day, give or take)
@@ -230,6 +280,12 @@ def _ms(seconds: float) -> float:
     return seconds * 1000.0
 
 
+def _run_ms(duration: float | None) -> float:
+    """A run's time for the scripts: milliseconds, or negative when it did not run."""
+    # Any negative number means not run. pragma: no mutate
+    return -1 if duration is None else _ms(duration)  # pragma: no mutate
+
+
 def _verdict(wait_ms: Any) -> Verdict:
     wait = int(wait_ms)
     # Milliseconds to seconds (a thousandth off is the same wait). pragma: no mutate
@@ -238,6 +294,8 @@ def _verdict(wait_ms: Any) -> Verdict:
 
 class RedisAdmissionStore:
     """The limits' state in Redis, one script per decision (keys share a hash tag)."""
+
+    combines_any_scope = True
 
     def __init__(self, url: str, prefix: str = "background:admission:") -> None:
         self.url = url
@@ -268,6 +326,15 @@ class RedisAdmissionStore:
         tagged = f"{self.prefix}{{{scope}}}"
         return [f"{tagged}:slots", f"{tagged}:state", f"{tagged}:starts"]
 
+    def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a script by its digest (``Script.__call__`` costs more per call: it imports
+        the pipeline classes each time); a server that lost it is sent it again."""
+        script = self._script(name)
+        try:
+            return self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return script(keys=keys, args=args)
+
     def take_slot(
         self,
         scope: str,
@@ -277,18 +344,48 @@ class RedisAdmissionStore:
         max_wait: float,
         peek: bool = False,
         returning: bool = False,
+        release: GivenBack | None = None,
     ) -> Verdict:
-        args = [
+        keys = self._keys(scope)
+        args: list[Any] = [
             holder, limit, _ms(lease), _ms(max_wait), _ms(DEFAULT_RUN_SECONDS), int(peek),
             _line(returning),
         ]  # fmt: skip
-        return _verdict(self._script("take_slot")(keys=self._keys(scope), args=args))
+        if release is None:
+            return _verdict(self._call("take_slot", keys, args))
+        if release.scope == scope:
+            args += [release.holder, _run_ms(release.duration)]
+            return _verdict(self._call("take_slot", keys, args))
+        return self._release_then_take(release, keys, args)
+
+    def _release_then_take(self, release: GivenBack, keys: list[str], args: list[Any]) -> Verdict:
+        """Another scope's return and this take: two scripts (each on its own scope's
+        keys, so its own hash slot), sent together, in that order, in one round trip."""
+        released_keys = self._keys(release.scope)
+        released_args = [release.holder, _run_ms(release.duration), _ms(DEFAULT_RUN_SECONDS)]
+        release_script, take_script = self._script("release_slot"), self._script("take_slot")
+        # No MULTI: each script is atomic, and the two scopes share nothing. pragma: no mutate
+        pipe = self._client.pipeline(transaction=False)  # pragma: no mutate
+        pipe.evalsha(release_script.sha, 3, *released_keys, *released_args)
+        pipe.evalsha(take_script.sha, 3, *keys, *args)
+        released, taken = pipe.execute(raise_on_error=False)
+        if isinstance(released, redis.exceptions.NoScriptError):
+            released = _attempt(lambda: release_script(keys=released_keys, args=released_args))
+        if isinstance(released, Exception):
+            _log.error(
+                "Could not give back a concurrency slot; it is free again when its lease ends",
+                exc_info=released,
+                extra={"fields": {"scope": release.scope}},
+            )
+        if isinstance(taken, redis.exceptions.NoScriptError):
+            taken = take_script(keys=keys, args=args)
+        if isinstance(taken, Exception):
+            raise taken
+        return _verdict(taken)
 
     def release_slot(self, scope: str, holder: str, duration: float | None) -> None:
-        # Any negative number means not run. pragma: no mutate
-        unrun = -1  # pragma: no mutate
-        args = [holder, unrun if duration is None else _ms(duration), _ms(DEFAULT_RUN_SECONDS)]
-        self._script("release_slot")(keys=self._keys(scope), args=args)
+        args = [holder, _run_ms(duration), _ms(DEFAULT_RUN_SECONDS)]
+        self._call("release_slot", self._keys(scope), args)
 
     def renew_slots(self, held: Sequence[tuple[str, str]], lease: float) -> None:
         by_scope: dict[str, list[str]] = {}
@@ -326,7 +423,15 @@ class RedisAdmissionStore:
         args = [_ms(rate.interval), rate.burst, _ms(max_wait), int(peek), _line(returning)]
         # The scope's state key (a rate's scope has no other keys). pragma: no mutate
         state = self._keys(scope)[1]  # pragma: no mutate
-        return _verdict(self._script("take_token")(keys=[state], args=args))
+        return _verdict(self._call("take_token", [state], args))
+
+
+def _attempt(call: Callable[[], Any]) -> Any:
+    """``call()``'s answer, or the exception it raised."""
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - returned to the caller, which reports it
+        return exc
 
 
 # -- SQL database --------------------------------------------------------
@@ -409,6 +514,11 @@ class DatabaseAdmissionStore:
     synchronised clocks (NTP), as with the deduplication leases.
     """
 
+    # Two scopes' rows locked in one transaction could deadlock with a process
+    # locking them the other way round: another scope's return is a transaction
+    # of its own, best left to the keeper's thread.
+    combines_any_scope = False
+
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine: Any = None
@@ -454,11 +564,22 @@ class DatabaseAdmissionStore:
         max_wait: float,
         peek: bool = False,
         returning: bool = False,
+        release: GivenBack | None = None,
     ) -> Verdict:
+        if release is not None and release.scope != scope:
+            # Its own transaction first (never two scopes' row locks at once).
+            try:
+                self.release_slot(release.scope, release.holder, release.duration)
+            except Exception:  # noqa: BLE001 - the lease then expires by itself
+                _log.exception(
+                    "Could not give back a concurrency slot; it is free again when its lease ends",
+                    extra={"fields": {"scope": release.scope}},
+                )
+            release = None
         return self._run(  # type: ignore[no-any-return]
             _take_slot,
             scope=scope, holder=holder, limit=limit, lease=lease, max_wait=max_wait, peek=peek,
-            line=_line(returning),
+            line=_line(returning), release=release,
         )  # fmt: skip
 
     def release_slot(self, scope: str, holder: str, duration: float | None) -> None:
@@ -508,8 +629,13 @@ async def _take_slot(
     max_wait: float,
     peek: bool,
     line: str,
+    release: GivenBack | None,
 ) -> Verdict:
     state = await _state(connection, scope)
+    average = state.average
+    if release is not None:
+        # Under the scope's row lock: the count below is already without it.
+        average = await _give_back(connection, scope, release.holder, release.duration, average)
     now = time.time()
     await connection.execute(text(_DROP_EXPIRED), {"scope": scope, "now": now})
     counts = (
@@ -521,7 +647,7 @@ async def _take_slot(
         values = {"scope": scope, "holder": holder, "now": now, "expires": now + lease}
         await connection.execute(text(_TAKE), values)
         return ADMITTED
-    run = DEFAULT_RUN_SECONDS if state.average is None else state.average
+    run = DEFAULT_RUN_SECONDS if average is None else average
     if counts.oldest is not None:
         run = max(run, now - counts.oldest)
     # A run's time is positive: the floor only guards a zero. pragma: no mutate
@@ -544,12 +670,24 @@ async def _release_slot(
     connection: AsyncConnection, scope: str, holder: str, duration: float | None
 ) -> None:
     state = await _state(connection, scope)
+    await _give_back(connection, scope, holder, duration, state.average)
+
+
+async def _give_back(
+    connection: AsyncConnection,
+    scope: str,
+    holder: str,
+    duration: float | None,
+    average: float | None,
+) -> float | None:
+    """Delete ``holder``'s slot (the scope's row locked); the scope's average run time after."""
     await connection.execute(text(_RELEASE), {"scope": scope, "holder": holder})
     if duration is None:
-        return
-    average = DEFAULT_RUN_SECONDS if state.average is None else state.average
+        return average
+    average = DEFAULT_RUN_SECONDS if average is None else average
     average += (duration - average) * _AVERAGE_WEIGHT
     await connection.execute(text(_SET_AVERAGE), {"scope": scope, "average": average})
+    return average
 
 
 async def _renew(connection: AsyncConnection, scope: str, holder: str, lease: float) -> None:
