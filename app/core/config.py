@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # Log task arguments and results (Celery's "received"/"succeeded" lines).
     # Off by default: they may hold personal data or secrets.
     background_log_task_arguments: bool = False
+    # Celery's "Task ... received" line of each framework task at INFO (else DEBUG):
+    # the framework's own line ends every run; this one costs worker CPU per task.
+    background_log_received: bool = False
 
     # Port of the worker's Prometheus /metrics endpoint; 0 or unset: none.
     background_metrics_port: int | None = Field(default=None, ge=0, le=65535)

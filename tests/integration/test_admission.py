@@ -303,7 +303,9 @@ def test_the_consumer_sends_a_message_that_must_wait_back_before_the_pool(
     run = run_id()
     redis = redis_of(private_broker)
     app = private_broker.app
-    with worker(private_broker, concurrency=2) as process:
+    # Celery's "received" line is at DEBUG for framework tasks unless this says otherwise.
+    received_at_info = {"BACKGROUND_LOG_RECEIVED": "true"}
+    with worker(private_broker, concurrency=2, env=received_at_info) as process:
         first = app.send_task("admission.one_at_a_time", kwargs={"run": run})
         wait_until(lambda: redis.llen(f"held-started:{run}") == 1, "the first run holds the cap")
         later = [app.send_task("admission.one_at_a_time", kwargs={"run": run}) for _ in range(5)]

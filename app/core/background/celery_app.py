@@ -28,7 +28,13 @@ from .internals.delivery.dedup import deduplicator, store_from_settings
 from .internals.discovery import find_task_modules
 from .internals.event_loop import worker_loop
 from .internals.exceptions import MissingTablesError
-from .internals.logging import FRAMEWORK_LOGGER_NAME, configure_logging, worker_log_level
+from .internals.logging import (
+    FRAMEWORK_LOGGER_NAME,
+    LOG_RECEIVED_SETTING,
+    build_quiet_tracers,
+    configure_logging,
+    worker_log_level,
+)
 from .internals.observability.hooks import hooks
 from .internals.observability.metrics_export import (
     enable_multiprocess,
@@ -119,6 +125,7 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         # dispatch timeout, never longer; each attempt's sockets time out too.
         "background_dispatch_timeout": settings.background_dispatch_timeout,
         "background_log_task_arguments": settings.background_log_task_arguments,
+        LOG_RECEIVED_SETTING: settings.background_log_received,
         # Dead letters older than this are deleted by background.prune_dead_letters (daily).
         RETENTION_SETTING: settings.background_dead_letter_retention_days * 86400,
         "background_after_commit_fallback": settings.background_after_commit_fallback,
@@ -289,6 +296,7 @@ class WorkerSignals:
         signals.before_task_publish.connect(record_sent, weak=False)
         signals.setup_logging.connect(self.setup_logging, weak=False)
         signals.worker_init.connect(self.check_tables, weak=False)
+        signals.worker_process_init.connect(self.quiet_tracers, weak=False)
         signals.worker_init.connect(self.start_metrics_endpoint, weak=False)
         signals.worker_process_shutdown.connect(self.forget_child_gauges, weak=False)
         signals.worker_shutdown.connect(self.stop_metrics_endpoint, weak=False)
@@ -319,6 +327,10 @@ class WorkerSignals:
             log_task_arguments=self.settings.background_log_task_arguments,
             trace_ids=self.settings.tracing_enabled,
         )
+
+    def quiet_tracers(self, sender: Any = None, **_: Any) -> None:
+        """A prefork child's tracers, like its consumer's: no success record for ours."""
+        build_quiet_tracers(current_app(), sender if isinstance(sender, str) else None)
 
     def check_tables(self, **_: Any) -> None:
         """Stop a worker whose tables the migrations have not made, saying so.

@@ -29,7 +29,7 @@ from celery.exceptions import Reject
 from celery.worker.strategy import default
 
 from ..context import TaskContext
-from ..logging import FRAMEWORK_LOGGER_NAME
+from ..logging import FRAMEWORK_LOGGER_NAME, received_line
 from ..observability.hooks import hooks
 from .gate import admission, defer
 
@@ -42,8 +42,13 @@ _log = logging.getLogger(FRAMEWORK_LOGGER_NAME)
 def strategy(
     task: BaseTask[Any, Any], app: Any, consumer: Any, **options: Any
 ) -> Callable[..., Any]:
-    """Celery's handler of ``task``'s messages, screened by the task's limits if it has any."""
-    handle: Callable[..., Any] = default(task, app, consumer, **options)
+    """Celery's handler of ``task``'s messages, screened by the task's limits if it has any.
+
+    Its "received" line is at DEBUG unless ``BACKGROUND_LOG_RECEIVED`` (``received_line``).
+    """
+    handle: Callable[..., Any] = default(
+        task, app, consumer, **{"info": received_line(app), **options}
+    )
     if task.limits is None:
         return handle
 

@@ -34,7 +34,7 @@ from celery.worker.consumer import Consumer
 
 from ..event_loop import worker_loop
 from ..exceptions import TaskArgumentsRefusedError, TaskProcessLostError, is_retriable
-from ..logging import FRAMEWORK_LOGGER_NAME, mask_url_passwords
+from ..logging import FRAMEWORK_LOGGER_NAME, build_quiet_tracers, mask_url_passwords
 from ..registry import FIRST_FAILURE_HEADER
 from ..session import database
 from ..trace_context import active as tracing_active
@@ -212,6 +212,15 @@ class RecordingConsumer(Consumer):
     without any signal; this sends ``task_rejected`` for it as for the other
     messages it refuses, so that it becomes a dead letter too.
     """
+
+    def update_strategies(self) -> None:
+        """Celery's handlers and tracers of every task, the framework's without a success record.
+
+        Called at every start of the consumer (a broker reconnection too), so
+        the framework's tracers are rebuilt each time Celery rebuilds them.
+        """
+        super().update_strategies()
+        build_quiet_tracers(self.app, self.hostname)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's handler of each message; tracing on, run in the message's trace context.
