@@ -146,6 +146,13 @@ TARGETS = (
     Target("admission_keeper_and_screen", f"{INTERNALS}/admission/gate.py",
            (f"{STORE_TESTS}::test_the_keeper_renews_a_held_slot_until_it_is_dropped",
             f"{STORE_TESTS}::test_slots_given_back_are_sent_by_the_keeper_and_flush_sends_the_rest",
+            *(f"{STORE_TESTS}::{name}" for name in (
+                "test_a_slot_given_back_goes_with_the_next_take_and_the_keeper_does_not_send_it_again",
+                "test_a_slot_nobody_claims_is_sent_alone_once_its_linger_is_over",
+                "test_a_slot_claimed_by_a_take_that_fails_goes_back_all_the_same",
+                "test_a_take_refused_still_returns_the_slot_it_claimed",
+                "test_runs_in_many_threads_return_each_slot_once",
+            )),
             f"{STORE_TESTS}::test_the_consumer_looks_at_a_keyed_task_now_and_then_until_a_look_is_refused",
             f"{ADMISSION_TESTS}::test_a_cap_holds_in_every_execution_mode",
             f"{ADMISSION_TESTS}::test_the_consumer_sends_a_message_that_must_wait_back_before_the_pool"),
