@@ -99,13 +99,15 @@ def test_a_framework_task_has_its_own_line_and_no_celery_success_record(
     assert framework == ["Task succeeded"], framework
 
 
+@pytest.mark.parametrize("setting", ["BACKGROUND_LOG_RECEIVED", "BACKGROUND_LOG_TASK_ARGUMENTS"])
 def test_the_received_line_comes_back_with_its_setting(
-    stack: Services, server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    stack: Services, server: RedisServer, monkeypatch: pytest.MonkeyPatch, setting: str
 ) -> None:
+    """Either setting: the arguments' opt-in shows them in the received line."""
     url = server.url(2)
     app = client(url, monkeypatch)
     try:
-        with worker(stack, url, "prefork", BACKGROUND_LOG_RECEIVED="true") as process:
+        with worker(stack, url, "prefork", **{setting: "true"}) as process:
             framework_id, _ = run_both(app, process, 2)
             framework = events_of(process, framework_id)
     finally:

@@ -146,7 +146,9 @@ LOG_RECEIVED_SETTING = "background_log_received"
 def received_line(app: Any) -> Callable[..., None]:
     """How Celery's handler of a framework task's messages logs "Task ... received".
 
-    At DEBUG unless ``app`` says otherwise: the framework's own line ends every
+    At DEBUG unless ``app`` says otherwise (``BACKGROUND_LOG_RECEIVED``, or
+    ``BACKGROUND_LOG_TASK_ARGUMENTS``: the received line is the one that
+    shows a framework task's arguments). The framework's own line ends every
     run (``Task succeeded``/``failed``, with its duration), and the received
     line, formatted in the consumer's thread while the tasks log in theirs,
     was the largest part of the asyncio pool's cost per task (about 500 µs of
@@ -154,7 +156,8 @@ def received_line(app: Any) -> Callable[..., None]:
     Passed to Celery's strategy as its ``info``, the documented argument.
     """
     logger = logging.getLogger("celery.worker.strategy")
-    return logger.info if app.conf.get(LOG_RECEIVED_SETTING) else logger.debug
+    at_info = app.conf.get(LOG_RECEIVED_SETTING) or app.conf.get("background_log_task_arguments")
+    return logger.info if at_info else logger.debug
 
 
 def build_quiet_tracers(app: Any, hostname: str | None) -> None:
