@@ -68,6 +68,16 @@ def run_both(app: Celery, process: WorkerProcess, n: int) -> tuple[str, str]:
     return framework.id, plain.id
 
 
+def wait_for_lines(process: WorkerProcess, text: str, count: int = 1) -> str:
+    """The worker's log once ``text`` is in it ``count`` times (a plain task's success
+    line is written after its result is stored)."""
+    deadline = time.monotonic() + TIMEOUT
+    while (log := process.log()).count(text) < count:
+        assert time.monotonic() < deadline, f"not {count} x {text!r}:\n{log[-3000:]}"
+        time.sleep(0.05)
+    return log
+
+
 def records(process: WorkerProcess) -> list[dict[str, Any]]:
     return [json.loads(line) for line in process.log().splitlines() if line.startswith("{")]
 
@@ -85,13 +95,12 @@ def test_a_framework_task_has_its_own_line_and_no_celery_success_record(
     try:
         with worker(stack, url, pool) as process:
             framework_id, plain_id = run_both(app, process, 1)
-            time.sleep(0.5)  # the plain task's success line follows its stored result
-            log = process.log()
+            log = wait_for_lines(process, f"Task probe.plain[{plain_id}] succeeded in")
             framework, plain = events_of(process, framework_id), events_of(process, plain_id)
     finally:
         app.close()
     # The probe sees Celery's success records: the plain task's is built.
-    assert f"{MARKER} probe.plain" in log, log[-3000:]
+    assert f"{MARKER} probe.plain" in log
     assert any("succeeded in" in event for event in plain), plain
     assert f"Task probe.plain[{plain_id}] received" in plain
     # The framework task: its own line, no success record built, no received line at INFO.
@@ -126,13 +135,9 @@ def test_the_tracers_stay_quiet_after_the_broker_comes_back(
         with worker(stack, url, pool) as process:
             run_both(app, process, 3)
             server.restart(down_for=1.0)
-            deadline = time.monotonic() + TIMEOUT
-            while process.log().count('"Connected to ') < 2:
-                assert time.monotonic() < deadline, process.log()[-3000:]
-                time.sleep(0.2)
-            framework_id, _ = run_both(app, process, 4)
-            time.sleep(0.5)
-            log = process.log()
+            wait_for_lines(process, '"Connected to ', count=2)  # the consumer restarted
+            framework_id, plain_id = run_both(app, process, 4)
+            log = wait_for_lines(process, f"Task probe.plain[{plain_id}] succeeded in")
             framework = events_of(process, framework_id)
     finally:
         app.close()
