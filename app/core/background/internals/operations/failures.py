@@ -210,7 +210,9 @@ class RecordingConsumer(Consumer):
 
     Celery logs and acknowledges a message whose body it cannot decode
     without any signal; this sends ``task_rejected`` for it as for the other
-    messages it refuses, so that it becomes a dead letter too.
+    messages it refuses, so that it becomes a dead letter too. It also builds
+    the framework tasks' tracers without Celery's success record
+    (``update_strategies``).
     """
 
     def update_strategies(self) -> None:
