@@ -143,10 +143,12 @@ def test_a_returning_waiter_refused_again_is_next_among_returners_not_behind_the
     after = store.take_slot(s, "new10", 1, LONG, MAX_WAIT).wait
     assert line[-1] < after <= line[-1] + max(0.1, time.monotonic() - started) + 0.05
 
-    rate, r = parse_rate("t", "10/s"), f"rate:tests.admission:{uuid.uuid4().hex}"
+    # One a second: no token comes due while these calls are made, however slow the
+    # machine (SQLite's commits wait for the disk).
+    rate, r = parse_rate("t", "1/s"), f"rate:tests.admission:{uuid.uuid4().hex}"
     assert store.take_token(r, rate, MAX_WAIT).admitted
-    rate_line = [store.take_token(r, rate, MAX_WAIT).wait for _ in range(10)]
-    assert rate_line[-1] >= 0.9
+    rate_line = [store.take_token(r, rate, MAX_WAIT).wait for _ in range(5)]
+    assert rate_line[-1] >= 4.5
     back = store.take_token(r, rate, MAX_WAIT, returning=True)
     assert not back.admitted
     assert back.wait <= rate.interval + 0.002 + 0.05
@@ -213,6 +215,7 @@ def test_a_rate_admits_no_more_than_its_pace_under_contention(
     rate = RateLimit("50/s", 50.0)  # burst 5
     stores = [new_store() for _ in range(4)]
     admitted: list[float] = []
+    calls: list[None] = []
     start = threading.Barrier(len(stores))
     began: list[float] = []
 
@@ -221,6 +224,7 @@ def test_a_rate_admits_no_more_than_its_pace_under_contention(
         began.append(time.monotonic())
         stop = began[0] + 1.0
         while time.monotonic() < stop:
+            calls.append(None)
             if store.take_token(s, rate, MAX_WAIT).admitted:
                 admitted.append(time.monotonic())
 
@@ -233,7 +237,9 @@ def test_a_rate_admits_no_more_than_its_pace_under_contention(
     # that time, the pace of 50/s plus the burst, never more, whatever the callers.
     elapsed = max(admitted) - min(began)
     assert len(admitted) <= rate.per_second * elapsed + rate.burst, (len(admitted), elapsed)
-    assert len(admitted) >= 40, len(admitted)
+    # ... and it does give the pace out: nearly all of it, or, when the calls are slow
+    # (SQLite's commits on a busy disk), at least half of them.
+    assert len(admitted) >= min(40, len(calls) // 2), (len(admitted), len(calls))
 
 
 def test_a_waiter_behind_a_long_run_comes_back_no_sooner_than_that_run_has_lasted(
