@@ -10,6 +10,7 @@ record Celery builds; its plain task shows the probe sees them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -38,22 +39,27 @@ def server() -> Iterator[RedisServer]:
         yield redis_server
 
 
-def client(url: str, monkeypatch: pytest.MonkeyPatch) -> Celery:
+@contextlib.contextmanager
+def running(
+    stack: Services, url: str, monkeypatch: pytest.MonkeyPatch, pool: str, **env: str
+) -> Iterator[tuple[Celery, WorkerProcess]]:
+    """A worker on ``url`` (the probe included), and a client app that sends to it."""
     # Celery prefers these variables to any configuration (conftest.claimed_broker).
     monkeypatch.setenv("CELERY_BROKER_URL", url)
     monkeypatch.setenv("CELERY_RESULT_BACKEND", url)
     app = Celery("task-lines-client", set_as_current=False)
     app.conf.update(build_celery_config(Settings(celery_broker_url=url, celery_result_backend=url)))
-    return app
-
-
-def worker(stack: Services, url: str, pool: str, **env: str) -> WorkerProcess:
     extra = {"CELERY_CUSTOM_WORKER_POOL": POOL_PATH} if pool == "custom" else {}
-    return WorkerProcess(
+    process = WorkerProcess(
         {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url, "LOG_FORMAT": "json",
          "DATABASE_URL": stack.postgres_url, **extra, **env},
         pool=pool, concurrency=2, include=[PROBE],
     )  # fmt: skip
+    try:
+        with process:
+            yield app, process
+    finally:
+        app.close()
 
 
 def run_both(app: Celery, process: WorkerProcess, n: int) -> tuple[str, str]:
@@ -90,15 +96,10 @@ def events_of(process: WorkerProcess, task_id: str) -> list[str]:
 def test_a_framework_task_has_its_own_line_and_no_celery_success_record(
     stack: Services, server: RedisServer, monkeypatch: pytest.MonkeyPatch, pool: str
 ) -> None:
-    url = server.url(1)
-    app = client(url, monkeypatch)
-    try:
-        with worker(stack, url, pool) as process:
-            framework_id, plain_id = run_both(app, process, 1)
-            log = wait_for_lines(process, f"Task probe.plain[{plain_id}] succeeded in")
-            framework, plain = events_of(process, framework_id), events_of(process, plain_id)
-    finally:
-        app.close()
+    with running(stack, server.url(1), monkeypatch, pool) as (app, process):
+        framework_id, plain_id = run_both(app, process, 1)
+        log = wait_for_lines(process, f"Task probe.plain[{plain_id}] succeeded in")
+        framework, plain = events_of(process, framework_id), events_of(process, plain_id)
     # The probe sees Celery's success records: the plain task's is built.
     assert f"{MARKER} probe.plain" in log
     assert any("succeeded in" in event for event in plain), plain
@@ -113,14 +114,12 @@ def test_the_received_line_comes_back_with_its_setting(
     stack: Services, server: RedisServer, monkeypatch: pytest.MonkeyPatch, setting: str
 ) -> None:
     """Either setting: the arguments' opt-in shows them in the received line."""
-    url = server.url(2)
-    app = client(url, monkeypatch)
-    try:
-        with worker(stack, url, "prefork", **{setting: "true"}) as process:
-            framework_id, _ = run_both(app, process, 2)
-            framework = events_of(process, framework_id)
-    finally:
-        app.close()
+    with running(stack, server.url(2), monkeypatch, "prefork", **{setting: "true"}) as (
+        app,
+        process,
+    ):
+        framework_id, _ = run_both(app, process, 2)
+        framework = events_of(process, framework_id)
     assert framework == [f"Task probe.framework[{framework_id}] received", "Task succeeded"]
 
 
@@ -129,18 +128,13 @@ def test_the_tracers_stay_quiet_after_the_broker_comes_back(
     stack: Services, server: RedisServer, monkeypatch: pytest.MonkeyPatch, pool: str
 ) -> None:
     """Celery rebuilds every tracer when its consumer restarts (a lost broker connection)."""
-    url = server.url(3)
-    app = client(url, monkeypatch)
-    try:
-        with worker(stack, url, pool) as process:
-            run_both(app, process, 3)
-            server.restart(down_for=1.0)
-            wait_for_lines(process, '"Connected to ', count=2)  # the consumer restarted
-            framework_id, plain_id = run_both(app, process, 4)
-            log = wait_for_lines(process, f"Task probe.plain[{plain_id}] succeeded in")
-            framework = events_of(process, framework_id)
-    finally:
-        app.close()
+    with running(stack, server.url(3), monkeypatch, pool) as (app, process):
+        run_both(app, process, 3)
+        server.restart(down_for=1.0)
+        wait_for_lines(process, '"Connected to ', count=2)  # the consumer restarted
+        framework_id, plain_id = run_both(app, process, 4)
+        log = wait_for_lines(process, f"Task probe.plain[{plain_id}] succeeded in")
+        framework = events_of(process, framework_id)
     assert log.count(f"{MARKER} probe.plain") == 2, log[-3000:]
     assert f"{MARKER} probe.framework" not in log
     assert framework == ["Task succeeded"], framework
