@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 from celery import states
@@ -12,6 +15,7 @@ from celery.backends.redis import RedisBackend
 
 from app.core.background import celery_app
 from app.core.background.internals.operations.status import get_task_status, record_revoked
+from app.core.background.internals.transport.loop_writes import LoopWrites, close_on_this_loop
 from app.core.background.internals.transport.result_backend import (
     AtomicRedisBackend,
     _Store,
@@ -20,6 +24,9 @@ from app.core.background.internals.transport.result_backend import (
 from tests.support.services import Services
 
 pytestmark = pytest.mark.usefixtures("redis_service")
+
+T = TypeVar("T")
+WAIT = 10.0
 
 
 @pytest.fixture
@@ -178,6 +185,19 @@ def _started(backend: AtomicRedisBackend, task_id: str, pid: int = 1) -> _Store:
     return _Store(backend, (key, backend.encode(meta), backend.expires, states.STARTED))
 
 
+def _on_a_loop(backend: AtomicRedisBackend, use: Callable[[LoopWrites], Awaitable[T]]) -> T:
+    """``use(writes)`` with the asyncio pool's writer, on a loop of its own, closed after."""
+
+    async def run() -> T:
+        writes = backend._loop_writes()
+        try:
+            return await use(writes)
+        finally:
+            await close_on_this_loop()
+
+    return asyncio.run(run())
+
+
 def test_writes_sent_together_each_get_their_own_outcome(backend: AtomicRedisBackend) -> None:
     """The asyncio pool's batch: one pipeline, a reply per write, in order."""
     finished, running, fresh = new_id(), new_id(), new_id()
@@ -185,7 +205,7 @@ def test_writes_sent_together_each_get_their_own_outcome(backend: AtomicRedisBac
     backend.store_result(running, {"pid": 9}, states.STARTED)
     stores = [_started(backend, finished), _started(backend, running), _started(backend, fresh)]
     # 0: a stored success is kept; 1 + runs lost before: one for the run that never ended.
-    assert backend._send_stores(list(stores)) == [0, 2, 1]
+    assert _on_a_loop(backend, lambda writes: writes.send(list(stores))) == [0, 2, 1]
     assert backend.get_task_meta(finished)["status"] == states.SUCCESS
     assert backend.get_task_meta(fresh)["status"] == states.STARTED
 
@@ -197,7 +217,83 @@ def test_a_batch_after_redis_lost_its_scripts_is_written_alone(
     backend.store_result(new_id(), None, states.STARTED)  # the script is loaded
     redis_client.script_flush()  # the session's own Redis server (tests/support/services.py)
     ids = [new_id() for _ in range(3)]
-    assert backend._send_stores([_started(backend, t) for t in ids]) == [1, 1, 1]
+    stores = [_started(backend, t) for t in ids]
+    assert _on_a_loop(backend, lambda writes: writes.send(stores)) == [1, 1, 1]
     assert {backend.get_task_meta(t)["status"] for t in ids} == {states.STARTED}
     assert not any(redis_client.exists(f"{backend.get_key_for_task(t).decode()}:lost-runs")
                    for t in ids)  # fmt: skip
+
+
+def test_writes_queued_while_a_pipeline_is_out_go_together_in_the_next(
+    backend: AtomicRedisBackend, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One run writes, then 19 while its pipeline is out: they go in one pipeline after it."""
+    ids = [new_id() for _ in range(20)]
+    backend.store_result(ids[5], "done", states.SUCCESS)
+    batches: list[int] = []
+    send = LoopWrites.send
+
+    async def counted(self: LoopWrites, writes: list[Any]) -> list[Any]:
+        batches.append(len(writes))
+        return await send(self, writes)
+
+    monkeypatch.setattr(LoopWrites, "send", counted)
+
+    async def one_then_nineteen(writes: LoopWrites) -> list[Any]:
+        # Redis holds the first pipeline for 0.5 s (the session's own server).
+        redis_client.client_pause(500, all=False)
+        first = asyncio.ensure_future(writes.write(_started(backend, ids[0])))
+        await asyncio.sleep(0.2)
+        rest = await asyncio.gather(*(writes.write(_started(backend, t)) for t in ids[1:]))
+        return [await first, *rest]
+
+    replies = _on_a_loop(backend, one_then_nineteen)
+    assert batches == [1, 19]
+    assert replies == [0 if n == 5 else 1 for n in range(20)]
+    assert [backend.get_task_meta(t)["status"] for t in ids] == [
+        states.SUCCESS if n == 5 else states.STARTED for n in range(20)
+    ]
+
+
+def test_a_cancelled_run_waits_for_its_write_then_the_cancellation_lands(
+    backend: AtomicRedisBackend, redis_client: Any
+) -> None:
+    """A time limit during a write never leaves it half-way: the run unwinds once it is made."""
+    task_id = new_id()
+    backend.store_result(new_id(), None, states.STARTED)  # the script is loaded
+
+    async def cancelled_during_the_write(writes: LoopWrites) -> tuple[bool, bool, bool]:
+        # Redis holds every write for 1 s (the session's own server).
+        redis_client.client_pause(1000, all=False)
+        run = asyncio.ensure_future(writes.write(_started(backend, task_id)))
+        await asyncio.sleep(0.2)
+        run.cancel()
+        await asyncio.sleep(0.2)
+        held = not run.done()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(run, WAIT)
+        return held, run.cancelled(), redis_client.exists(backend.get_key_for_task(task_id)) == 1
+
+    held, cancelled, written = _on_a_loop(backend, cancelled_during_the_write)
+    assert (held, cancelled, written) == (True, True, True)
+
+
+def test_a_write_whose_connection_was_cut_is_made_again_alone(
+    backend: AtomicRedisBackend, redis_client: Any
+) -> None:
+    """The writer's connection is killed between two batches: the next write still lands."""
+    first, second = new_id(), new_id()
+
+    async def cut_between(writes: LoopWrites) -> list[Any]:
+        replies = [await writes.write(_started(backend, first))]
+        name = redis_client.client_getname()
+        killed = 0
+        for client in redis_client.client_list():
+            if client["name"] != name and client["cmd"] in ("evalsha", "exec", "multi"):
+                killed += redis_client.client_kill_filter(_id=client["id"])
+        assert killed >= 1, "the writer's connection was found"
+        replies.append(await writes.write(_started(backend, second)))
+        return replies
+
+    assert _on_a_loop(backend, cut_between) == [1, 1]
+    assert backend.get_task_meta(second)["status"] == states.STARTED

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,7 +26,7 @@ from kombu.asynchronous import Hub
 
 from app.core.background import celery_app
 from app.core.background.internals import asyncio_pool
-from app.core.background.internals.event_loop import CallBatcher, worker_loop
+from app.core.background.internals.event_loop import worker_loop
 from app.core.background.internals.session import database
 from app.core.background.pool import AsyncioPool
 from tests.support import tasks_asyncio_pool
@@ -149,46 +148,6 @@ def test_a_blocking_round_trip_leaves_the_loop_to_the_other_runs(pool: AsyncioPo
     released.set()
     assert writer.ended.wait(WAIT)
     assert writer.results == ["written"]
-
-
-def test_round_trips_of_many_runs_go_in_batches_each_outcome_to_its_own_run(
-    pool: AsyncioPool,
-) -> None:
-    """Calls queued while a batch is out go in the next one; a failed call fails only its run."""
-    first_out, release = threading.Event(), threading.Event()
-    batches: list[list[str]] = []
-
-    def send_batch(calls: list[Callable[[], str]]) -> list[str | BaseException]:
-        batches.append([call() for call in calls])
-        if len(batches) == 1:
-            first_out.set()
-            release.wait(WAIT)
-        return [ValueError(name) if name == "run 7" else name.upper() for name in batches[-1]]
-
-    batcher = CallBatcher[str]("test-batches", send_batch)
-
-    def body(n: int) -> Callable[[], str]:
-        return lambda: worker_loop.run_blocking(lambda: f"run {n}", batcher)
-
-    jobs = [apply(pool, body(0))]
-    assert first_out.wait(WAIT)
-    jobs += [apply(pool, body(n)) for n in range(1, 10)]
-    time.sleep(0.2)  # the nine reach the batcher while the first batch is out
-    release.set()
-    for _, outcomes in jobs:
-        assert outcomes.ended.wait(WAIT)
-    assert batches == [["run 0"], [f"run {n}" for n in range(1, 10)]]
-    assert [outcomes.results for _, outcomes in jobs] == [
-        ["ValueError"] if n == 7 else [f"RUN {n}"] for n in range(10)
-    ]
-
-
-def test_without_a_pool_task_a_batched_call_is_simply_made() -> None:
-    """Prefork and threads: the write is made in the calling thread, no batcher thread."""
-    batcher = CallBatcher[str]("unused", lambda calls: pytest.fail("no batch expected"))
-    assert worker_loop.run_blocking(lambda: threading.current_thread().name, batcher) == (
-        threading.current_thread().name
-    )
 
 
 def test_a_soft_limit_during_a_round_trip_lands_once_it_has_ended(pool: AsyncioPool) -> None:

@@ -61,6 +61,7 @@ from .internals.schema import check_worker_tables
 from .internals.session import DatabaseConfig, database, table_creation
 from .internals.transport.deadline import stop_after_deadline
 from .internals.transport.file_broker import broker_folders
+from .internals.transport.loop_writes import close_on_this_loop as close_result_writes_on_this_loop
 
 APP_PACKAGE_DIR = Path(__file__).resolve().parents[2]
 
@@ -421,10 +422,16 @@ class WorkerSignals:
             heartbeat.stop()
 
     def close_process_resources(self, **_: Any) -> None:
-        """Give back the slots of ended runs, dispose the engine and stop the loop of this
-        process (prefork child or solo worker)."""
+        """Give back the slots of ended runs, close what lives on the loop of this process
+        (prefork child, solo or asyncio pool worker) and stop it."""
         admission.keeper.flush()
-        worker_loop.stop(database.dispose())
+        worker_loop.stop(_close_loop_resources())
+
+
+async def _close_loop_resources() -> None:
+    """On the loop, before it stops: the engine's connections, the asyncio pool's result writers."""
+    await database.dispose()
+    await close_result_writes_on_this_loop()
 
 
 celery_app = create_celery_app()

@@ -35,10 +35,11 @@ number interleaved.
 What it costs: the synchronous parts of a run (Celery's tracer, signals,
 hooks) run on the loop's thread and hold it while they run, like any sync
 code in an async program. The result backend's writes (STARTED, then the
-outcome: two Redis round trips per run) do not: ``worker_loop.run_blocking``
-hands each to the result backend's writer thread, which sends the writes of
-every run waiting at that moment in one pipeline, and the run waits for its
-reply as for any other await. Outcomes (acks, retries, failures) are passed back to
+outcome: two Redis round trips per run) do not: the backend sees that it
+runs in one of this pool's tasks (``worker_loop.inline_runner``) and makes
+them from the loop with an asyncio client, the writes of every run waiting
+at that moment in one pipeline (``transport/loop_writes.py``); the run waits
+for its reply as for any other await. Outcomes (acks, retries, failures) are passed back to
 the worker's main thread, which runs Celery's callbacks as it does for
 prefork, so the broker connection is only used from that thread; on Redis
 the acks of one turn of its loop go in one transaction and one fetch refills

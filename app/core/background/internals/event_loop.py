@@ -35,12 +35,11 @@ import concurrent.futures
 import contextlib
 import contextvars
 import os
-import queue
 import signal
 import threading
 from collections.abc import Callable, Coroutine
 from types import FrameType
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from billiard.pool import SIG_SOFT_TIMEOUT, soft_timeout_sighandler
 from celery.exceptions import SoftTimeLimitExceeded
@@ -177,7 +176,7 @@ class WorkerEventLoop:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on this process's loop and return its result (see the module doc)."""
-        if self._find_inline is not None and (inline := self._find_inline()) is not None:
+        if (inline := self.inline_runner()) is not None:
             return inline(coro)  # type: ignore[no-any-return]
         pid = os.getpid()
         if (
@@ -195,20 +194,25 @@ class WorkerEventLoop:
             )
         return self._loop_thread.run(coro)
 
-    def run_blocking(self, call: Callable[[], T], batcher: CallBatcher[T] | None = None) -> T:
-        """``call()``, a blocking round trip (a result write), without holding this process's loop.
+    def run_blocking(self, call: Callable[[], T]) -> T:
+        """``call()``, a blocking round trip, without holding this process's loop.
 
-        Inside one of the asyncio pool's tasks the call runs in another thread
-        while the loop runs the other tasks (a result write waits for Redis's
-        reply, twice per task: on the loop's thread that wait would hold every
-        task of the process): ``batcher``'s thread, with the calls of the other
-        tasks, when given, else a thread of the loop's executor. Anywhere else
-        it is simply called.
+        Inside one of the asyncio pool's tasks the call runs in a thread of the
+        loop's executor while the loop runs the other tasks (on the loop's
+        thread the wait would hold every task of the process). Anywhere else it
+        is simply called.
         """
-        if self._find_inline is not None and (inline := self._find_inline()) is not None:
-            waiting = _in_a_thread(call) if batcher is None else batcher.call(call)
-            return inline(waiting)  # type: ignore[no-any-return]
+        if (inline := self.inline_runner()) is not None:
+            return inline(_in_a_thread(call))  # type: ignore[no-any-return]
         return call()
+
+    def inline_runner(self) -> InlineRunner | None:
+        """How to await a coroutine from here when this is one of the asyncio pool's tasks.
+
+        None anywhere else (a prefork child, a thread, the API): code that
+        has a blocking way and an awaitable one picks with it.
+        """
+        return self._find_inline() if self._find_inline is not None else None
 
     def adopt(self, loop_thread: LoopThread, find_inline: FindInlineRunner) -> None:
         """Use ``loop_thread``'s loop as this process's loop: a pool's own (asyncio_pool.py).
@@ -290,87 +294,12 @@ class WorkerEventLoop:
         self._find_inline = None
 
 
-class CallBatcher(Generic[T]):
-    """One thread that makes the blocking calls of many loop tasks, a batch at a time.
-
-    The asyncio pool's tasks each write their result twice per run; made one
-    by one (a thread hop, a request and a reply each) those writes were the
-    largest share of the worker's CPU with 100 tasks per process. Here the
-    calls that queue up while one batch is out go together in the next:
-    ``send_batch`` gets them in order and returns one outcome per call (its
-    value, or the exception to raise in the caller), and each loop is woken
-    once per batch to settle them. ``concurrent.futures`` has no batching
-    executor; this is the smallest one.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        send_batch: Callable[[list[Callable[[], T]]], list[T | BaseException]],
-        max_batch: int = 128,
-    ) -> None:
-        self._name = name
-        self._send_batch = send_batch
-        self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Queued[T]] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._pid: int | None = None
-
-    async def call(self, call: Callable[[], T]) -> T:
-        """Run ``call`` in a batch; held like ``_in_a_thread`` when the task is cancelled."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._start()
-        self._queue.put((call, future, loop))
-        return await _held_until_done(future)
-
-    def _start(self) -> None:
-        if self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._pid != os.getpid():
-                self._queue = queue.SimpleQueue()
-                threading.Thread(target=self._serve, name=self._name, daemon=True).start()
-                self._pid = os.getpid()
-
-    def _serve(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            with contextlib.suppress(queue.Empty):
-                while len(batch) < self._max_batch:
-                    batch.append(self._queue.get_nowait())
-            try:
-                outcomes = self._send_batch([call for call, _, _ in batch])
-            except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
-                outcomes = [exc] * len(batch)
-            settle: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[T], Any]]] = {}
-            for (_, future, loop), outcome in zip(batch, outcomes, strict=True):
-                settle.setdefault(loop, []).append((future, outcome))
-            for loop, settled in settle.items():
-                # A closed loop (its process is shutting down) has no one left to tell.
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_settle, settled)
-
-
-_Queued = tuple[Callable[[], T], "asyncio.Future[T]", asyncio.AbstractEventLoop]
-
-
-def _settle(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
-    for future, outcome in settled:
-        if future.done():
-            continue
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-
-
 async def _in_a_thread(call: Callable[[], T]) -> T:
     """``call()`` in the loop's executor, finished even if the task is cancelled meanwhile."""
-    return await _held_until_done(asyncio.ensure_future(asyncio.to_thread(call)))
+    return await held_until_done(asyncio.ensure_future(asyncio.to_thread(call)))
 
 
-async def _held_until_done(future: asyncio.Future[T]) -> T:
+async def held_until_done(future: asyncio.Future[T]) -> T:
     """Wait for ``future``, a call in another thread, even if this task is cancelled meanwhile.
 
     A round trip in a thread cannot be stopped. A cancellation that arrives

@@ -8,8 +8,9 @@ trips per state, three states per task (``STARTED``, ``SUCCESS``, and
 the write in which the rule can still be broken. Here the check, the write and
 the publish are one Lua script: half the round trips of every task's result
 traffic, and the rule holds under any interleaving. On the asyncio pool,
-where one process runs up to a hundred tasks at once, the writes waiting at
-the same moment go together in one pipeline (``_send_stores``).
+where one process runs up to a hundred tasks at once, the writes are made
+from its loop, those waiting at the same moment in one pipeline
+(``loop_writes.py``).
 
 Everything else (keys, encoding, expiry, pub/sub for ``AsyncResult.get()``,
 connection retries, chords) is Celery's own ``RedisBackend``. The loader maps
@@ -21,19 +22,21 @@ aliases are for.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, cast
+from typing import Any
 
 from celery import states
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from celery.utils.serialization import bytes_to_str
 
-from ..event_loop import CallBatcher, worker_loop
+from ..event_loop import worker_loop
 from .deadline import past_deadline
+from .loop_writes import LoopWrites, async_client
 
 # KEYS[1]: the task's key, KEYS[2]: its count of lost runs, KEYS[3]: the set of
 # running tasks (``RUNNING_KEY``). ARGV[1]: the encoded meta, ARGV[2]: expiry
@@ -103,11 +106,12 @@ class AtomicRedisBackend(RedisBackend):
 
     # Set by Celery's backend classes; the type stubs do not declare them.
     expires: int | None
+    connparams: dict[str, Any]
     failure_expires: int | None
     _get_result_meta: Callable[..., dict[str, Any]]
     _store_script: Any = None
-    # The batched writes of the asyncio pool's tasks (made on first use).
-    _writes: CallBatcher[Any] | None = None
+    # The writes of the asyncio pool's runs, from its loop (made on first use).
+    _writes: LoopWrites | None = None
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Do not subscribe to the result at publish time; ``AsyncResult.get()`` does.
@@ -146,12 +150,14 @@ class AtomicRedisBackend(RedisBackend):
                 "value too large for Redis backend", state=state, task_id=task_id
             )
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        started = state == states.STARTED
-        store = _Store(self, (self.get_key_for_task(task_id), value, expires, state))
-        if self._writes is None:
-            self._writes = CallBatcher("background-result-writes", self._send_stores)
-        written = worker_loop.run_blocking(store, self._writes)
-        if started:
+        args = (self.get_key_for_task(task_id), value, expires, state)
+        inline = worker_loop.inline_runner()
+        if inline is None:
+            written = self.ensure(self._run_store, args)
+        else:
+            # One of the asyncio pool's runs: written from its loop (loop_writes.py).
+            written = inline(self._loop_writes().write(_Store(self, args)))
+        if state == states.STARTED:
             lost_runs.set((meta["task_id"], max(int(written or 0) - 1, 0)))
         return result
 
@@ -165,31 +171,15 @@ class AtomicRedisBackend(RedisBackend):
         keys, args = _script_input(key, value, expires, state)
         return self._script()(keys=keys, args=args)
 
-    def _send_stores(self, stores: list[Callable[[], Any]]) -> list[Any]:
-        """The writes of many asyncio pool tasks (``_Store``), in one pipeline.
-
-        A write the pipeline could not make (Redis lost the script or the
-        connection) is made again alone, through Celery's reconnecting
-        ``ensure``: the script is safe to run twice (see its comment).
-        """
-        sha = self._script().sha
-        pipeline = self.client.pipeline(transaction=False)
-        for store in stores:
-            keys, args = _script_input(*cast(_Store, store).args)
-            pipeline.evalsha(sha, len(keys), *keys, *args)
-        try:
-            replies: list[Any] = pipeline.execute(raise_on_error=False)
-        except Exception:  # noqa: BLE001 - each write is retried alone below
-            replies = [_UNSENT] * len(stores)
-        outcomes: list[Any] = []
-        for store, reply in zip(stores, replies, strict=True):
-            if reply is _UNSENT or isinstance(reply, Exception):
-                try:
-                    reply = store()
-                except Exception as exc:  # noqa: BLE001 - raised in the task that wrote
-                    reply = exc
-            outcomes.append(reply)
-        return outcomes
+    def _loop_writes(self) -> LoopWrites:
+        """The writer of the running loop (the asyncio pool's), made on first use."""
+        loop = asyncio.get_running_loop()
+        writes = self._writes
+        if writes is None or writes.loop is not loop:
+            writes = self._writes = LoopWrites(
+                loop, async_client(self.connparams), lambda: str(self._script().sha)
+            )
+        return writes
 
     def _script(self) -> Any:
         if self._store_script is None:
@@ -197,10 +187,6 @@ class AtomicRedisBackend(RedisBackend):
             # NOSCRIPT (a restarted or flushed Redis).
             self._store_script = self.client.register_script(_STORE_UNLESS_SUCCEEDED)
         return self._store_script
-
-
-# A pipelined write that did not get a reply.
-_UNSENT = object()
 
 
 def _script_input(key: Any, value: Any, expires: Any, state: str) -> tuple[list[Any], list[Any]]:
@@ -211,7 +197,7 @@ def _script_input(key: Any, value: Any, expires: Any, state: str) -> tuple[list[
 
 
 class _Store:
-    """One state write: made alone (``store()``) or sent with others (``_send_stores``)."""
+    """One state write of an asyncio pool run: sent in a pipeline, or made alone (``store()``)."""
 
     __slots__ = ("args", "backend", "context")
 
@@ -220,6 +206,9 @@ class _Store:
         # The writing task's context variables (a dispatch deadline, for
         # ``on_connection_error``) hold when the write is made in another thread.
         self.context = contextvars.copy_context()
+
+    def script_input(self) -> tuple[list[Any], list[Any]]:
+        return _script_input(*self.args)
 
     def __call__(self) -> Any:
         return self.context.run(self.backend.ensure, self.backend._run_store, self.args)
