@@ -42,7 +42,9 @@ from tests.conftest import TEST_TASK_MODULES, PrivateBroker
 from tests.support import tasks_asyncio_pool
 from tests.support.db import fetchval
 from tests.support.dead_letters import letter_of
+from tests.support.metrics import http_get, metric, parse_metrics
 from tests.support.publishes import recorded_publishes
+from tests.support.redis_server import free_port
 from tests.support.services import Services
 
 TIMEOUT = 60
@@ -496,6 +498,119 @@ def test_two_deliveries_of_a_run_once_message_at_once_in_one_process_commit_once
     assert rows == 1
     assert module_broker.app.AsyncResult(task_id).get(timeout=TIMEOUT)["status"] == "success"
     wait_until(lambda: task_id not in unacked_ids(redis), "both deliveries acknowledged")
+
+
+# -- the circuit breaker, the metrics ------------------------------------------------
+
+
+def test_a_circuit_breaker_is_one_per_process_across_its_interleaved_runs(
+    module_broker: PrivateBroker, shared: WorkerProcess
+) -> None:
+    """Closed, open, half-open with one probe, closed: each state seen by 20 runs at once."""
+    app, redis = module_broker.app, redis_of(module_broker)
+    breaker = f"breaker-{new_key()}"
+
+    def at_once(runs: int, *, fail: bool, seconds: float) -> Counter[str]:
+        sent = [
+            app.send_task("pool.guarded", kwargs={
+                "key": str(n), "breaker": breaker, "fail": fail, "seconds": seconds,
+            })
+            for n in range(runs)
+        ]  # fmt: skip
+        done = [result.get(timeout=TIMEOUT) for result in sent]
+        assert {run["pid"] for run in done} == {shared.pid}
+        return Counter(run["outcome"] for run in done)
+
+    def service_calls() -> int:
+        return int(redis.get(f"executions:{breaker}:calls") or 0)
+
+    # Closed: three runs that overlap all reach the failing service; the third failure opens it.
+    assert at_once(tasks_asyncio_pool.BREAKER_THRESHOLD, fail=True, seconds=0.3) == {"failed": 3}
+    opened = time.monotonic()
+    assert service_calls() == 3
+    # Open: every run fails fast, and none calls the service.
+    assert at_once(20, fail=False, seconds=0.1) == {"open": 20}
+    assert service_calls() == 3
+    assert time.monotonic() - opened < tasks_asyncio_pool.BREAKER_RECOVERY, "still open"
+    time.sleep(max(0.0, opened + tasks_asyncio_pool.BREAKER_RECOVERY + 0.2 - time.monotonic()))
+    # Half-open: one run probes the service (for 2 s); the others, meanwhile, are refused.
+    assert at_once(20, fail=False, seconds=2.0) == {"ok": 1, "open": 19}
+    assert service_calls() == 4
+    # The probe succeeded: closed, every run goes through.
+    assert at_once(20, fail=False, seconds=0.1) == {"ok": 20}
+    assert service_calls() == 24
+
+
+def _metrics_worker(broker: PrivateBroker, concurrency: int) -> tuple[WorkerProcess, str]:
+    """An asyncio pool worker serving ``/metrics``; on another port if its own was taken."""
+    for _ in range(3):
+        port = free_port()
+        worker = asyncio_worker(
+            broker, concurrency, env={"BACKGROUND_METRICS_PORT": str(port)}
+        ).start()
+        url = f"http://127.0.0.1:{port}/metrics"
+        try:
+            wait_until(lambda: _answers(url), "the metrics endpoint", timeout=10)  # noqa: B023
+        except AssertionError:
+            log = worker.log()
+            worker.stop()
+            if "address already in use" not in log.lower():
+                raise AssertionError(f"no metrics endpoint:\n{log[-3000:]}") from None
+            continue
+        return worker, url
+    raise AssertionError("no free metrics port in 3 attempts")
+
+
+def _answers(url: str) -> bool:
+    try:
+        http_get(url)
+    except OSError:
+        return False
+    return True
+
+
+def test_the_metrics_count_every_run_of_100_interleaved(private_broker: PrivateBroker) -> None:
+    """60 succeed, 20 fail twice then succeed, 20 fail for good: all at once in one process."""
+    app, prefix = private_broker.app, new_key()
+    worker, url = _metrics_worker(private_broker, 100)
+    try:
+        ok = [app.send_task("pool.sleep", kwargs={"key": f"ok{n}", "seconds": 0.5})
+              for n in range(60)]  # fmt: skip
+        retried = [app.send_task("pool.fails_twice", kwargs={"key": f"{prefix}-{n}"})
+                   for n in range(20)]  # fmt: skip
+        failed = [app.send_task("pool.fails", kwargs={"key": f"f{n}"}) for n in range(20)]
+        assert all_overlapped([result.get(timeout=TIMEOUT) for result in ok])
+        assert [result.get(timeout=TIMEOUT)["attempt"] for result in retried] == [2] * 20
+        for result in failed:
+            with pytest.raises(ValueError, match="refused"):
+                result.get(timeout=TIMEOUT)
+        samples = parse_metrics(http_get(url).decode())
+    finally:
+        worker.stop()
+
+    def count(name: str, task: str) -> float:
+        return metric(samples, name, task=task, queue="default")
+
+    assert [
+        (count(f"background_tasks_{what}_total", task), what, task)
+        for task, what in itertools.product(
+            ("pool.sleep", "pool.fails_twice", "pool.fails"),
+            ("started", "succeeded", "retried", "failed"),
+        )
+    ] == [
+        (60, "started", "pool.sleep"), (60, "succeeded", "pool.sleep"),
+        (0, "retried", "pool.sleep"), (0, "failed", "pool.sleep"),
+        (60, "started", "pool.fails_twice"), (20, "succeeded", "pool.fails_twice"),
+        (40, "retried", "pool.fails_twice"), (0, "failed", "pool.fails_twice"),
+        (20, "started", "pool.fails"), (0, "succeeded", "pool.fails"),
+        (0, "retried", "pool.fails"), (20, "failed", "pool.fails"),
+    ]  # fmt: skip
+    for task in ("pool.sleep", "pool.fails_twice", "pool.fails"):
+        assert count("background_tasks_in_flight", task) == 0, task
+    assert metric(
+        samples, "background_task_duration_seconds_count",
+        task="pool.sleep", queue="default", outcome="success",
+    ) == 60  # fmt: skip
 
 
 # -- back-pressure, a queued revoke, warm shutdown ------------------------------------

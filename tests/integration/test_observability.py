@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from app.core.background.internals.operations.worker_process import CELERY_APP, WorkerProcess
+from tests.support.metrics import http_get, metric, parse_metrics
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.services import Services, unavailable
 
@@ -36,11 +37,6 @@ DB_PASSWORD = "db-secret-pw"
 ARG_SECRET = "argument-secret-value"
 
 
-def http_get(url: str, timeout: float = 5.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return bytes(response.read())
-
-
 def wait_for(condition: Any, what: str, timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -52,20 +48,6 @@ def wait_for(condition: Any, what: str, timeout: float = 30.0) -> Any:
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def metric(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 CLIENT_SCRIPT = f"""

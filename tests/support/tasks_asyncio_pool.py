@@ -22,9 +22,10 @@ from celery import current_task
 from sqlalchemy import text
 
 from app.core.background import TaskContext, db_task, simple_task
+from app.core.background.extras import CircuitBreaker, CircuitBreakerOpen
 from app.core.background.internals.session import database
 from tests.support.models import Record
-from tests.support.tasks import counter
+from tests.support.tasks import count, counter
 
 _plain = logging.getLogger("tests.asyncio_pool.plain")
 
@@ -148,3 +149,45 @@ async def write_then_hold(ctx: TaskContext, key: str, seconds: float) -> dict[st
     await ctx.session.flush()
     await asyncio.sleep(seconds)
     return ctx.success_result(key=key)
+
+
+@simple_task(name="pool.fails", retry_policy="no_retry")
+async def fails(ctx: TaskContext, key: str) -> None:
+    """Fails for good after a short await (the metrics test)."""
+    await asyncio.sleep(0.2)
+    raise ValueError(f"refused {key}")
+
+
+# The circuit breakers of this worker process, by name: in its memory, so every
+# run of the process shares one (the asyncio pool interleaves them on one loop).
+_breakers: dict[str, CircuitBreaker] = {}
+BREAKER_THRESHOLD = 3
+BREAKER_RECOVERY = 3.0
+
+
+@simple_task(name="pool.guarded", retry_policy="no_retry")
+async def guarded(
+    ctx: TaskContext, key: str, breaker: str, fail: bool, seconds: float
+) -> dict[str, Any]:
+    """Calls a service through the process's breaker ``breaker``: ``ok``, ``failed`` or ``open``.
+
+    The service counts its calls (``executions:{breaker}:calls``), awaits
+    ``seconds``, then fails when ``fail``.
+    """
+    guard = _breakers.setdefault(
+        breaker, CircuitBreaker(breaker, BREAKER_THRESHOLD, BREAKER_RECOVERY)
+    )
+
+    async def service() -> None:
+        count(f"{breaker}:calls")
+        await asyncio.sleep(seconds)
+        if fail:
+            raise ConnectionError("the service is down")
+
+    try:
+        await guard.call_async(service)
+    except CircuitBreakerOpen:
+        return {"key": key, "outcome": "open", "pid": os.getpid()}
+    except ConnectionError:
+        return {"key": key, "outcome": "failed", "pid": os.getpid()}
+    return {"key": key, "outcome": "ok", "pid": os.getpid()}

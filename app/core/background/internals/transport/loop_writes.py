@@ -4,17 +4,17 @@ Every run on the asyncio pool writes its state twice (``STARTED``, then the
 outcome), each one call of the result backend's script
 (``result_backend.py``). Made with Celery's blocking client they would hold
 the loop, and every run on it, for a round trip each. They used to go to a
-thread that sent the writes waiting at that moment in one pipeline; but each
-write then crossed three threads (the loop's, the writer's, and back), each
-waiting for the GIL behind the others, and with 100 runs of ``SELECT
-pg_sleep(0.05)`` per process a write took 36-41 ms from request to resumed
-run (median; 6 ms with 16 runs), most of it in those hand-offs.
+thread that sent the writes waiting at that moment in one pipeline; each
+write then crossed from the loop's thread to the writer's and back, each side
+woken and waiting for the GIL behind the worker's main thread.
 
 Here the writes are made on the loop with redis-py's asyncio client: a run's
-write waits for Redis as any other await does, and the writes queued while a
-pipeline is out go together in the next one. Same machine, same job, two
-processes x 100 runs: 572 -> 679 tasks/s (median of three alternating rounds),
-worker CPU 2,540 -> 2,300 µs per task.
+write waits for Redis as any other await does, the writes queued while a
+pipeline is out go together in the next one, and no thread takes part.
+Measured with ``SELECT pg_sleep(0.05)`` in ``@db_task`` runs, two processes x
+100 (``python -m bench --only io_db``, three alternating rounds): 572 -> 679
+tasks/s (median), worker CPU 2,540 -> 2,300 µs per task; ``await
+asyncio.sleep(0.1)`` runs drained as before.
 
 A write the pipeline could not make (Redis lost the script after a restart,
 or the connection) is made again alone in a thread through Celery's own
