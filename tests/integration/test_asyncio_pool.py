@@ -42,9 +42,8 @@ from tests.conftest import TEST_TASK_MODULES, PrivateBroker
 from tests.support import tasks_asyncio_pool
 from tests.support.db import fetchval
 from tests.support.dead_letters import letter_of
-from tests.support.metrics import http_get, metric, parse_metrics
+from tests.support.metrics import http_get, metric, parse_metrics, start_serving_metrics
 from tests.support.publishes import recorded_publishes
-from tests.support.redis_server import free_port
 from tests.support.services import Services
 
 TIMEOUT = 60
@@ -541,38 +540,15 @@ def test_a_circuit_breaker_is_one_per_process_across_its_interleaved_runs(
     assert service_calls() == 24
 
 
-def _metrics_worker(broker: PrivateBroker, concurrency: int) -> tuple[WorkerProcess, str]:
-    """An asyncio pool worker serving ``/metrics``; on another port if its own was taken."""
-    for _ in range(3):
-        port = free_port()
-        worker = asyncio_worker(
-            broker, concurrency, env={"BACKGROUND_METRICS_PORT": str(port)}
-        ).start()
-        url = f"http://127.0.0.1:{port}/metrics"
-        try:
-            wait_until(lambda: _answers(url), "the metrics endpoint", timeout=10)  # noqa: B023
-        except AssertionError:
-            log = worker.log()
-            worker.stop()
-            if "address already in use" not in log.lower():
-                raise AssertionError(f"no metrics endpoint:\n{log[-3000:]}") from None
-            continue
-        return worker, url
-    raise AssertionError("no free metrics port in 3 attempts")
-
-
-def _answers(url: str) -> bool:
-    try:
-        http_get(url)
-    except OSError:
-        return False
-    return True
-
-
 def test_the_metrics_count_every_run_of_100_interleaved(private_broker: PrivateBroker) -> None:
     """60 succeed, 20 fail twice then succeed, 20 fail for good: all at once in one process."""
     app, prefix = private_broker.app, new_key()
-    worker, url = _metrics_worker(private_broker, 100)
+    worker, port = start_serving_metrics(
+        lambda port: asyncio_worker(
+            private_broker, 100, env={"BACKGROUND_METRICS_PORT": str(port)}
+        ).start()
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
     try:
         ok = [app.send_task("pool.sleep", kwargs={"key": f"ok{n}", "seconds": 0.5})
               for n in range(60)]  # fmt: skip

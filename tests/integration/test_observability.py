@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from app.core.background.internals.operations.worker_process import CELERY_APP, WorkerProcess
-from tests.support.metrics import http_get, metric, parse_metrics
+from tests.support.metrics import http_get, metric, parse_metrics, start_serving_metrics
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.services import Services, unavailable
 
@@ -113,30 +113,13 @@ PORT_ATTEMPTS = 3
 
 
 def start_worker_with_metrics(env: dict[str, str]) -> tuple[WorkerProcess, int]:
-    """A worker whose metrics endpoint answers; on another port if its own was taken.
-
-    A port found free may be bound by another process before the worker binds
-    it (the race tests/support/redis_server.py describes): try a new one.
-    """
-    for _ in range(PORT_ATTEMPTS):
-        port = free_port()
-        worker = WorkerProcess(
+    return start_serving_metrics(
+        lambda port: WorkerProcess(
             {**env, "BACKGROUND_METRICS_PORT": str(port)},
             include=["tests.support.tasks_observability"],
             extra_args=["-E"],
         ).start()
-        try:
-            # Answering is enough: the body is empty before the first task.
-            url = f"http://127.0.0.1:{port}/metrics"
-            wait_for(lambda: http_get(url) is not None, "metrics", 10)  # noqa: B023
-        except AssertionError:
-            log = worker.log()
-            worker.stop()
-            if "address already in use" not in log.lower():
-                raise AssertionError(f"no metrics endpoint:\n{log[-3000:]}") from None
-            continue
-        return worker, port
-    raise AssertionError(f"no free metrics port in {PORT_ATTEMPTS} attempts")
+    )
 
 
 def start_flower(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
